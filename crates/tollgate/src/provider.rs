@@ -387,7 +387,9 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> RateLimitHeaders {
     let anthropic = |[limit, remaining, reset]: [&str; 3]| Budget {
         limit: header(headers, limit, parse_u64),
         remaining: header(headers, remaining, parse_u64),
-        reset: header(headers, reset, |s| parse_rfc3339(s).map(|at| until(at, now))),
+        reset: header(headers, reset, |s| {
+            parse_rfc3339(s).map(|at| until(at, now))
+        }),
     };
     let merge = |openai: Budget, anthropic: Budget| {
         if provider == Provider::Anthropic {
@@ -400,11 +402,8 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> RateLimitHeaders {
     let retry_after = header(headers, "retry-after-ms", parse_millis)
         .or_else(|| {
             header(headers, "retry-after", |s| {
-                parse_duration(s).or_else(|| {
-                    httpdate::parse_http_date(s)
-                        .ok()
-                        .map(|at| until(at, now))
-                })
+                parse_duration(s)
+                    .or_else(|| httpdate::parse_http_date(s).ok().map(|at| until(at, now)))
             })
         })
         .map(clamp_wait);
@@ -515,7 +514,7 @@ fn unit(s: &str) -> Option<(u128, &str)> {
     const UNITS: [(&str, u128); 9] = [
         ("ns", 1),
         ("us", NANOS_PER_MICRO),
-        ("\u{b5}s", NANOS_PER_MICRO), // MICRO SIGN
+        ("\u{b5}s", NANOS_PER_MICRO),  // MICRO SIGN
         ("\u{3bc}s", NANOS_PER_MICRO), // GREEK SMALL LETTER MU
         ("ms", NANOS_PER_MILLI),
         ("s", NANOS_PER_SEC),
@@ -657,11 +656,8 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     let hour = num(11, 2)?;
     let minute = num(14, 2)?;
     let second = num(17, 2)?;
-    let separators_ok = sep(4, b"-")
-        && sep(7, b"-")
-        && sep(10, b"Tt ")
-        && sep(13, b":")
-        && sep(16, b":");
+    let separators_ok =
+        sep(4, b"-") && sep(7, b"-") && sep(10, b"Tt ") && sep(13, b":") && sep(16, b":");
     if !separators_ok
         || !(1..=12).contains(&month)
         || day == 0
@@ -839,7 +835,10 @@ mod tests {
             ("anthropic-ratelimit-output-tokens-reset", reset),
             ("retry-after", "25"),
             ("request-id", "req_018EeWyXxfu5pfWkrYcMdjWG"),
-            ("anthropic-organization-id", "3b1f8c4e-0000-0000-0000-000000000000"),
+            (
+                "anthropic-organization-id",
+                "3b1f8c4e-0000-0000-0000-000000000000",
+            ),
         ]);
         let now = at(ANTHROPIC_RESET_UNIX - 30);
         let parsed = parse(&map, now);
@@ -1059,8 +1058,14 @@ mod tests {
             ("2024-08-21t19:31:05z", base),
             ("2024-08-21 19:31:05Z", base),
             ("2024-08-21T19:31:05.25Z", base + MS(250)),
-            ("2024-08-21T19:31:05.123456789Z", base + Duration::from_nanos(123_456_789)),
-            ("2024-08-21T19:31:05.1234567891234Z", base + Duration::from_nanos(123_456_789)),
+            (
+                "2024-08-21T19:31:05.123456789Z",
+                base + Duration::from_nanos(123_456_789),
+            ),
+            (
+                "2024-08-21T19:31:05.1234567891234Z",
+                base + Duration::from_nanos(123_456_789),
+            ),
             ("2024-08-21T21:31:05+02:00", base),
             ("2024-08-21T15:01:05-04:30", base),
             ("2024-08-21T21:31:05+0200", base),
@@ -1127,7 +1132,11 @@ mod tests {
             ("retry-after", "1.5", MS(1500)),
             ("retry-after", "Wed, 21 Oct 2015 07:28:30 GMT", SECS(30)),
             // HTTP-date in the past: no wait.
-            ("retry-after", "Wed, 21 Oct 2015 07:27:00 GMT", Duration::ZERO),
+            (
+                "retry-after",
+                "Wed, 21 Oct 2015 07:27:00 GMT",
+                Duration::ZERO,
+            ),
             // The obsolete formats httpdate also accepts.
             ("retry-after", "Wednesday, 21-Oct-15 07:28:10 GMT", SECS(10)),
             ("retry-after", "Wed Oct 21 07:28:05 2015", SECS(5)),
@@ -1240,6 +1249,26 @@ mod tests {
         // Exercise the log preview on both sides of its cut-off.
         assert_eq!(preview(b"abc"), "abc");
         assert_eq!(preview(&[b'x'; 100]).chars().count(), 65);
+    }
+
+    #[test]
+    fn utf8_micro_sign_in_a_header() {
+        let mut map = HeaderMap::new();
+        for (name, text) in [
+            ("x-ratelimit-reset-requests", "500\u{b5}s"),
+            ("x-ratelimit-reset-tokens", "1ms500\u{3bc}s"),
+        ] {
+            map.insert(name, HeaderValue::from_bytes(text.as_bytes()).unwrap());
+        }
+        let parsed = parse(&map, at(0));
+        assert_eq!(
+            parsed.requests.unwrap().reset,
+            Some(Duration::from_micros(500))
+        );
+        assert_eq!(
+            parsed.tokens.unwrap().reset,
+            Some(Duration::from_micros(1500))
+        );
     }
 
     #[test]
@@ -1379,7 +1408,11 @@ mod tests {
         let (mut days, rem) = (secs / 86_400, secs % 86_400);
         let mut year = 1970u32;
         loop {
-            let len = if days_in_month(year, 2) == 29 { 366 } else { 365 };
+            let len = if days_in_month(year, 2) == 29 {
+                366
+            } else {
+                365
+            };
             if days < len {
                 break;
             }

@@ -1,0 +1,156 @@
+//! Where a limiter reads the time and how it sleeps until a reserved start.
+//!
+//! [`Clock::system`] (the default) is the monotonic clock of the operating system;
+//! [`ManualClock`] is a clock a test moves by hand, so code built on tollgate can be
+//! tested at the limit without waiting. Time inside the limiter is nanoseconds since the
+//! clock's epoch. This module never decides anything; it only tells time.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+/// The clock a limiter runs on.
+///
+/// ```
+/// use tollgate::{Clock, Limiter, ManualClock, Quota};
+/// let manual = ManualClock::new();
+/// let limiter = Limiter::builder()
+///     .clock(Clock::from(manual.clone()))
+///     .quota(Quota::requests(1).per_second())
+///     .build()
+///     .unwrap();
+/// # let _ = limiter;
+/// ```
+#[derive(Clone)]
+pub struct Clock(Inner);
+
+#[derive(Clone)]
+enum Inner {
+    System(Instant),
+    Manual(ManualClock),
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Inner::System(_) => f.write_str("Clock::System"),
+            Inner::Manual(m) => write!(f, "Clock::Manual({:?})", m.now()),
+        }
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::system()
+    }
+}
+
+impl Clock {
+    /// The operating system's monotonic clock, with its epoch now.
+    ///
+    /// ```
+    /// let clock = tollgate::Clock::system();
+    /// # let _ = clock;
+    /// ```
+    pub fn system() -> Clock {
+        Clock(Inner::System(Instant::now()))
+    }
+
+    /// Nanoseconds since the epoch.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        match &self.0 {
+            Inner::System(origin) => {
+                u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+            }
+            Inner::Manual(m) => m.nanos(),
+        }
+    }
+
+    /// Sleep until `at` (nanoseconds since the epoch). Cancel safe: dropping the future
+    /// only stops the wait.
+    pub(crate) async fn sleep_until(&self, at: u64) {
+        match &self.0 {
+            Inner::System(origin) => {
+                let now = self.now();
+                if at > now {
+                    let deadline = *origin + Duration::from_nanos(at);
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+                }
+            }
+            Inner::Manual(m) => {
+                let mut rx = m.0.subscribe();
+                // The sender lives as long as `m`, which we hold: wait_for cannot fail.
+                let _ = rx.wait_for(|now| *now >= at).await;
+            }
+        }
+    }
+}
+
+impl From<ManualClock> for Clock {
+    fn from(m: ManualClock) -> Clock {
+        Clock(Inner::Manual(m))
+    }
+}
+
+/// A clock that only moves when told to; waiters wake when it passes their start.
+///
+/// ```
+/// use std::time::Duration;
+/// let clock = tollgate::ManualClock::new();
+/// clock.advance(Duration::from_secs(2));
+/// assert_eq!(clock.now(), Duration::from_secs(2));
+/// ```
+#[derive(Clone)]
+pub struct ManualClock(Arc<watch::Sender<u64>>);
+
+impl fmt::Debug for ManualClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ManualClock({:?})", self.now())
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        ManualClock::new()
+    }
+}
+
+impl ManualClock {
+    /// A clock at zero.
+    ///
+    /// ```
+    /// assert_eq!(tollgate::ManualClock::new().now(), std::time::Duration::ZERO);
+    /// ```
+    pub fn new() -> ManualClock {
+        ManualClock(Arc::new(watch::Sender::new(0)))
+    }
+
+    /// Move the clock forward by `by` (saturating), waking every waiter whose start has
+    /// come.
+    ///
+    /// ```
+    /// let clock = tollgate::ManualClock::new();
+    /// clock.advance(std::time::Duration::from_millis(5));
+    /// assert_eq!(clock.now().as_millis(), 5);
+    /// ```
+    pub fn advance(&self, by: Duration) {
+        let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.0.send_modify(|now| *now = now.saturating_add(by));
+    }
+
+    /// The time since the clock's epoch.
+    ///
+    /// ```
+    /// assert_eq!(tollgate::ManualClock::new().now().as_nanos(), 0);
+    /// ```
+    pub fn now(&self) -> Duration {
+        Duration::from_nanos(self.nanos())
+    }
+
+    fn nanos(&self) -> u64 {
+        *self.0.borrow()
+    }
+}

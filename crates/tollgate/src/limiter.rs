@@ -1,0 +1,690 @@
+//! The [`Limiter`]: ask before a model call ([`Limiter::acquire`], [`Limiter::try_acquire`]),
+//! settle after it ([`Permit::settle`]).
+//!
+//! This module turns quotas into decisions on a store and waits for reserved starts; the
+//! arithmetic lives in [`crate::algo`] and the state in the store. It must never re-do a
+//! decision's math, never sleep while holding a store lock, and never leave a reservation
+//! or a concurrency slot behind when a caller goes away.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use smallvec::SmallVec;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+use crate::algo::Params;
+use crate::clock::Clock;
+use crate::cost::{Cost, Usage};
+use crate::error::{Error, KeyError, QuotaId, Rejected, TooLarge};
+use crate::quota::{Checked, ConfigError, Dimension, Quota, Scope};
+use crate::store::memory::{MemoryStore, RateQuota, Refusal, Reserved};
+
+/// The longest key accepted, in bytes. Longer keys are a typed error; hash long
+/// identities (emails, URLs) first.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// The most slots a concurrency quota may have.
+const MAX_SLOTS: u64 = 1 << 32;
+
+/// Builds a [`Limiter`] from quotas; see [`Limiter::builder`].
+///
+/// ```
+/// use tollgate::{Limiter, Quota};
+/// let limiter = Limiter::builder()
+///     .quota(Quota::requests(10).per_minute())
+///     .quota(Quota::tokens(100_000).per_minute())
+///     .build()
+///     .expect("valid quotas");
+/// assert_eq!(limiter.quotas().len(), 2);
+/// ```
+#[derive(Debug, Default)]
+pub struct LimiterBuilder {
+    quotas: Vec<Quota>,
+    clock: Option<Clock>,
+}
+
+impl LimiterBuilder {
+    /// Add a quota. Every call is decided against all of them at once.
+    ///
+    /// ```
+    /// let b = tollgate::Limiter::builder().quota(tollgate::Quota::concurrent(8));
+    /// # let _ = b;
+    /// ```
+    pub fn quota(mut self, quota: Quota) -> Self {
+        self.quotas.push(quota);
+        self
+    }
+
+    /// Run on this clock instead of the system's monotonic clock (tests, simulations).
+    ///
+    /// ```
+    /// use tollgate::{Limiter, ManualClock, Quota};
+    /// let clock = ManualClock::new();
+    /// let b = Limiter::builder().clock(clock.clone().into()).quota(Quota::requests(1).per_second());
+    /// # let _ = b;
+    /// ```
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Check every quota and build the limiter on the in-memory store.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first quota that is invalid: a zero amount, a missing,
+    /// zero or overflowing period, a bad burst or burndown, two quotas with one name,
+    /// more than one concurrency quota per scope, or no quota at all.
+    ///
+    /// ```
+    /// use tollgate::{ConfigError, Limiter, Quota};
+    /// let err = Limiter::builder().quota(Quota::tokens(10)).build().unwrap_err();
+    /// assert!(matches!(err, ConfigError::MissingPeriod { .. }));
+    /// ```
+    pub fn build(self) -> Result<Limiter, ConfigError> {
+        if self.quotas.is_empty() {
+            return Err(ConfigError::NoQuotas);
+        }
+        let mut checked: Vec<Checked> = Vec::with_capacity(self.quotas.len());
+        for q in &self.quotas {
+            let c = q.check()?;
+            if checked.iter().any(|o| o.name == c.name) {
+                return Err(ConfigError::DuplicateName {
+                    quota: c.name.to_string(),
+                });
+            }
+            checked.push(c);
+        }
+        let mut key_rates = Vec::new();
+        let mut shared_rates = Vec::new();
+        let mut key_slots = None;
+        let mut shared_slots = None;
+        for (index, c) in checked.iter().enumerate() {
+            let q = &c.quota;
+            if q.dimension == Dimension::Concurrency {
+                let slot = match q.scope {
+                    Scope::PerKey => &mut key_slots,
+                    Scope::Shared => &mut shared_slots,
+                };
+                if slot.is_some() || q.amount > MAX_SLOTS {
+                    return Err(ConfigError::Overflow {
+                        quota: c.name.to_string(),
+                        detail: "at most one concurrency quota per scope, with at most 2^32 slots"
+                            .into(),
+                    });
+                }
+                *slot = Some((index, q.amount as usize));
+                continue;
+            }
+            let rate = RateQuota {
+                index,
+                params: Params {
+                    amount: q.amount,
+                    period_ns: c.period_ns,
+                    capacity: c.capacity,
+                },
+                algorithm: q.algorithm,
+                dimension: q.dimension,
+                burndown_milli: c.burndown_milli,
+                accounting: c.accounting,
+            };
+            match q.scope {
+                Scope::PerKey => key_rates.push(rate),
+                Scope::Shared => shared_rates.push(rate),
+            }
+        }
+        let store = MemoryStore::new(key_rates, shared_rates, key_slots.map(|(_, n)| n));
+        let settles = store.settles();
+        Ok(Limiter {
+            inner: Arc::new(Inner {
+                ids: checked
+                    .iter()
+                    .enumerate()
+                    .map(|(index, c)| QuotaId {
+                        index,
+                        name: c.name.clone(),
+                    })
+                    .collect(),
+                quotas: checked,
+                key_slots: key_slots.map(|(i, _)| i),
+                shared_slots: shared_slots.map(|(i, n)| (i, Arc::new(Semaphore::new(n)))),
+                settles,
+                store,
+                clock: self.clock.unwrap_or_default(),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    quotas: Vec<Checked>,
+    ids: Vec<QuotaId>,
+    /// Index of the per-key concurrency quota.
+    key_slots: Option<usize>,
+    /// Index and semaphore of the shared concurrency quota.
+    shared_slots: Option<(usize, Arc<Semaphore>)>,
+    /// Whether any quota charges actual usage (else settle has nothing to do).
+    settles: bool,
+    store: MemoryStore,
+    clock: Clock,
+}
+
+/// Keeps calls within every quota: per key (user, team, API key) and shared.
+///
+/// Cheap to clone (an `Arc`); clones share state.
+///
+/// ```
+/// use tollgate::{Cost, Limiter, Quota, Usage};
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let limiter = Limiter::builder()
+///     .quota(Quota::requests(10).per_minute())
+///     .quota(Quota::tokens(100_000).per_minute().burndown(5.0))
+///     .quota(Quota::concurrent(8))
+///     .build()?;
+///
+/// let permit = limiter.acquire("user-42", Cost::input(3_000).output(2_000)).await?;
+/// // ... call the model ...
+/// permit.settle(Usage::new(3_000, 450)).await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Limiter {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter")
+            .field("quotas", &self.inner.ids)
+            .field("clock", &self.inner.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one quota looks like for one key, consuming nothing.
+///
+/// ```
+/// use tollgate::{Limiter, Quota};
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let limiter = Limiter::builder().quota(Quota::requests(10).per_minute()).build()?;
+/// let status = limiter.status("nobody-yet").await?;
+/// assert_eq!((status[0].limit, status[0].remaining), (10, 10));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaStatus {
+    /// Which quota.
+    pub quota: QuotaId,
+    /// Amount per period (slots for concurrency).
+    pub limit: u64,
+    /// Units available now.
+    pub remaining: u64,
+    /// Time until fully replenished (zero for concurrency).
+    pub reset: Duration,
+}
+
+impl Limiter {
+    /// Start building a limiter.
+    ///
+    /// ```
+    /// let builder = tollgate::Limiter::builder();
+    /// # let _ = builder;
+    /// ```
+    pub fn builder() -> LimiterBuilder {
+        LimiterBuilder::default()
+    }
+
+    /// The quotas' identities, in the order they were added.
+    ///
+    /// ```
+    /// use tollgate::{Limiter, Quota};
+    /// let l = Limiter::builder().quota(Quota::requests(1).per_second()).build().unwrap();
+    /// assert_eq!(l.quotas()[0].name(), "requests/1s");
+    /// ```
+    pub fn quotas(&self) -> &[QuotaId] {
+        &self.inner.ids
+    }
+
+    /// How many keys the limiter holds in memory now. Keys whose quotas have fully
+    /// refilled are forgotten as new keys arrive, so this stays near the number of
+    /// keys active within a period.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let l = Limiter::builder().quota(Quota::requests(5).per_second()).build()?;
+    /// l.try_acquire("a", Cost::request()).await?;
+    /// assert_eq!(l.tracked_keys(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn tracked_keys(&self) -> usize {
+        self.inner.store.len()
+    }
+
+    /// Admit a call now or refuse it; never waits.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Limited`] when a quota has no room now (with when to retry),
+    /// [`Error::TooLarge`] when the cost exceeds a quota's capacity,
+    /// [`Error::InvalidKey`] for an empty or over-long key.
+    ///
+    /// # Cancel safety
+    ///
+    /// Decided in one step without awaiting; dropping the future before it is polled
+    /// does nothing.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Error, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let limiter = Limiter::builder().quota(Quota::requests(1).per_minute()).build()?;
+    /// assert!(limiter.try_acquire("u", Cost::request()).await.is_ok());
+    /// assert!(matches!(limiter.try_acquire("u", Cost::request()).await, Err(Error::Limited(_))));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn try_acquire<'a>(&'a self, key: &'a str, cost: Cost) -> Result<Permit<'a>, Error> {
+        self.try_acquire_now(key, cost)
+    }
+
+    /// Admit a call, waiting (FIFO) as long as needed for every quota to have room.
+    ///
+    /// The start time is reserved at once, in arrival order, so waiting callers start in
+    /// the order they asked. A cost no quota can ever hold fails at once with
+    /// [`Error::TooLarge`] rather than waiting forever.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TooLarge`] and [`Error::InvalidKey`], as for [`Limiter::try_acquire`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future while it waits gives back everything it reserved (and any
+    /// concurrency slot), so the capacity goes to the next caller.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let limiter = Limiter::builder().quota(Quota::requests(100).per_second().burst(1)).build()?;
+    /// let t = std::time::Instant::now();
+    /// for _ in 0..3 {
+    ///     limiter.acquire("u", Cost::request()).await?;
+    /// }
+    /// assert!(t.elapsed() >= std::time::Duration::from_millis(19)); // 10 ms apart
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn acquire<'a>(&'a self, key: &'a str, cost: Cost) -> Result<Permit<'a>, Error> {
+        self.acquire_inner(key, cost, None).await
+    }
+
+    /// Admit a call, waiting at most `max_wait`. When the reserved start would land
+    /// later than that, fails at once, without sleeping, with [`Error::Limited`] saying
+    /// when it would fit.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::try_acquire`]. A concurrency quota that stays full for `max_wait`
+    /// also gives [`Error::Limited`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Limiter::acquire`]: dropping the future gives back what it reserved.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tollgate::{Cost, Error, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let limiter = Limiter::builder().quota(Quota::requests(1).per_minute()).build()?;
+    /// limiter.try_acquire("u", Cost::request()).await?;
+    /// let t = std::time::Instant::now();
+    /// let err = limiter.acquire_within("u", Cost::request(), Duration::from_secs(1)).await.unwrap_err();
+    /// assert!(t.elapsed() < Duration::from_millis(100)); // did not sleep
+    /// assert!(err.retry_after() > Some(Duration::from_secs(59)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn acquire_within<'a>(
+        &'a self,
+        key: &'a str,
+        cost: Cost,
+        max_wait: Duration,
+    ) -> Result<Permit<'a>, Error> {
+        self.acquire_inner(key, cost, Some(max_wait)).await
+    }
+
+    /// Every quota's limit, remaining units and reset for `key`, consuming nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`] for an empty or over-long key.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let limiter = Limiter::builder().quota(Quota::tokens(1_000).per_minute()).build()?;
+    /// limiter.try_acquire("u", Cost::input(400)).await?;
+    /// let status = limiter.status("u").await?;
+    /// assert_eq!(status[0].remaining, 600);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn status(&self, key: &str) -> Result<Vec<QuotaStatus>, Error> {
+        check_key(key)?;
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        let mut out: Vec<QuotaStatus> = inner
+            .store
+            .status(key, now)
+            .into_iter()
+            .map(|(index, remaining, reset)| QuotaStatus {
+                quota: inner.ids[index].clone(),
+                limit: inner.quotas[index].quota.amount,
+                remaining,
+                reset: Duration::from_nanos(reset),
+            })
+            .collect();
+        let slots = [
+            inner.key_slots.map(|i| (i, inner.store.key_slots_free(key))),
+            inner
+                .shared_slots
+                .as_ref()
+                .map(|(i, s)| (*i, Some(s.available_permits()))),
+        ];
+        for (index, free) in slots.into_iter().flatten() {
+            let limit = inner.quotas[index].quota.amount;
+            out.push(QuotaStatus {
+                quota: inner.ids[index].clone(),
+                limit,
+                remaining: free.map_or(limit, |f| f as u64),
+                reset: Duration::ZERO,
+            });
+        }
+        out.sort_by_key(|s| s.quota.index);
+        Ok(out)
+    }
+
+    /// Key and capacity checks shared by every entry point.
+    #[inline]
+    fn precheck(&self, key: &str, cost: &Cost) -> Result<(), Error> {
+        check_key(key)?;
+        let inner = &*self.inner;
+        for q in inner.store.key_rates().iter().chain(inner.store.shared_rates()) {
+            let c = q.charge(cost);
+            if c > q.params.capacity {
+                return Err(Error::TooLarge(TooLarge {
+                    quota: inner.ids[q.index].clone(),
+                    cost: c,
+                    capacity: q.params.capacity,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn try_acquire_now<'a>(&'a self, key: &'a str, cost: Cost) -> Result<Permit<'a>, Error> {
+        self.precheck(key, &cost)?;
+        let inner = &*self.inner;
+        let mut slots = Slots::new();
+        if let Some((index, sem)) = &inner.shared_slots {
+            slots.push(self.try_slot(sem.clone(), *index)?);
+        }
+        if let Some(index) = inner.key_slots {
+            let now = inner.clock.now();
+            if let Some(sem) = inner.store.key_semaphore(key, now) {
+                slots.push(self.try_slot(sem, index)?);
+            }
+        }
+        let now = inner.clock.now();
+        let reserved = inner
+            .store
+            .reserve(key, &cost, now, 0)
+            .map_err(|r| self.limited(r, now))?;
+        Ok(Permit {
+            limiter: self,
+            key,
+            cost,
+            reserved,
+            waited: Duration::ZERO,
+            _slots: slots,
+        })
+    }
+
+    async fn acquire_inner<'a>(
+        &'a self,
+        key: &'a str,
+        cost: Cost,
+        max_wait: Option<Duration>,
+    ) -> Result<Permit<'a>, Error> {
+        self.precheck(key, &cost)?;
+        let inner = &*self.inner;
+        let asked = inner.clock.now();
+        let deadline = max_wait.map(|w| asked.saturating_add(nanos(w)));
+        let mut slots = Slots::new();
+        if let Some((index, sem)) = &inner.shared_slots {
+            slots.push(self.wait_slot(sem.clone(), *index, deadline).await?);
+        }
+        if let Some(index) = inner.key_slots
+            && let Some(sem) = inner.store.key_semaphore(key, inner.clock.now())
+        {
+            slots.push(self.wait_slot(sem, index, deadline).await?);
+        }
+        let now = inner.clock.now();
+        let max_wait = deadline.map_or(u64::MAX, |d| d.saturating_sub(now));
+        let reserved = inner
+            .store
+            .reserve(key, &cost, now, max_wait)
+            .map_err(|r| self.limited(r, now))?;
+        let start = reserved.start;
+        let mut permit = Permit {
+            limiter: self,
+            key,
+            cost,
+            reserved,
+            waited: Duration::ZERO,
+            _slots: slots,
+        };
+        if start > now {
+            // Dropped while sleeping: the guard hands the reservation back.
+            let guard = Waiting(Some(permit));
+            inner.clock.sleep_until(start).await;
+            permit = guard.into_permit();
+        }
+        permit.waited = Duration::from_nanos(start.saturating_sub(asked));
+        Ok(permit)
+    }
+
+    fn try_slot(&self, sem: Arc<Semaphore>, index: usize) -> Result<OwnedSemaphorePermit, Error> {
+        match sem.try_acquire_owned() {
+            Ok(p) => Ok(p),
+            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => {
+                Err(self.slots_full(index))
+            }
+        }
+    }
+
+    async fn wait_slot(
+        &self,
+        sem: Arc<Semaphore>,
+        index: usize,
+        deadline: Option<u64>,
+    ) -> Result<OwnedSemaphorePermit, Error> {
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let acquire = sem.acquire_owned();
+        let got = match deadline {
+            None => acquire.await.ok(),
+            Some(d) => tokio::select! {
+                p = acquire => p.ok(),
+                () = self.inner.clock.sleep_until(d) => None,
+            },
+        };
+        got.ok_or_else(|| self.slots_full(index))
+    }
+
+    fn slots_full(&self, index: usize) -> Error {
+        Error::Limited(Rejected {
+            quota: self.inner.ids[index].clone(),
+            limit: self.inner.quotas[index].quota.amount,
+            remaining: 0,
+            reset: Duration::ZERO,
+            retry_after: None,
+        })
+    }
+
+    fn limited(&self, r: Refusal, now: u64) -> Error {
+        Error::Limited(Rejected {
+            quota: self.inner.ids[r.index].clone(),
+            limit: self.inner.quotas[r.index].quota.amount,
+            remaining: r.remaining,
+            reset: Duration::from_nanos(r.reset),
+            retry_after: Some(Duration::from_nanos(r.start.saturating_sub(now))),
+        })
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[inline]
+fn check_key(key: &str) -> Result<(), Error> {
+    if key.is_empty() {
+        Err(Error::InvalidKey(KeyError::Empty))
+    } else if key.len() > MAX_KEY_LEN {
+        Err(Error::InvalidKey(KeyError::TooLong(key.len())))
+    } else {
+        Ok(())
+    }
+}
+
+type Slots = SmallVec<[OwnedSemaphorePermit; 2]>;
+
+/// An admitted call. Holds its concurrency slots until it is settled or dropped.
+///
+/// Settle it with the usage the provider reported to refund what the estimate
+/// over-counted (or charge what it under-counted) in quotas that charge actual usage.
+/// Dropped without settling, the estimate stands and the slots are freed.
+///
+/// ```
+/// use tollgate::{Cost, Limiter, Quota, Usage};
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let limiter = Limiter::builder().quota(Quota::tokens(10_000).per_minute()).build()?;
+/// let permit = limiter.acquire("u", Cost::input(1_000).output(4_000)).await?;
+/// assert_eq!(limiter.status("u").await?[0].remaining, 5_000);
+/// permit.settle(Usage::new(1_000, 500)).await?;                 // used 1,500, not 5,000
+/// assert_eq!(limiter.status("u").await?[0].remaining, 8_500);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+pub struct Permit<'a> {
+    limiter: &'a Limiter,
+    key: &'a str,
+    cost: Cost,
+    reserved: Reserved,
+    waited: Duration,
+    _slots: Slots,
+}
+
+impl fmt::Debug for Permit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("key", &self.key)
+            .field("cost", &self.cost)
+            .field("waited", &self.waited)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Permit<'_> {
+    /// The cost the call was admitted with.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let l = Limiter::builder().quota(Quota::requests(1).per_second()).build()?;
+    /// let p = l.try_acquire("u", Cost::input(5)).await?;
+    /// assert_eq!(p.cost().input, 5);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn cost(&self) -> Cost {
+        self.cost
+    }
+
+    /// How long the call waited for its start.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let l = Limiter::builder().quota(Quota::requests(1).per_second()).build()?;
+    /// let p = l.try_acquire("u", Cost::request()).await?;
+    /// assert_eq!(p.waited(), std::time::Duration::ZERO);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// Replace the estimate with what the call used, in every quota that charges actual
+    /// usage ([`crate::Accounting::Actual`]), and free the concurrency slots.
+    ///
+    /// Unused tokens are refunded, never more than keeps every later caller within the
+    /// bound (capacity that has refilled since the call started is not handed out
+    /// twice); tokens above the estimate are charged now.
+    ///
+    /// # Errors
+    ///
+    /// None on the in-memory store; the `Result` is for stores that can fail.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota, Usage};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let l = Limiter::builder().quota(Quota::output_tokens(1_000).per_minute()).build()?;
+    /// let p = l.acquire("u", Cost::input(10).output(200)).await?;
+    /// p.settle(Usage::new(10, 350)).await?;                        // 150 over the estimate
+    /// assert_eq!(l.status("u").await?[0].remaining, 650);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn settle(self, usage: Usage) -> Result<(), Error> {
+        let inner = &*self.limiter.inner;
+        if inner.settles {
+            let now = inner.clock.now();
+            inner
+                .store
+                .settle(self.key, &self.cost, &usage, &self.reserved, now);
+        }
+        Ok(())
+    }
+}
+
+/// A permit whose start has not come yet; dropping it gives the reservation back.
+struct Waiting<'a>(Option<Permit<'a>>);
+
+impl<'a> Waiting<'a> {
+    fn into_permit(mut self) -> Permit<'a> {
+        // Always Some: only Drop takes it otherwise.
+        match self.0.take() {
+            Some(p) => p,
+            None => unreachable!("a waiting permit is taken once"),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let inner = &*p.limiter.inner;
+            let now = inner.clock.now();
+            inner.store.cancel(p.key, &p.cost, &p.reserved, now);
+        }
+    }
+}
