@@ -62,9 +62,7 @@ impl Clock {
     #[inline]
     pub(crate) fn now(&self) -> u64 {
         match &self.0 {
-            Inner::System(origin) => {
-                u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
-            }
+            Inner::System(origin) => u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX),
             Inner::Manual(m) => m.nanos(),
         }
     }

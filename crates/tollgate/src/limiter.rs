@@ -10,7 +10,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smallvec::SmallVec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::algo::Params;
@@ -18,7 +17,7 @@ use crate::clock::Clock;
 use crate::cost::{Cost, Usage};
 use crate::error::{Error, KeyError, QuotaId, Rejected, TooLarge};
 use crate::quota::{Checked, ConfigError, Dimension, Quota, Scope};
-use crate::store::memory::{MemoryStore, RateQuota, Refusal, Reserved};
+use crate::store::memory::{MAX_RATE_QUOTAS, MemoryStore, RateQuota, Refusal, Reserved};
 
 /// The longest key accepted, in bytes. Longer keys are a typed error; hash long
 /// identities (emails, URLs) first.
@@ -75,7 +74,8 @@ impl LimiterBuilder {
     ///
     /// A [`ConfigError`] naming the first quota that is invalid: a zero amount, a missing,
     /// zero or overflowing period, a bad burst or burndown, two quotas with one name,
-    /// more than one concurrency quota per scope, or no quota at all.
+    /// more than one concurrency quota per scope, more than eight rate quotas, or no
+    /// quota at all.
     ///
     /// ```
     /// use tollgate::{ConfigError, Limiter, Quota};
@@ -95,6 +95,15 @@ impl LimiterBuilder {
                 });
             }
             checked.push(c);
+        }
+        let rates = checked
+            .iter()
+            .filter(|c| c.quota.dimension != Dimension::Concurrency)
+            .count();
+        if rates > MAX_RATE_QUOTAS {
+            return Err(ConfigError::TooManyQuotas {
+                max: MAX_RATE_QUOTAS,
+            });
         }
         let mut key_rates = Vec::new();
         let mut shared_rates = Vec::new();
@@ -123,8 +132,8 @@ impl LimiterBuilder {
                     amount: q.amount,
                     period_ns: c.period_ns,
                     capacity: c.capacity,
+                    algorithm: q.algorithm,
                 },
-                algorithm: q.algorithm,
                 dimension: q.dimension,
                 burndown_milli: c.burndown_milli,
                 accounting: c.accounting,
@@ -389,7 +398,9 @@ impl Limiter {
             })
             .collect();
         let slots = [
-            inner.key_slots.map(|i| (i, inner.store.key_slots_free(key))),
+            inner
+                .key_slots
+                .map(|i| (i, inner.store.key_slots_free(key))),
             inner
                 .shared_slots
                 .as_ref()
@@ -408,19 +419,26 @@ impl Limiter {
         Ok(out)
     }
 
-    /// Key and capacity checks shared by every entry point.
-    #[inline]
-    fn precheck(&self, key: &str, cost: &Cost) -> Result<(), Error> {
-        check_key(key)?;
+    /// Capacity checks before waiting for a concurrency slot, so a call that can never
+    /// fit fails at once. (The store checks capacity in every decision too.)
+    fn check_capacity(&self, cost: &Cost) -> Result<(), Error> {
         let inner = &*self.inner;
-        for q in inner.store.key_rates().iter().chain(inner.store.shared_rates()) {
+        for q in inner
+            .store
+            .key_rates()
+            .iter()
+            .chain(inner.store.shared_rates())
+        {
             let c = q.charge(cost);
             if c > q.params.capacity {
-                return Err(Error::TooLarge(TooLarge {
-                    quota: inner.ids[q.index].clone(),
-                    cost: c,
-                    capacity: q.params.capacity,
-                }));
+                return Err(self.refused(
+                    Refusal::TooLarge {
+                        index: q.index,
+                        cost: c,
+                        capacity: q.params.capacity,
+                    },
+                    0,
+                ));
             }
         }
         Ok(())
@@ -428,29 +446,28 @@ impl Limiter {
 
     #[inline]
     fn try_acquire_now<'a>(&'a self, key: &'a str, cost: Cost) -> Result<Permit<'a>, Error> {
-        self.precheck(key, &cost)?;
+        check_key(key)?;
         let inner = &*self.inner;
-        let mut slots = Slots::new();
+        let mut slots: Slots = [None, None];
         if let Some((index, sem)) = &inner.shared_slots {
-            slots.push(self.try_slot(sem.clone(), *index)?);
+            slots[0] = Some(self.try_slot(sem.clone(), *index)?);
         }
-        if let Some(index) = inner.key_slots {
-            let now = inner.clock.now();
-            if let Some(sem) = inner.store.key_semaphore(key, now) {
-                slots.push(self.try_slot(sem, index)?);
-            }
+        if let Some(index) = inner.key_slots
+            && let Some(sem) = inner.store.key_semaphore(key, inner.clock.now())
+        {
+            slots[1] = Some(self.try_slot(sem, index)?);
         }
         let now = inner.clock.now();
         let reserved = inner
             .store
             .reserve(key, &cost, now, 0)
-            .map_err(|r| self.limited(r, now))?;
+            .map_err(|r| self.refused(r, now))?;
         Ok(Permit {
             limiter: self,
             key,
             cost,
             reserved,
-            waited: Duration::ZERO,
+            waited_ns: 0,
             _slots: slots,
         })
     }
@@ -461,32 +478,35 @@ impl Limiter {
         cost: Cost,
         max_wait: Option<Duration>,
     ) -> Result<Permit<'a>, Error> {
-        self.precheck(key, &cost)?;
+        check_key(key)?;
         let inner = &*self.inner;
+        if inner.key_slots.is_some() || inner.shared_slots.is_some() {
+            self.check_capacity(&cost)?;
+        }
         let asked = inner.clock.now();
         let deadline = max_wait.map(|w| asked.saturating_add(nanos(w)));
-        let mut slots = Slots::new();
+        let mut slots: Slots = [None, None];
         if let Some((index, sem)) = &inner.shared_slots {
-            slots.push(self.wait_slot(sem.clone(), *index, deadline).await?);
+            slots[0] = Some(self.wait_slot(sem.clone(), *index, deadline).await?);
         }
         if let Some(index) = inner.key_slots
             && let Some(sem) = inner.store.key_semaphore(key, inner.clock.now())
         {
-            slots.push(self.wait_slot(sem, index, deadline).await?);
+            slots[1] = Some(self.wait_slot(sem, index, deadline).await?);
         }
         let now = inner.clock.now();
         let max_wait = deadline.map_or(u64::MAX, |d| d.saturating_sub(now));
         let reserved = inner
             .store
             .reserve(key, &cost, now, max_wait)
-            .map_err(|r| self.limited(r, now))?;
+            .map_err(|r| self.refused(r, now))?;
         let start = reserved.start;
         let mut permit = Permit {
             limiter: self,
             key,
             cost,
             reserved,
-            waited: Duration::ZERO,
+            waited_ns: 0,
             _slots: slots,
         };
         if start > now {
@@ -495,7 +515,7 @@ impl Limiter {
             inner.clock.sleep_until(start).await;
             permit = guard.into_permit();
         }
-        permit.waited = Duration::from_nanos(start.saturating_sub(asked));
+        permit.waited_ns = start.saturating_sub(asked);
         Ok(permit)
     }
 
@@ -538,14 +558,31 @@ impl Limiter {
         })
     }
 
-    fn limited(&self, r: Refusal, now: u64) -> Error {
-        Error::Limited(Rejected {
-            quota: self.inner.ids[r.index].clone(),
-            limit: self.inner.quotas[r.index].quota.amount,
-            remaining: r.remaining,
-            reset: Duration::from_nanos(r.reset),
-            retry_after: Some(Duration::from_nanos(r.start.saturating_sub(now))),
-        })
+    fn refused(&self, r: Refusal, now: u64) -> Error {
+        let inner = &*self.inner;
+        match r {
+            Refusal::Limited {
+                index,
+                start,
+                remaining,
+                reset,
+            } => Error::Limited(Rejected {
+                quota: inner.ids[index].clone(),
+                limit: inner.quotas[index].quota.amount,
+                remaining,
+                reset: Duration::from_nanos(reset),
+                retry_after: Some(Duration::from_nanos(start.saturating_sub(now))),
+            }),
+            Refusal::TooLarge {
+                index,
+                cost,
+                capacity,
+            } => Error::TooLarge(TooLarge {
+                quota: inner.ids[index].clone(),
+                cost,
+                capacity,
+            }),
+        }
     }
 }
 
@@ -564,7 +601,8 @@ fn check_key(key: &str) -> Result<(), Error> {
     }
 }
 
-type Slots = SmallVec<[OwnedSemaphorePermit; 2]>;
+/// Concurrency slots held: shared, then per key.
+type Slots = [Option<OwnedSemaphorePermit>; 2];
 
 /// An admitted call. Holds its concurrency slots until it is settled or dropped.
 ///
@@ -588,7 +626,7 @@ pub struct Permit<'a> {
     key: &'a str,
     cost: Cost,
     reserved: Reserved,
-    waited: Duration,
+    waited_ns: u64,
     _slots: Slots,
 }
 
@@ -597,7 +635,7 @@ impl fmt::Debug for Permit<'_> {
         f.debug_struct("Permit")
             .field("key", &self.key)
             .field("cost", &self.cost)
-            .field("waited", &self.waited)
+            .field("waited", &self.waited())
             .finish_non_exhaustive()
     }
 }
@@ -630,7 +668,7 @@ impl Permit<'_> {
     /// # }).unwrap();
     /// ```
     pub fn waited(&self) -> Duration {
-        self.waited
+        Duration::from_nanos(self.waited_ns)
     }
 
     /// Replace the estimate with what the call used, in every quota that charges actual

@@ -520,9 +520,7 @@ pub enum ConfigError {
         quota: String,
     },
     /// The period is zero or too long to count in nanoseconds as a `u64` (~584 years).
-    #[error(
-        "quota `{quota}`: the period must be between 1 ns and 584 years, got {period:?}"
-    )]
+    #[error("quota `{quota}`: the period must be between 1 ns and 584 years, got {period:?}")]
     BadPeriod {
         /// The quota's name.
         quota: String,
@@ -576,6 +574,12 @@ pub enum ConfigError {
     DuplicateName {
         /// The name used twice.
         quota: String,
+    },
+    /// More rate quotas than one limiter decides at once.
+    #[error("a limiter holds at most {max} rate quotas (per key and shared together)")]
+    TooManyQuotas {
+        /// The most allowed.
+        max: usize,
     },
     /// The numbers overflow the limiter's arithmetic.
     #[error("quota `{quota}`: amount × period is too large to count exactly ({detail})")]

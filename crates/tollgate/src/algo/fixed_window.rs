@@ -20,6 +20,20 @@ pub(crate) struct State {
 
 impl State {
     #[inline]
+    pub(crate) fn from_words(w: [u64; 4]) -> State {
+        State {
+            win: w[0],
+            count: w[1],
+            max_start: w[2],
+        }
+    }
+
+    #[inline]
+    pub(crate) fn to_words(self) -> [u64; 4] {
+        [self.win, self.count, self.max_start, 0]
+    }
+
+    #[inline]
     fn used_in(&self, w: u64) -> u64 {
         if w == self.win { self.count } else { 0 }
     }

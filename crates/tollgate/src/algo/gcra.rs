@@ -25,17 +25,38 @@ pub(crate) struct State {
     max_start: u64,
 }
 
+/// `ns × amount`: a product of two `u64`, which always fits a `u128`.
 #[inline]
 fn scaled(p: &Params, ns: u64) -> u128 {
-    u128::from(ns).saturating_mul(u128::from(p.amount))
+    u128::from(ns) * u128::from(p.amount)
 }
 
+/// `units × period`: a product of two `u64`, which always fits a `u128`.
 #[inline]
 fn span(p: &Params, units: u64) -> u128 {
-    u128::from(units).saturating_mul(u128::from(p.period_ns))
+    u128::from(units) * u128::from(p.period_ns)
 }
 
 impl State {
+    #[inline]
+    pub(crate) fn from_words(w: [u64; 4]) -> State {
+        State {
+            tat: (u128::from(w[0]) << 64) | u128::from(w[1]),
+            charged: w[2],
+            max_start: w[3],
+        }
+    }
+
+    #[inline]
+    pub(crate) fn to_words(self) -> [u64; 4] {
+        [
+            (self.tat >> 64) as u64,
+            self.tat as u64,
+            self.charged,
+            self.max_start,
+        ]
+    }
+
     /// Earliest start (ns) at or after `now` for a call of `c ≤ capacity` units.
     #[inline]
     pub(crate) fn earliest(&self, p: &Params, now: u64, c: u64) -> u64 {

@@ -22,65 +22,97 @@ mod tests;
 
 use crate::quota::Algorithm;
 
-/// A rate quota's numbers: `amount` per `period_ns`, holding at most `capacity`.
+/// A rate quota's numbers: `amount` per `period_ns`, holding at most `capacity`, decided
+/// by `algorithm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Params {
     pub(crate) amount: u64,
     pub(crate) period_ns: u64,
     pub(crate) capacity: u64,
+    pub(crate) algorithm: Algorithm,
 }
 
-/// The state of one key in one rate quota.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum State {
-    Gcra(gcra::State),
-    Fixed(fixed_window::State),
-    Sliding(sliding_window::State),
+/// The state of one key in one rate quota: four words, read by the quota's algorithm.
+///
+/// Untagged (the algorithm lives in [`Params`]) so a key's states stay small and a
+/// decision touches few cache lines. All zeros is the fresh state of every algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct State([u64; 4]);
+
+/// Run `$body` on the algorithm's view of `$state`, writing it back if `$write`.
+macro_rules! with_state {
+    ($self:expr, $p:expr, |$s:ident| $body:expr) => {
+        match $p.algorithm {
+            Algorithm::Gcra => {
+                let mut $s = gcra::State::from_words($self.0);
+                let out = $body;
+                $self.0 = $s.to_words();
+                out
+            }
+            Algorithm::FixedWindow => {
+                let mut $s = fixed_window::State::from_words($self.0);
+                let out = $body;
+                $self.0 = $s.to_words();
+                out
+            }
+            Algorithm::SlidingWindow => {
+                let mut $s = sliding_window::State::from_words($self.0);
+                let out = $body;
+                $self.0 = $s.to_words();
+                out
+            }
+        }
+    };
 }
 
-macro_rules! dispatch {
-    ($self:expr, $s:ident => $e:expr) => {
-        match $self {
-            State::Gcra($s) => $e,
-            State::Fixed($s) => $e,
-            State::Sliding($s) => $e,
+macro_rules! read_state {
+    ($self:expr, $p:expr, |$s:ident| $body:expr) => {
+        match $p.algorithm {
+            Algorithm::Gcra => {
+                let $s = gcra::State::from_words($self.0);
+                $body
+            }
+            Algorithm::FixedWindow => {
+                let $s = fixed_window::State::from_words($self.0);
+                $body
+            }
+            Algorithm::SlidingWindow => {
+                let $s = sliding_window::State::from_words($self.0);
+                $body
+            }
         }
     };
 }
 
 impl State {
     /// A fresh state: nothing charged yet.
-    pub(crate) fn new(algorithm: Algorithm) -> State {
-        match algorithm {
-            Algorithm::Gcra => State::Gcra(gcra::State::default()),
-            Algorithm::FixedWindow => State::Fixed(fixed_window::State::default()),
-            Algorithm::SlidingWindow => State::Sliding(sliding_window::State::default()),
-        }
+    pub(crate) fn new() -> State {
+        State::default()
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn earliest(&self, p: &Params, now: u64, cost: u64) -> u64 {
-        dispatch!(self, s => s.earliest(p, now, cost))
+        read_state!(self, p, |s| s.earliest(p, now, cost))
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn apply(&mut self, p: &Params, start: u64, cost: u64) -> u64 {
-        dispatch!(self, s => s.apply(p, start, cost))
+        with_state!(self, p, |s| s.apply(p, start, cost))
     }
 
     pub(crate) fn refund(&mut self, p: &Params, now: u64, units: u64, snap: u64) {
-        dispatch!(self, s => s.refund(p, now, units, snap))
+        with_state!(self, p, |s| s.refund(p, now, units, snap))
     }
 
     pub(crate) fn force(&mut self, p: &Params, now: u64, units: u64) {
-        dispatch!(self, s => s.force(p, now, units))
+        with_state!(self, p, |s| s.force(p, now, units))
     }
 
     pub(crate) fn status(&self, p: &Params, now: u64) -> (u64, u64) {
-        dispatch!(self, s => s.status(p, now))
+        read_state!(self, p, |s| s.status(p, now))
     }
 
     pub(crate) fn idle(&self, p: &Params, now: u64) -> bool {
-        dispatch!(self, s => s.idle(p, now))
+        read_state!(self, p, |s| s.idle(p, now))
     }
 }

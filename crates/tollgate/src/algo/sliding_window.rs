@@ -23,6 +23,21 @@ pub(crate) struct State {
 }
 
 impl State {
+    #[inline]
+    pub(crate) fn from_words(w: [u64; 4]) -> State {
+        State {
+            win: w[0],
+            prev: w[1],
+            curr: w[2],
+            max_start: w[3],
+        }
+    }
+
+    #[inline]
+    pub(crate) fn to_words(self) -> [u64; 4] {
+        [self.win, self.prev, self.curr, self.max_start]
+    }
+
     /// (previous, current) counts as seen from window `w >= win`.
     #[inline]
     fn seen_from(&self, w: u64) -> (u64, u64) {
@@ -104,8 +119,8 @@ impl State {
         let t = now.max(w.saturating_mul(p.period_ns));
         let x = t - w.saturating_mul(p.period_ns);
         let (prev, curr) = self.seen_from(w);
-        let weighted = (u128::from(prev) * u128::from(p.period_ns - x))
-            .div_ceil(u128::from(p.period_ns));
+        let weighted =
+            (u128::from(prev) * u128::from(p.period_ns - x)).div_ceil(u128::from(p.period_ns));
         let used = u64::try_from(weighted)
             .unwrap_or(u64::MAX)
             .saturating_add(curr);
@@ -129,6 +144,7 @@ impl State {
     /// True when forgetting this state changes nothing.
     pub(crate) fn idle(&self, p: &Params, now: u64) -> bool {
         self.max_start <= now
-            && ((self.prev == 0 && self.curr == 0) || now / p.period_ns > self.win.saturating_add(1))
+            && ((self.prev == 0 && self.curr == 0)
+                || now / p.period_ns > self.win.saturating_add(1))
     }
 }

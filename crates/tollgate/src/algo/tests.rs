@@ -105,11 +105,12 @@ fn params(alg: Algorithm) -> impl Strategy<Value = Params> {
         amount,
         period_ns,
         capacity: if alg == Algorithm::Gcra { cap } else { amount },
+        algorithm: alg,
     })
 }
 
-fn run(alg: Algorithm, p: Params, ops: Vec<Op>) -> Result<Vec<Event>, TestCaseError> {
-    let mut st = State::new(alg);
+fn run(p: Params, ops: Vec<Op>) -> Result<Vec<Event>, TestCaseError> {
+    let mut st = State::new();
     let mut now = 0u64;
     let mut events: Vec<Event> = Vec::new();
     let mut last_start = 0u64;
@@ -177,7 +178,7 @@ proptest! {
     #[test]
     fn never_over_the_bound((alg, p) in algorithm().prop_flat_map(|a| (Just(a), params(a))),
                             ops in proptest::collection::vec(op(60, 400), 1..120)) {
-        let events = run(alg, p, ops)?;
+        let events = run(p, ops)?;
         check_bound(alg, &p, &events)?;
     }
 
@@ -187,8 +188,8 @@ proptest! {
     fn gcra_matches_token_bucket(amount in 1..=1_000u64, period_ns in 1..=100_000u64,
                                  cap in 1..=2_000u64,
                                  ops in proptest::collection::vec((0..20_000u64, 1..=2_000u64), 1..300)) {
-        let p = Params { amount, period_ns, capacity: cap };
-        let mut st = State::new(Algorithm::Gcra);
+        let p = Params { amount, period_ns, capacity: cap, algorithm: Algorithm::Gcra };
+        let mut st = State::new();
         // Reference: level × period, refilled by amount per ns, capped at capacity × period.
         let full = u128::from(cap) * u128::from(period_ns);
         let mut level = full;
@@ -218,9 +219,9 @@ proptest! {
     fn saturating_demand_uses_the_rate(alg in algorithm(), calls in 1..=100u64,
                                        cost in 1..=10u64, extra in 0..10u64) {
         let amount = calls * cost + if alg == Algorithm::Gcra { extra } else { 0 };
-        let p = Params { amount, period_ns: 1_000, capacity: amount };
+        let p = Params { amount, period_ns: 1_000, capacity: amount, algorithm: alg };
         let horizon = 2_000 * p.period_ns;
-        let mut st = State::new(alg);
+        let mut st = State::new();
         let mut admitted = 0u128;
         let mut now = 0;
         loop {
@@ -260,8 +261,9 @@ fn refund_of_a_cancelled_middle_reservation_does_not_double_book() {
         amount: 1,
         period_ns: 1_000_000_000,
         capacity: 1,
+        algorithm: Algorithm::Gcra,
     };
-    let mut st = State::new(Algorithm::Gcra);
+    let mut st = State::new();
     let a = st.earliest(&p, 0, 1);
     st.apply(&p, a, 1);
     let b = st.earliest(&p, 0, 1);
@@ -280,8 +282,9 @@ fn refund_right_after_the_call_returns_everything() {
         amount: 100,
         period_ns: 100,
         capacity: 100,
+        algorithm: Algorithm::Gcra,
     };
-    let mut st = State::new(Algorithm::Gcra);
+    let mut st = State::new();
     let snap = st.apply(&p, 0, 100);
     assert_eq!(st.status(&p, 0).0, 0);
     st.refund(&p, 0, 90, snap);
@@ -295,8 +298,9 @@ fn sliding_window_weighs_the_previous_window() {
         amount: 10,
         period_ns: 1_000,
         capacity: 10,
+        algorithm: Algorithm::SlidingWindow,
     };
-    let mut st = State::new(Algorithm::SlidingWindow);
+    let mut st = State::new();
     st.apply(&p, 0, 10);
     assert_eq!(st.status(&p, 1_250).0, 2);
     // 3 more fit once the previous window weighs at most 7: at 300 ns into window 1.
@@ -309,8 +313,9 @@ fn fixed_window_resets_at_the_boundary() {
         amount: 10,
         period_ns: 1_000,
         capacity: 10,
+        algorithm: Algorithm::FixedWindow,
     };
-    let mut st = State::new(Algorithm::FixedWindow);
+    let mut st = State::new();
     st.apply(&p, 999, 10);
     assert_eq!(st.earliest(&p, 999, 1), 1_000);
     assert_eq!(st.status(&p, 999), (0, 1));

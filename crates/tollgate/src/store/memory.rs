@@ -19,13 +19,22 @@ use tokio::sync::Semaphore;
 
 use crate::algo::{Params, State};
 use crate::cost::{Cost, Usage};
-use crate::quota::{Accounting, Algorithm, Dimension, charge};
+use crate::quota::{Accounting, Dimension, charge};
+
+/// The most rate quotas (per-key and shared together) one limiter may have.
+pub(crate) const MAX_RATE_QUOTAS: usize = 8;
 
 /// Refund snapshots, one per rate quota (per-key quotas first, then shared ones).
-pub(crate) type Snaps = SmallVec<[u64; 6]>;
+pub(crate) type Snaps = [u64; MAX_RATE_QUOTAS];
+
+/// A key's rate states, inline for up to two per-key quotas (one less pointer to chase).
+type States = SmallVec<[State; 2]>;
 
 const SHARDS: usize = 64;
+/// A shard is swept when it has doubled since its last sweep, at least this big ...
 const MIN_SWEEP: usize = 64;
+/// ... and at most once a second, so keys in steady use are not dropped and re-created.
+const SWEEP_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// One rate quota as the store needs it.
 #[derive(Debug, Clone)]
@@ -33,7 +42,6 @@ pub(crate) struct RateQuota {
     /// Index of the quota in the limiter's list.
     pub(crate) index: usize,
     pub(crate) params: Params,
-    pub(crate) algorithm: Algorithm,
     pub(crate) dimension: Dimension,
     pub(crate) burndown_milli: u64,
     pub(crate) accounting: Accounting,
@@ -56,27 +64,43 @@ pub(crate) struct Reserved {
     pub(crate) snaps: Snaps,
 }
 
-/// A refusal: which quota binds and what it looks like now.
+/// Why a reservation was refused.
 #[derive(Debug)]
-pub(crate) struct Refusal {
-    /// Index of the quota in the limiter's list.
-    pub(crate) index: usize,
-    /// Earliest start for this call, ns since the epoch.
-    pub(crate) start: u64,
-    pub(crate) remaining: u64,
-    pub(crate) reset: u64,
+pub(crate) enum Refusal {
+    /// The binding quota has no room within the allowed wait.
+    Limited {
+        /// Index of the quota in the limiter's list.
+        index: usize,
+        /// Earliest start for this call, ns since the epoch.
+        start: u64,
+        remaining: u64,
+        reset: u64,
+    },
+    /// The call costs more than a quota's capacity.
+    TooLarge {
+        /// Index of the quota in the limiter's list.
+        index: usize,
+        cost: u64,
+        capacity: u64,
+    },
 }
 
 struct Entry {
     key: Box<str>,
     epoch: u64,
-    states: Box<[State]>,
+    states: States,
     slots: Option<Arc<Semaphore>>,
+    /// Decided on since the last sweep: kept one more round even if idle.
+    touched: bool,
 }
 
 impl Entry {
     fn idle(&self, quotas: &[RateQuota], now: u64) -> bool {
-        self.slots.as_ref().is_none_or(|s| Arc::strong_count(s) == 1)
+        !self.touched
+            && self
+                .slots
+                .as_ref()
+                .is_none_or(|s| Arc::strong_count(s) == 1)
             && self
                 .states
                 .iter()
@@ -89,6 +113,7 @@ impl Entry {
 struct Shard {
     table: HashTable<Entry>,
     sweep_at: usize,
+    swept: u64,
 }
 
 /// Pads a shard to its own cache lines so two cores locking neighbours don't contend.
@@ -119,10 +144,7 @@ impl MemoryStore {
         shared_rates: Vec<RateQuota>,
         key_slots: Option<usize>,
     ) -> MemoryStore {
-        let shared = shared_rates
-            .iter()
-            .map(|q| State::new(q.algorithm))
-            .collect();
+        let shared = shared_rates.iter().map(|_| State::new()).collect();
         MemoryStore {
             key_rates: key_rates.into(),
             shared_rates: shared_rates.into(),
@@ -157,19 +179,23 @@ impl MemoryStore {
         Entry {
             key: key.into(),
             epoch: self.epochs.fetch_add(1, Ordering::Relaxed),
-            states: self
-                .key_rates
-                .iter()
-                .map(|q| State::new(q.algorithm))
-                .collect(),
+            states: self.key_rates.iter().map(|_| State::new()).collect(),
             slots: self.key_slots.map(|n| Arc::new(Semaphore::new(n))),
+            touched: true,
         }
     }
 
     /// Insert a new entry, first forgetting idle ones when the shard has doubled.
     fn insert<'s>(&self, shard: &'s mut Shard, hash: u64, key: &str, now: u64) -> &'s mut Entry {
-        if shard.table.len() >= shard.sweep_at {
-            shard.table.retain(|e| !e.idle(&self.key_rates, now));
+        if shard.table.len() >= shard.sweep_at
+            && now >= shard.swept.saturating_add(SWEEP_INTERVAL_NS)
+        {
+            shard.swept = now;
+            shard.table.retain(|e| {
+                let keep = !e.idle(&self.key_rates, now);
+                e.touched = false;
+                keep
+            });
             shard.sweep_at = (shard.table.len() * 2).max(MIN_SWEEP);
         }
         let entry = self.new_entry(key);
@@ -210,12 +236,27 @@ impl MemoryStore {
         let (hash, shard) = self.shard(key);
         let mut shard = lock(shard);
         if let Some(entry) = shard.table.find_mut(hash, |e| &*e.key == key) {
+            entry.touched = true;
             let epoch = entry.epoch;
-            return self.decide(Some(&mut entry.states), shared_states, epoch, cost, now, max_wait);
+            return self.decide(
+                Some(&mut entry.states),
+                shared_states,
+                epoch,
+                cost,
+                now,
+                max_wait,
+            );
         }
         // A new key: decide on fresh states and keep them only if the call is admitted.
         let mut fresh = self.new_entry(key);
-        let reserved = self.decide(Some(&mut fresh.states), shared_states, fresh.epoch, cost, now, max_wait)?;
+        let reserved = self.decide(
+            Some(&mut fresh.states),
+            shared_states,
+            fresh.epoch,
+            cost,
+            now,
+            max_wait,
+        )?;
         let entry = self.insert(&mut shard, hash, key, now);
         entry.states = fresh.states;
         entry.epoch = fresh.epoch;
@@ -225,10 +266,10 @@ impl MemoryStore {
         })
     }
 
-    #[inline]
+    #[inline(always)]
     fn decide(
         &self,
-        key_states: Option<&mut Box<[State]>>,
+        key_states: Option<&mut States>,
         shared_states: &mut [State],
         epoch: u64,
         cost: &Cost,
@@ -236,46 +277,47 @@ impl MemoryStore {
         max_wait: u64,
     ) -> Result<Reserved, Refusal> {
         let key_states: &mut [State] = key_states.map_or(&mut [], |s| &mut s[..]);
+        let nk = self.key_rates.len();
+        // Each quota's charge, computed once: per-key quotas first, then shared ones.
+        let mut charges = [0u64; MAX_RATE_QUOTAS];
         let mut start = now;
-        let mut binding: Option<(usize, bool)> = None;
-        let pairs = [
-            (&self.key_rates[..], &*key_states, false),
-            (&self.shared_rates[..], &*shared_states, true),
-        ];
-        for (quotas, states, is_shared) in pairs {
-            for (i, (q, s)) in quotas.iter().zip(states).enumerate() {
-                let c = q.charge(cost);
-                if c == 0 {
-                    continue;
-                }
-                let t = s.earliest(&q.params, now, c);
-                if t > start {
-                    start = t;
-                    binding = Some((i, is_shared));
-                }
-            }
-        }
-        if start - now > max_wait {
-            let (i, is_shared) = binding.unwrap_or((0, false));
-            let (q, s) = if is_shared {
-                (&self.shared_rates[i], &shared_states[i])
-            } else {
-                (&self.key_rates[i], &key_states[i])
-            };
+        let mut binding = None;
+        scan(
+            &self.key_rates,
+            key_states,
+            &mut charges[..nk],
+            cost,
+            now,
+            &mut start,
+            &mut binding,
+        )?;
+        scan(
+            &self.shared_rates,
+            shared_states,
+            &mut charges[nk..],
+            cost,
+            now,
+            &mut start,
+            &mut binding,
+        )?;
+        if let Some((q, s)) = binding
+            && start - now > max_wait
+        {
             let (remaining, reset) = s.status(&q.params, now);
-            return Err(Refusal {
+            return Err(Refusal::Limited {
                 index: q.index,
                 start,
                 remaining,
                 reset,
             });
         }
-        let mut snaps = Snaps::new();
-        for (q, s) in self.key_rates.iter().zip(key_states.iter_mut()) {
-            snaps.push(apply(q, s, start, cost));
-        }
-        for (q, s) in self.shared_rates.iter().zip(shared_states.iter_mut()) {
-            snaps.push(apply(q, s, start, cost));
+        let mut snaps = [0; MAX_RATE_QUOTAS];
+        let quotas = self.key_rates.iter().chain(self.shared_rates.iter());
+        let states = key_states.iter_mut().chain(shared_states.iter_mut());
+        for (i, (q, s)) in quotas.zip(states).enumerate() {
+            if charges[i] > 0 {
+                snaps[i] = s.apply(&q.params, start, charges[i]);
+            }
         }
         Ok(Reserved {
             start,
@@ -290,7 +332,14 @@ impl MemoryStore {
     }
 
     /// Replace the estimate with actual usage in the quotas that charge actual usage.
-    pub(crate) fn settle(&self, key: &str, cost: &Cost, usage: &Usage, reserved: &Reserved, now: u64) {
+    pub(crate) fn settle(
+        &self,
+        key: &str,
+        cost: &Cost,
+        usage: &Usage,
+        reserved: &Reserved,
+        now: u64,
+    ) {
         let actual = Cost {
             requests: cost.requests,
             input: usage.input,
@@ -314,7 +363,13 @@ impl MemoryStore {
     }
 
     /// Apply `(refund, extra)` units per quota for the call `reserved`.
-    fn adjust(&self, key: &str, reserved: &Reserved, now: u64, delta: impl Fn(&RateQuota) -> (u64, u64)) {
+    fn adjust(
+        &self,
+        key: &str,
+        reserved: &Reserved,
+        now: u64,
+        delta: impl Fn(&RateQuota) -> (u64, u64),
+    ) {
         let nk = self.key_rates.len();
         let wanted = |quotas: &[RateQuota]| quotas.iter().any(|q| delta(q) != (0, 0));
         if wanted(&self.shared_rates) {
@@ -338,9 +393,18 @@ impl MemoryStore {
         };
         // A different entry than the one charged can take extra charges, never refunds.
         let same = entry.epoch == reserved.epoch;
-        for (i, (q, s)) in self.key_rates.iter().zip(entry.states.iter_mut()).enumerate() {
+        for (i, (q, s)) in self
+            .key_rates
+            .iter()
+            .zip(entry.states.iter_mut())
+            .enumerate()
+        {
             let (refund, extra) = delta(q);
-            let snap = if same { reserved.snaps.get(i).copied() } else { None };
+            let snap = if same {
+                reserved.snaps.get(i).copied()
+            } else {
+                None
+            };
             adjust_one(q, s, now, (if same { refund } else { 0 }, extra), snap);
         }
     }
@@ -355,7 +419,7 @@ impl MemoryStore {
             for (i, q) in self.key_rates.iter().enumerate() {
                 let (remaining, reset) = match entry {
                     Some(e) => e.states[i].status(&q.params, now),
-                    None => State::new(q.algorithm).status(&q.params, now),
+                    None => State::new().status(&q.params, now),
                 };
                 out.push((q.index, remaining, reset));
             }
@@ -388,13 +452,46 @@ impl MemoryStore {
     }
 }
 
-#[inline]
-fn apply(q: &RateQuota, s: &mut State, start: u64, cost: &Cost) -> u64 {
-    let c = q.charge(cost);
-    if c == 0 { 0 } else { s.apply(&q.params, start, c) }
+/// Find the latest earliest-start among `quotas` for `cost`, and which quota sets it.
+#[inline(always)]
+fn scan<'q>(
+    quotas: &'q [RateQuota],
+    states: &'q [State],
+    charges: &mut [u64],
+    cost: &Cost,
+    now: u64,
+    start: &mut u64,
+    binding: &mut Option<(&'q RateQuota, &'q State)>,
+) -> Result<(), Refusal> {
+    for ((q, s), slot) in quotas.iter().zip(states).zip(charges) {
+        let c = q.charge(cost);
+        *slot = c;
+        if c == 0 {
+            continue;
+        }
+        if c > q.params.capacity {
+            return Err(Refusal::TooLarge {
+                index: q.index,
+                cost: c,
+                capacity: q.params.capacity,
+            });
+        }
+        let t = s.earliest(&q.params, now, c);
+        if t > *start {
+            *start = t;
+            *binding = Some((q, s));
+        }
+    }
+    Ok(())
 }
 
-fn adjust_one(q: &RateQuota, s: &mut State, now: u64, (refund, extra): (u64, u64), snap: Option<u64>) {
+fn adjust_one(
+    q: &RateQuota,
+    s: &mut State,
+    now: u64,
+    (refund, extra): (u64, u64),
+    snap: Option<u64>,
+) {
     if let (true, Some(snap)) = (refund > 0, snap) {
         s.refund(&q.params, now, refund, snap);
     }
