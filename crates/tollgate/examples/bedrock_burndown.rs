@@ -35,7 +35,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     // A call that can never fit (3,000 + 5 × 20,000 > 100,000) fails at once.
-    match limiter.acquire("claude-sonnet", Cost::input(3_000).output(20_000)).await {
+    match limiter
+        .acquire("claude-sonnet", Cost::input(3_000).output(20_000))
+        .await
+    {
         Err(e @ Error::TooLarge(_)) => println!("too large: {e}"),
         other => return Err(format!("expected a too-large error, got {other:?}").into()),
     }

@@ -62,3 +62,8 @@ pub use cost::{Cost, Usage};
 pub use error::{Error, KeyError, QuotaId, Rejected, TooLarge};
 pub use limiter::{Limiter, LimiterBuilder, MAX_KEY_LEN, Permit, QuotaStatus};
 pub use quota::{Accounting, Algorithm, ConfigError, Dimension, Quota, Scope};
+
+/// The README's code blocks, compiled and run as doc-tests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

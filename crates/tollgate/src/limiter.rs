@@ -16,8 +16,11 @@ use crate::algo::Params;
 use crate::clock::Clock;
 use crate::cost::{Cost, Usage};
 use crate::error::{Error, KeyError, QuotaId, Rejected, TooLarge};
+use crate::quota::Accounting;
 use crate::quota::{Checked, ConfigError, Dimension, Quota, Scope};
-use crate::store::memory::{MAX_RATE_QUOTAS, MemoryStore, RateQuota, Refusal, Reserved};
+use crate::store::memory::{
+    MAX_RATE_QUOTAS, MAX_SETTLED, MemoryStore, RateQuota, Refusal, Reserved, Snaps,
+};
 
 /// The longest key accepted, in bytes. Longer keys are a typed error; hash long
 /// identities (emails, URLs) first.
@@ -74,8 +77,8 @@ impl LimiterBuilder {
     ///
     /// A [`ConfigError`] naming the first quota that is invalid: a zero amount, a missing,
     /// zero or overflowing period, a bad burst or burndown, two quotas with one name,
-    /// more than one concurrency quota per scope, more than eight rate quotas, or no
-    /// quota at all.
+    /// more than one concurrency quota per scope, more than eight rate quotas (or four
+    /// charging actual usage), or no quota at all.
     ///
     /// ```
     /// use tollgate::{ConfigError, Limiter, Quota};
@@ -103,6 +106,7 @@ impl LimiterBuilder {
         if rates > MAX_RATE_QUOTAS {
             return Err(ConfigError::TooManyQuotas {
                 max: MAX_RATE_QUOTAS,
+                what: "in all",
             });
         }
         let mut key_rates = Vec::new();
@@ -137,11 +141,25 @@ impl LimiterBuilder {
                 dimension: q.dimension,
                 burndown_milli: c.burndown_milli,
                 accounting: c.accounting,
+                settle_slot: None,
             };
             match q.scope {
                 Scope::PerKey => key_rates.push(rate),
                 Scope::Shared => shared_rates.push(rate),
             }
+        }
+        let settled = key_rates.iter_mut().chain(shared_rates.iter_mut());
+        for (slot, q) in settled
+            .filter(|q| q.accounting == Accounting::Actual)
+            .enumerate()
+        {
+            if slot == MAX_SETTLED {
+                return Err(ConfigError::TooManyQuotas {
+                    max: MAX_SETTLED,
+                    what: "charging actual usage",
+                });
+            }
+            q.settle_slot = Some(slot);
         }
         let store = MemoryStore::new(key_rates, shared_rates, key_slots.map(|(_, n)| n));
         let settles = store.settles();
@@ -460,7 +478,7 @@ impl Limiter {
         let now = inner.clock.now();
         let reserved = inner
             .store
-            .reserve(key, &cost, now, 0)
+            .reserve(key, &cost, now, 0, None)
             .map_err(|r| self.refused(r, now))?;
         Ok(Permit {
             limiter: self,
@@ -496,9 +514,10 @@ impl Limiter {
         }
         let now = inner.clock.now();
         let max_wait = deadline.map_or(u64::MAX, |d| d.saturating_sub(now));
+        let mut all: Snaps = [0; MAX_RATE_QUOTAS];
         let reserved = inner
             .store
-            .reserve(key, &cost, now, max_wait)
+            .reserve(key, &cost, now, max_wait, Some(&mut all))
             .map_err(|r| self.refused(r, now))?;
         let start = reserved.start;
         let mut permit = Permit {
@@ -511,7 +530,7 @@ impl Limiter {
         };
         if start > now {
             // Dropped while sleeping: the guard hands the reservation back.
-            let guard = Waiting(Some(permit));
+            let guard = Waiting(Some((permit, all)));
             inner.clock.sleep_until(start).await;
             permit = guard.into_permit();
         }
@@ -704,14 +723,15 @@ impl Permit<'_> {
     }
 }
 
-/// A permit whose start has not come yet; dropping it gives the reservation back.
-struct Waiting<'a>(Option<Permit<'a>>);
+/// A permit whose start has not come yet, with the snapshots of every quota it charged;
+/// dropping it gives the whole reservation back.
+struct Waiting<'a>(Option<(Permit<'a>, Snaps)>);
 
 impl<'a> Waiting<'a> {
     fn into_permit(mut self) -> Permit<'a> {
         // Always Some: only Drop takes it otherwise.
         match self.0.take() {
-            Some(p) => p,
+            Some((p, _)) => p,
             None => unreachable!("a waiting permit is taken once"),
         }
     }
@@ -719,10 +739,12 @@ impl<'a> Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
+        if let Some((p, all)) = self.0.take() {
             let inner = &*p.limiter.inner;
             let now = inner.clock.now();
-            inner.store.cancel(p.key, &p.cost, &p.reserved, now);
+            inner
+                .store
+                .cancel(p.key, &p.cost, p.reserved.epoch, &all, now);
         }
     }
 }

@@ -576,10 +576,12 @@ pub enum ConfigError {
         quota: String,
     },
     /// More rate quotas than one limiter decides at once.
-    #[error("a limiter holds at most {max} rate quotas (per key and shared together)")]
+    #[error("a limiter holds at most {max} rate quotas {what} (per key and shared together)")]
     TooManyQuotas {
         /// The most allowed.
         max: usize,
+        /// Which quotas: "in all" or "charging actual usage".
+        what: &'static str,
     },
     /// The numbers overflow the limiter's arithmetic.
     #[error("quota `{quota}`: amount × period is too large to count exactly ({detail})")]

@@ -90,6 +90,24 @@ impl State {
         State::default()
     }
 
+    /// Read a state from four words (fewer or more: zeros / ignored).
+    #[inline(always)]
+    pub(crate) fn load(words: &[u64]) -> State {
+        let mut w = [0; 4];
+        for (d, s) in w.iter_mut().zip(words) {
+            *d = *s;
+        }
+        State(w)
+    }
+
+    /// Write the state into four words.
+    #[inline(always)]
+    pub(crate) fn store(&self, words: &mut [u64]) {
+        for (d, s) in words.iter_mut().zip(self.0) {
+            *d = s;
+        }
+    }
+
     #[inline(always)]
     pub(crate) fn earliest(&self, p: &Params, now: u64, cost: u64) -> u64 {
         read_state!(self, p, |s| s.earliest(p, now, cost))

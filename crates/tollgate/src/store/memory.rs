@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hashbrown::HashTable;
-use smallvec::SmallVec;
 use tokio::sync::Semaphore;
 
 use crate::algo::{Params, State};
@@ -24,11 +23,13 @@ use crate::quota::{Accounting, Dimension, charge};
 /// The most rate quotas (per-key and shared together) one limiter may have.
 pub(crate) const MAX_RATE_QUOTAS: usize = 8;
 
-/// Refund snapshots, one per rate quota (per-key quotas first, then shared ones).
-pub(crate) type Snaps = [u64; MAX_RATE_QUOTAS];
+/// The most rate quotas charging actual usage one limiter may have: a permit carries a
+/// refund snapshot for each of them (and only them, to stay small).
+pub(crate) const MAX_SETTLED: usize = 4;
 
-/// A key's rate states, inline for up to two per-key quotas (one less pointer to chase).
-type States = SmallVec<[State; 2]>;
+/// Refund snapshots of every rate quota (per-key quotas first, then shared ones): what a
+/// waiter needs to give its whole reservation back.
+pub(crate) type Snaps = [u64; MAX_RATE_QUOTAS];
 
 const SHARDS: usize = 64;
 /// A shard is swept when it has doubled since its last sweep, at least this big ...
@@ -45,6 +46,8 @@ pub(crate) struct RateQuota {
     pub(crate) dimension: Dimension,
     pub(crate) burndown_milli: u64,
     pub(crate) accounting: Accounting,
+    /// Position of this quota's snapshot in a permit, if it charges actual usage.
+    pub(crate) settle_slot: Option<usize>,
 }
 
 impl RateQuota {
@@ -61,7 +64,8 @@ pub(crate) struct Reserved {
     pub(crate) start: u64,
     /// Identity of the key's entry, so a refund never lands on a newer entry.
     pub(crate) epoch: u64,
-    pub(crate) snaps: Snaps,
+    /// Snapshots of the quotas charging actual usage, by `settle_slot`.
+    pub(crate) settle: [u64; MAX_SETTLED],
 }
 
 /// Why a reservation was refused.
@@ -85,27 +89,83 @@ pub(crate) enum Refusal {
     },
 }
 
+/// One key: a single allocation of words holding its hash, its epoch, its rate states and
+/// its bytes, so a lookup touches the table slot and one cache line or two, and a key costs
+/// little memory (see `docs/LIMITS.md`).
+///
+/// `words` = `[hash, epoch << 1 | touched, key length, states (4 words each)..., key bytes
+/// packed 8 per word...]`.
 struct Entry {
-    key: Box<str>,
-    epoch: u64,
-    states: States,
+    words: Box<[u64]>,
     slots: Option<Arc<Semaphore>>,
-    /// Decided on since the last sweep: kept one more round even if idle.
-    touched: bool,
 }
 
+const HASH: usize = 0;
+const META: usize = 1;
+const LEN: usize = 2;
+const STATES: usize = 3;
+
 impl Entry {
+    fn new(
+        key: &str,
+        hash: u64,
+        epoch: u64,
+        quotas: usize,
+        slots: Option<Arc<Semaphore>>,
+    ) -> Entry {
+        let kstart = STATES + 4 * quotas;
+        let mut words = vec![0u64; kstart + key.len().div_ceil(8)];
+        words[HASH] = hash;
+        words[META] = (epoch << 1) | 1;
+        words[LEN] = key.len() as u64;
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words[kstart..])[..key.len()]
+            .copy_from_slice(key.as_bytes());
+        Entry {
+            words: words.into_boxed_slice(),
+            slots,
+        }
+    }
+
+    #[inline(always)]
+    fn is(&self, key: &str, quotas: usize) -> bool {
+        let w = &self.words;
+        if w[LEN] != key.len() as u64 {
+            return false;
+        }
+        let packed: &[u8] = bytemuck::cast_slice(w.get(STATES + 4 * quotas..).unwrap_or_default());
+        packed.get(..key.len()) == Some(key.as_bytes())
+    }
+
+    fn epoch(&self) -> u64 {
+        self.words[META] >> 1
+    }
+
+    /// Mark as decided on since the last sweep: kept one more round even if idle.
+    #[inline(always)]
+    fn touch(&mut self) {
+        self.words[META] |= 1;
+    }
+
+    fn untouch(&mut self) {
+        self.words[META] &= !1;
+    }
+
+    /// The rate states, four words per quota.
+    #[inline(always)]
+    fn states(&mut self, quotas: usize) -> &mut [u64] {
+        &mut self.words[STATES..STATES + 4 * quotas]
+    }
+
     fn idle(&self, quotas: &[RateQuota], now: u64) -> bool {
-        !self.touched
+        self.words[META] & 1 == 0
             && self
                 .slots
                 .as_ref()
                 .is_none_or(|s| Arc::strong_count(s) == 1)
-            && self
-                .states
-                .iter()
+            && self.words[STATES..]
+                .chunks_exact(4)
                 .zip(quotas)
-                .all(|(s, q)| s.idle(&q.params, now))
+                .all(|(s, q)| State::load(s).idle(&q.params, now))
     }
 }
 
@@ -126,7 +186,8 @@ pub(crate) struct MemoryStore {
     key_rates: Box<[RateQuota]>,
     shared_rates: Box<[RateQuota]>,
     key_slots: Option<usize>,
-    shared: Mutex<Box<[State]>>,
+    /// Shared quotas' states, four words per quota.
+    shared: Mutex<Box<[u64]>>,
     shards: Box<[Padded]>,
     hasher: foldhash::fast::RandomState,
     epochs: AtomicU64,
@@ -144,7 +205,7 @@ impl MemoryStore {
         shared_rates: Vec<RateQuota>,
         key_slots: Option<usize>,
     ) -> MemoryStore {
-        let shared = shared_rates.iter().map(|_| State::new()).collect();
+        let shared = vec![0; 4 * shared_rates.len()].into_boxed_slice();
         MemoryStore {
             key_rates: key_rates.into(),
             shared_rates: shared_rates.into(),
@@ -175,34 +236,39 @@ impl MemoryStore {
         (hash, &self.shards[(hash >> 40) as usize % SHARDS].0)
     }
 
-    fn new_entry(&self, key: &str) -> Entry {
-        Entry {
-            key: key.into(),
-            epoch: self.epochs.fetch_add(1, Ordering::Relaxed),
-            states: self.key_rates.iter().map(|_| State::new()).collect(),
-            slots: self.key_slots.map(|n| Arc::new(Semaphore::new(n))),
-            touched: true,
-        }
+    fn new_entry(&self, key: &str, hash: u64) -> Entry {
+        Entry::new(
+            key,
+            hash,
+            self.epochs.fetch_add(1, Ordering::Relaxed),
+            self.key_rates.len(),
+            self.key_slots.map(|n| Arc::new(Semaphore::new(n))),
+        )
     }
 
-    /// Insert a new entry, first forgetting idle ones when the shard has doubled.
-    fn insert<'s>(&self, shard: &'s mut Shard, hash: u64, key: &str, now: u64) -> &'s mut Entry {
+    #[inline(always)]
+    fn find<'s>(&self, shard: &'s mut Shard, hash: u64, key: &str) -> Option<&'s mut Entry> {
+        let nq = self.key_rates.len();
+        shard.table.find_mut(hash, |e| e.is(key, nq))
+    }
+
+    /// Insert `entry`, first forgetting idle ones when the shard has doubled.
+    fn insert<'s>(&self, shard: &'s mut Shard, entry: Entry, now: u64) -> &'s mut Entry {
         if shard.table.len() >= shard.sweep_at
             && now >= shard.swept.saturating_add(SWEEP_INTERVAL_NS)
         {
             shard.swept = now;
             shard.table.retain(|e| {
                 let keep = !e.idle(&self.key_rates, now);
-                e.touched = false;
+                e.untouch();
                 keep
             });
             shard.sweep_at = (shard.table.len() * 2).max(MIN_SWEEP);
         }
-        let entry = self.new_entry(key);
-        let hasher = &self.hasher;
+        let hash = entry.words[HASH];
         shard
             .table
-            .insert_unique(hash, entry, |e| hasher.hash_one(&*e.key))
+            .insert_unique(hash, entry, |e| e.words[HASH])
             .into_mut()
     }
 
@@ -211,10 +277,11 @@ impl MemoryStore {
         self.key_slots?;
         let (hash, shard) = self.shard(key);
         let mut shard = lock(shard);
-        if let Some(e) = shard.table.find(hash, |e| &*e.key == key) {
+        if let Some(e) = self.find(&mut shard, hash, key) {
             return e.slots.clone();
         }
-        self.insert(&mut shard, hash, key, now).slots.clone()
+        let entry = self.new_entry(key, hash);
+        self.insert(&mut shard, entry, now).slots.clone()
     }
 
     /// Reserve the earliest start at or after `now` when every rate quota has room for
@@ -227,65 +294,55 @@ impl MemoryStore {
         cost: &Cost,
         now: u64,
         max_wait: u64,
+        all: Option<&mut Snaps>,
     ) -> Result<Reserved, Refusal> {
         let mut shared = (!self.shared_rates.is_empty()).then(|| lock(&self.shared));
-        let shared_states: &mut [State] = shared.as_deref_mut().map_or(&mut [], |s| &mut s[..]);
+        let shared_states: &mut [u64] = shared.as_deref_mut().map_or(&mut [], |s| &mut s[..]);
         if !self.has_entries() {
-            return self.decide(None, shared_states, 0, cost, now, max_wait);
+            return self.decide(&mut [], shared_states, 0, cost, now, max_wait, all);
         }
+        let nq = self.key_rates.len();
         let (hash, shard) = self.shard(key);
         let mut shard = lock(shard);
-        if let Some(entry) = shard.table.find_mut(hash, |e| &*e.key == key) {
-            entry.touched = true;
-            let epoch = entry.epoch;
-            return self.decide(
-                Some(&mut entry.states),
-                shared_states,
-                epoch,
-                cost,
-                now,
-                max_wait,
-            );
+        if let Some(entry) = self.find(&mut shard, hash, key) {
+            entry.touch();
+            let epoch = entry.epoch();
+            let states = entry.states(nq);
+            return self.decide(states, shared_states, epoch, cost, now, max_wait, all);
         }
         // A new key: decide on fresh states and keep them only if the call is admitted.
-        let mut fresh = self.new_entry(key);
+        let mut fresh = self.new_entry(key, hash);
+        let epoch = fresh.epoch();
         let reserved = self.decide(
-            Some(&mut fresh.states),
+            fresh.states(nq),
             shared_states,
-            fresh.epoch,
+            epoch,
             cost,
             now,
             max_wait,
+            all,
         )?;
-        let entry = self.insert(&mut shard, hash, key, now);
-        entry.states = fresh.states;
-        entry.epoch = fresh.epoch;
-        Ok(Reserved {
-            epoch: fresh.epoch,
-            ..reserved
-        })
+        self.insert(&mut shard, fresh, now);
+        Ok(reserved)
     }
 
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
-        key_states: Option<&mut States>,
-        shared_states: &mut [State],
+        key_states: &mut [u64],
+        shared_states: &mut [u64],
         epoch: u64,
         cost: &Cost,
         now: u64,
         max_wait: u64,
+        mut all: Option<&mut Snaps>,
     ) -> Result<Reserved, Refusal> {
-        let key_states: &mut [State] = key_states.map_or(&mut [], |s| &mut s[..]);
-        let nk = self.key_rates.len();
-        // Each quota's charge, computed once: per-key quotas first, then shared ones.
-        let mut charges = [0u64; MAX_RATE_QUOTAS];
         let mut start = now;
         let mut binding = None;
         scan(
             &self.key_rates,
             key_states,
-            &mut charges[..nk],
             cost,
             now,
             &mut start,
@@ -294,7 +351,6 @@ impl MemoryStore {
         scan(
             &self.shared_rates,
             shared_states,
-            &mut charges[nk..],
             cost,
             now,
             &mut start,
@@ -311,24 +367,47 @@ impl MemoryStore {
                 reset,
             });
         }
-        let mut snaps = [0; MAX_RATE_QUOTAS];
-        let quotas = self.key_rates.iter().chain(self.shared_rates.iter());
-        let states = key_states.iter_mut().chain(shared_states.iter_mut());
-        for (i, (q, s)) in quotas.zip(states).enumerate() {
-            if charges[i] > 0 {
-                snaps[i] = s.apply(&q.params, start, charges[i]);
-            }
+        let mut settle = [0; MAX_SETTLED];
+        let nk = self.key_rates.len();
+        for (i, q) in self.key_rates.iter().enumerate() {
+            charge_at(
+                q,
+                &mut key_states[4 * i..4 * i + 4],
+                start,
+                cost,
+                i,
+                &mut settle,
+                all.as_deref_mut(),
+            );
+        }
+        for (i, q) in self.shared_rates.iter().enumerate() {
+            let words = &mut shared_states[4 * i..4 * i + 4];
+            charge_at(
+                q,
+                words,
+                start,
+                cost,
+                nk + i,
+                &mut settle,
+                all.as_deref_mut(),
+            );
         }
         Ok(Reserved {
             start,
             epoch,
-            snaps,
+            settle,
         })
     }
 
     /// Return a reservation's charges in full (a waiter that gave up before its start).
-    pub(crate) fn cancel(&self, key: &str, cost: &Cost, reserved: &Reserved, now: u64) {
-        self.adjust(key, reserved, now, |q| (q.charge(cost), 0));
+    pub(crate) fn cancel(&self, key: &str, cost: &Cost, epoch: u64, all: &Snaps, now: u64) {
+        self.adjust(
+            key,
+            epoch,
+            now,
+            |i, _| Some(all[i]),
+            |q| (q.charge(cost), 0),
+        );
     }
 
     /// Replace the estimate with actual usage in the quotas that charge actual usage.
@@ -345,7 +424,8 @@ impl MemoryStore {
             input: usage.input,
             output: usage.output,
         };
-        self.adjust(key, reserved, now, |q| match q.accounting {
+        let snap = |_, q: &RateQuota| q.settle_slot.map(|slot| reserved.settle[slot]);
+        self.adjust(key, reserved.epoch, now, snap, |q| match q.accounting {
             Accounting::Estimate => (0, 0),
             Accounting::Actual => {
                 let (est, act) = (q.charge(cost), q.charge(&actual));
@@ -362,20 +442,27 @@ impl MemoryStore {
             .any(|q| q.accounting == Accounting::Actual)
     }
 
-    /// Apply `(refund, extra)` units per quota for the call `reserved`.
+    /// Apply `(refund, extra)` units per quota to the call charged on entry `epoch`, with
+    /// `snap(i, quota)` its snapshot in quota `i` (per-key quotas first).
     fn adjust(
         &self,
         key: &str,
-        reserved: &Reserved,
+        epoch: u64,
         now: u64,
+        snap: impl Fn(usize, &RateQuota) -> Option<u64>,
         delta: impl Fn(&RateQuota) -> (u64, u64),
     ) {
         let nk = self.key_rates.len();
         let wanted = |quotas: &[RateQuota]| quotas.iter().any(|q| delta(q) != (0, 0));
         if wanted(&self.shared_rates) {
             let mut shared = lock(&self.shared);
-            for (i, (q, s)) in self.shared_rates.iter().zip(shared.iter_mut()).enumerate() {
-                adjust_one(q, s, now, delta(q), reserved.snaps.get(nk + i).copied());
+            for (i, (q, words)) in self
+                .shared_rates
+                .iter()
+                .zip(shared.chunks_exact_mut(4))
+                .enumerate()
+            {
+                adjust_one(q, words, now, delta(q), snap(nk + i, q));
             }
         }
         if !wanted(&self.key_rates) {
@@ -383,28 +470,25 @@ impl MemoryStore {
         }
         let (hash, shard) = self.shard(key);
         let mut shard = lock(shard);
-        let entry = match shard.table.find_mut(hash, |e| &*e.key == key) {
+        let entry = match self.find(&mut shard, hash, key) {
             Some(e) => e,
             // Forgotten while idle: only an extra charge still matters.
             None if self.key_rates.iter().any(|q| delta(q).1 > 0) => {
-                self.insert(&mut shard, hash, key, now)
+                let entry = self.new_entry(key, hash);
+                self.insert(&mut shard, entry, now)
             }
             None => return,
         };
         // A different entry than the one charged can take extra charges, never refunds.
-        let same = entry.epoch == reserved.epoch;
+        let same = entry.epoch() == epoch;
         for (i, (q, s)) in self
             .key_rates
             .iter()
-            .zip(entry.states.iter_mut())
+            .zip(entry.states(nk).chunks_exact_mut(4))
             .enumerate()
         {
             let (refund, extra) = delta(q);
-            let snap = if same {
-                reserved.snaps.get(i).copied()
-            } else {
-                None
-            };
+            let snap = if same { snap(i, q) } else { None };
             adjust_one(q, s, now, (if same { refund } else { 0 }, extra), snap);
         }
     }
@@ -414,19 +498,21 @@ impl MemoryStore {
         let mut out = Vec::with_capacity(self.key_rates.len() + self.shared_rates.len());
         {
             let (hash, shard) = self.shard(key);
-            let shard = lock(shard);
-            let entry = shard.table.find(hash, |e| &*e.key == key);
+            let mut shard = lock(shard);
+            let mut entry = self.find(&mut shard, hash, key);
+            let nk = self.key_rates.len();
             for (i, q) in self.key_rates.iter().enumerate() {
-                let (remaining, reset) = match entry {
-                    Some(e) => e.states[i].status(&q.params, now),
-                    None => State::new().status(&q.params, now),
+                let state = match entry.as_deref_mut() {
+                    Some(e) => State::load(&e.states(nk)[4 * i..4 * i + 4]),
+                    None => State::new(),
                 };
+                let (remaining, reset) = state.status(&q.params, now);
                 out.push((q.index, remaining, reset));
             }
         }
         let shared = lock(&self.shared);
-        for (q, s) in self.shared_rates.iter().zip(shared.iter()) {
-            let (remaining, reset) = s.status(&q.params, now);
+        for (q, words) in self.shared_rates.iter().zip(shared.chunks_exact(4)) {
+            let (remaining, reset) = State::load(words).status(&q.params, now);
             out.push((q.index, remaining, reset));
         }
         out
@@ -436,11 +522,9 @@ impl MemoryStore {
     pub(crate) fn key_slots_free(&self, key: &str) -> Option<usize> {
         let n = self.key_slots?;
         let (hash, shard) = self.shard(key);
-        let shard = lock(shard);
+        let mut shard = lock(shard);
         Some(
-            shard
-                .table
-                .find(hash, |e| &*e.key == key)
+            self.find(&mut shard, hash, key)
                 .and_then(|e| e.slots.as_ref())
                 .map_or(n, |s| s.available_permits()),
         )
@@ -452,20 +536,46 @@ impl MemoryStore {
     }
 }
 
+/// Charge quota `q` (the `i`-th rate quota) for `cost` at `start`, keeping the refund
+/// snapshot where the permit and a waiter need it.
+#[inline(always)]
+fn charge_at(
+    q: &RateQuota,
+    words: &mut [u64],
+    start: u64,
+    cost: &Cost,
+    i: usize,
+    settle: &mut [u64; MAX_SETTLED],
+    all: Option<&mut Snaps>,
+) {
+    let c = q.charge(cost);
+    if c == 0 {
+        return;
+    }
+    let mut s = State::load(words);
+    let snap = s.apply(&q.params, start, c);
+    s.store(words);
+    if let Some(slot) = q.settle_slot {
+        settle[slot] = snap;
+    }
+    if let Some(all) = all {
+        all[i] = snap;
+    }
+}
+
 /// Find the latest earliest-start among `quotas` for `cost`, and which quota sets it.
 #[inline(always)]
 fn scan<'q>(
     quotas: &'q [RateQuota],
-    states: &'q [State],
-    charges: &mut [u64],
+    states: &[u64],
     cost: &Cost,
     now: u64,
     start: &mut u64,
-    binding: &mut Option<(&'q RateQuota, &'q State)>,
+    binding: &mut Option<(&'q RateQuota, State)>,
 ) -> Result<(), Refusal> {
-    for ((q, s), slot) in quotas.iter().zip(states).zip(charges) {
+    for (i, q) in quotas.iter().enumerate() {
+        let s = State::load(&states[4 * i..4 * i + 4]);
         let c = q.charge(cost);
-        *slot = c;
         if c == 0 {
             continue;
         }
@@ -487,15 +597,17 @@ fn scan<'q>(
 
 fn adjust_one(
     q: &RateQuota,
-    s: &mut State,
+    words: &mut [u64],
     now: u64,
     (refund, extra): (u64, u64),
     snap: Option<u64>,
 ) {
+    let mut s = State::load(words);
     if let (true, Some(snap)) = (refund > 0, snap) {
         s.refund(&q.params, now, refund, snap);
     }
     if extra > 0 {
         s.force(&q.params, now, extra);
     }
+    s.store(words);
 }
