@@ -467,6 +467,10 @@ impl Limiter {
         check_key(key)?;
         let inner = &*self.inner;
         let mut slots: Slots = [None, None];
+        if inner.key_slots.is_some() || inner.shared_slots.is_some() {
+            // Too large must win over "no free slot": waiting would never help.
+            self.check_capacity(&cost)?;
+        }
         if let Some((index, sem)) = &inner.shared_slots {
             slots[0] = Some(self.try_slot(sem.clone(), *index)?);
         }
