@@ -9,7 +9,7 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tollgate::tokens::{Encoding, Message, count_chat};
 
-/// About 1 KB of ordinary English prose, as a typical prompt.
+/// 849 bytes of ordinary English prose, as a typical prompt.
 const PROMPT: &str = "You are a careful assistant. Read the following meeting notes and \
 summarise them in three bullet points, keeping names and dates exact. The team met on \
 Tuesday to review the migration plan for the billing service. Maria presented the load \
