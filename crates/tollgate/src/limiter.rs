@@ -19,7 +19,7 @@ use crate::error::{Error, KeyError, QuotaId, Rejected, TooLarge};
 use crate::quota::Accounting;
 use crate::quota::{Checked, ConfigError, Dimension, Quota, Scope};
 use crate::store::memory::{
-    MAX_RATE_QUOTAS, MAX_SETTLED, MemoryStore, RateQuota, Refusal, Reserved, Snaps,
+    MAX_RATE_QUOTAS, MAX_SETTLED, MemoryStore, Part, RateQuota, Refusal, Reserved, Undo,
 };
 
 /// The longest key accepted, in bytes. Longer keys are a typed error; hash long
@@ -471,18 +471,18 @@ impl Limiter {
             // Too large must win over "no free slot": waiting would never help.
             self.check_capacity(&cost)?;
         }
-        if let Some((index, sem)) = &inner.shared_slots {
-            slots[0] = Some(self.try_slot(sem.clone(), *index)?);
-        }
         if let Some(index) = inner.key_slots
             && let Some(sem) = inner.store.key_semaphore(key, inner.clock.now())
         {
-            slots[1] = Some(self.try_slot(sem, index)?);
+            slots[0] = Some(self.try_slot(sem, index)?);
+        }
+        if let Some((index, sem)) = &inner.shared_slots {
+            slots[1] = Some(self.try_slot(sem.clone(), *index)?);
         }
         let now = inner.clock.now();
         let reserved = inner
             .store
-            .reserve(key, &cost, now, 0, None)
+            .reserve(key, &cost, now, 0, Part::All, None)
             .map_err(|r| self.refused(r, now))?;
         Ok(Permit {
             limiter: self,
@@ -502,29 +502,36 @@ impl Limiter {
     ) -> Result<Permit<'a>, Error> {
         check_key(key)?;
         let inner = &*self.inner;
-        if inner.key_slots.is_some() || inner.shared_slots.is_some() {
+        if inner.key_slots.is_some() || inner.shared_slots.is_some() || inner.store.two_phase() {
+            // Before any wait: a call that can never fit says so at once.
             self.check_capacity(&cost)?;
         }
         let asked = inner.clock.now();
         let deadline = max_wait.map(|w| asked.saturating_add(nanos(w)));
+        // The key's own slot first: a key waiting on itself holds no account-wide slot.
         let mut slots: Slots = [None, None];
-        if let Some((index, sem)) = &inner.shared_slots {
-            slots[0] = Some(self.wait_slot(sem.clone(), *index, deadline).await?);
-        }
         if let Some(index) = inner.key_slots
             && let Some(sem) = inner.store.key_semaphore(key, inner.clock.now())
         {
-            slots[1] = Some(self.wait_slot(sem, index, deadline).await?);
+            slots[0] = Some(self.wait_slot(sem, index, deadline).await?);
         }
+        if let Some((index, sem)) = &inner.shared_slots {
+            slots[1] = Some(self.wait_slot(sem.clone(), *index, deadline).await?);
+        }
+        // With both per-key and shared rate quotas, a call first waits for its key's own
+        // turn, then queues for the shared ones: a key over its own limit never holds a
+        // reservation on the account that would make every other key wait too.
+        let two_phase = inner.store.two_phase();
+        let first = if two_phase { Part::Key } else { Part::All };
         let now = inner.clock.now();
-        let max_wait = deadline.map_or(u64::MAX, |d| d.saturating_sub(now));
-        let mut all: Snaps = [0; MAX_RATE_QUOTAS];
+        let remaining = |now: u64| deadline.map_or(u64::MAX, |d| d.saturating_sub(now));
+        let mut undo = Undo::default();
         let reserved = inner
             .store
-            .reserve(key, &cost, now, max_wait, Some(&mut all))
+            .reserve(key, &cost, now, remaining(now), first, Some(&mut undo))
             .map_err(|r| self.refused(r, now))?;
-        let start = reserved.start;
-        let mut permit = Permit {
+        let mut start = reserved.start;
+        let permit = Permit {
             limiter: self,
             key,
             cost,
@@ -532,12 +539,23 @@ impl Limiter {
             waited_ns: 0,
             _slots: slots,
         };
-        if start > now {
-            // Dropped while sleeping: the guard hands the reservation back.
-            let guard = Waiting(Some((permit, all)));
+        // Dropped while waiting: the guard hands every reservation made so far back.
+        let mut guard = Waiting(Some((permit, undo)));
+        inner.clock.sleep_until(start).await;
+        if two_phase && let Some((permit, undo)) = guard.0.as_mut() {
+            let now = inner.clock.now();
+            let shared = inner
+                .store
+                .reserve(key, &cost, now, remaining(now), Part::Shared, Some(undo))
+                .map_err(|r| self.refused(r, now))?;
+            start = shared.start;
+            // Each phase fills only its own quotas' settle slots; the others stay 0.
+            for (a, b) in permit.reserved.settle.iter_mut().zip(shared.settle) {
+                *a |= b;
+            }
             inner.clock.sleep_until(start).await;
-            permit = guard.into_permit();
         }
+        let mut permit = guard.into_permit();
         permit.waited_ns = start.saturating_sub(asked);
         Ok(permit)
     }
@@ -727,9 +745,9 @@ impl Permit<'_> {
     }
 }
 
-/// A permit whose start has not come yet, with the snapshots of every quota it charged;
-/// dropping it gives the whole reservation back.
-struct Waiting<'a>(Option<(Permit<'a>, Snaps)>);
+/// A permit whose start has not come yet, with what it needs to undo its reservations;
+/// dropping it gives them back.
+struct Waiting<'a>(Option<(Permit<'a>, Undo)>);
 
 impl<'a> Waiting<'a> {
     fn into_permit(mut self) -> Permit<'a> {
@@ -743,12 +761,12 @@ impl<'a> Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if let Some((p, all)) = self.0.take() {
+        if let Some((p, undo)) = self.0.take() {
             let inner = &*p.limiter.inner;
             let now = inner.clock.now();
             inner
                 .store
-                .cancel(p.key, &p.cost, p.reserved.epoch, &all, now);
+                .cancel(p.key, &p.cost, p.reserved.epoch, &undo, now);
         }
     }
 }

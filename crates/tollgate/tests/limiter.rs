@@ -156,6 +156,116 @@ async fn a_waiter_that_gives_up_hands_its_turn_back() {
 }
 
 #[tokio::test]
+async fn a_cancelled_last_waiter_leaves_no_trace() {
+    // 100 tokens per second. A waiter for 100 tokens (a full second away) gives up half
+    // a second later: the 50 tokens refilled meanwhile are there for the next caller at
+    // once, as if the waiter had never come.
+    let (limiter, clock) = manual(vec![Quota::tokens(100).per_second()]);
+    let limiter = Arc::new(limiter);
+    limiter.try_acquire("k", Cost::input(100)).await.unwrap();
+    let waiter = {
+        let limiter = limiter.clone();
+        tokio::spawn(async move { limiter.acquire("k", Cost::input(100)).await.map(|_| ()) })
+    };
+    settle_tasks().await;
+    clock.advance(Duration::from_millis(500));
+    waiter.abort();
+    assert!(waiter.await.unwrap_err().is_cancelled());
+    limiter.try_acquire("k", Cost::input(50)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_waiting_on_its_own_limit_does_not_hold_up_other_keys() {
+    // One request per minute per key, and an account-wide token budget. "x" has used its
+    // request and waits a minute for the next; "y" must not wait behind it.
+    let (limiter, clock) = manual(vec![
+        Quota::requests(1).per_minute(),
+        Quota::tokens(10_000).per_minute().shared().named("account"),
+    ]);
+    let limiter = Arc::new(limiter);
+    limiter.try_acquire("x", Cost::input(100)).await.unwrap();
+    let x = {
+        let limiter = limiter.clone();
+        tokio::spawn(async move {
+            limiter
+                .acquire("x", Cost::input(100))
+                .await
+                .map(|p| p.waited())
+        })
+    };
+    settle_tasks().await;
+    limiter.try_acquire("y", Cost::input(100)).await.unwrap();
+    let s = limiter.status("y").await.unwrap();
+    assert_eq!(
+        s[1].remaining,
+        10_000 - 200,
+        "x's waiting call holds no account tokens yet"
+    );
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(x.await.unwrap().unwrap(), Duration::from_secs(60));
+    // A minute later the earlier 200 tokens have refilled; x's call took its 100 now.
+    assert_eq!(
+        limiter.status("x").await.unwrap()[1].remaining,
+        10_000 - 100
+    );
+}
+
+#[tokio::test]
+async fn a_waiter_that_gives_up_between_phases_leaves_the_account_untouched() {
+    // x waits for its own quota, then the account is full past its deadline: the call
+    // fails naming the account, and x's own reservation is handed back.
+    let (limiter, clock) = manual(vec![
+        Quota::requests(1).per_second(),
+        Quota::tokens(1_000).per_minute().shared().named("account"),
+    ]);
+    let limiter = Arc::new(limiter);
+    limiter.try_acquire("x", Cost::input(10)).await.unwrap();
+    let x = {
+        let limiter = limiter.clone();
+        tokio::spawn(async move {
+            limiter
+                .acquire_within("x", Cost::input(500), Duration::from_secs(2))
+                .await
+                .map(|_| ())
+        })
+    };
+    settle_tasks().await;
+    limiter.try_acquire("y", Cost::input(990)).await.unwrap(); // the account is now full
+    clock.advance(Duration::from_secs(1));
+    settle_tasks().await;
+    let Err(Error::Limited(r)) = x.await.unwrap() else {
+        panic!("the account cannot take 500 tokens within the deadline");
+    };
+    assert_eq!(r.quota().name(), "account");
+    // x's request reserved for 1 s was given back: x can make its next call now.
+    limiter.try_acquire("x", Cost::input(0)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_queued_for_its_own_slot_holds_no_shared_slot() {
+    let (limiter, _clock) = manual(vec![
+        Quota::concurrent(1),
+        Quota::concurrent(2).shared().named("account-slots"),
+    ]);
+    let limiter = Arc::new(limiter);
+    let _held = limiter.try_acquire("x", Cost::request()).await.unwrap();
+    // Two more calls for "x" queue for x's single slot.
+    let mut queued = Vec::new();
+    for _ in 0..2 {
+        let limiter = limiter.clone();
+        queued.push(tokio::spawn(async move {
+            limiter.acquire("x", Cost::request()).await.map(|_| ())
+        }));
+    }
+    settle_tasks().await;
+    // "y" still gets the account's second slot.
+    limiter.try_acquire("y", Cost::request()).await.unwrap();
+    for q in queued {
+        q.abort();
+    }
+}
+
+#[tokio::test]
 async fn acquire_within_fails_without_sleeping_when_the_start_is_too_late() {
     let (limiter, _clock) = manual(vec![Quota::requests(2).per_minute()]);
     limiter.try_acquire("k", Cost::request()).await.unwrap();

@@ -27,9 +27,28 @@ pub(crate) const MAX_RATE_QUOTAS: usize = 8;
 /// refund snapshot for each of them (and only them, to stay small).
 pub(crate) const MAX_SETTLED: usize = 4;
 
-/// Refund snapshots of every rate quota (per-key quotas first, then shared ones): what a
-/// waiter needs to give its whole reservation back.
-pub(crate) type Snaps = [u64; MAX_RATE_QUOTAS];
+/// Which quotas a reservation decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part {
+    /// Every quota at once (all or nothing).
+    All,
+    /// The key's own quotas only.
+    Key,
+    /// The shared quotas only.
+    Shared,
+}
+
+/// What a waiter needs to give its reservation back exactly: per rate quota (per-key
+/// first, then shared), the state words before and after its charge, and the refund
+/// snapshot. When nothing was charged since, the state returns to `before` (as if the
+/// waiter never came); otherwise its units are refunded under the refund rule.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Undo {
+    charged: [bool; MAX_RATE_QUOTAS],
+    before: [[u64; 4]; MAX_RATE_QUOTAS],
+    after: [[u64; 4]; MAX_RATE_QUOTAS],
+    snap: [u64; MAX_RATE_QUOTAS],
+}
 
 const SHARDS: usize = 64;
 /// A shard is swept when it has doubled since its last sweep, at least this big ...
@@ -225,6 +244,11 @@ impl MemoryStore {
         &self.shared_rates
     }
 
+    /// Whether waiting calls reserve their key's quotas first and the shared ones after.
+    pub(crate) fn two_phase(&self) -> bool {
+        !self.key_rates.is_empty() && !self.shared_rates.is_empty()
+    }
+
     fn has_entries(&self) -> bool {
         !self.key_rates.is_empty() || self.key_slots.is_some()
     }
@@ -294,120 +318,85 @@ impl MemoryStore {
         cost: &Cost,
         now: u64,
         max_wait: u64,
-        all: Option<&mut Snaps>,
+        part: Part,
+        undo: Option<&mut Undo>,
     ) -> Result<Reserved, Refusal> {
-        let mut shared = (!self.shared_rates.is_empty()).then(|| lock(&self.shared));
-        let shared_states: &mut [u64] = shared.as_deref_mut().map_or(&mut [], |s| &mut s[..]);
-        if !self.has_entries() {
-            return self.decide(&mut [], shared_states, 0, cost, now, max_wait, all);
+        let with_shared = part != Part::Key && !self.shared_rates.is_empty();
+        let mut shared = with_shared.then(|| lock(&self.shared));
+        let (shared_quotas, shared_states): (&[RateQuota], &mut [u64]) = match shared.as_deref_mut()
+        {
+            Some(s) => (&self.shared_rates, &mut s[..]),
+            None => (&[], &mut []),
+        };
+        let shared_offset = self.key_rates.len();
+        if part == Part::Shared || !self.has_entries() {
+            let d = Decision {
+                key_quotas: &[],
+                shared_quotas,
+                shared_offset,
+                cost,
+                now,
+                max_wait,
+            };
+            return d.decide(&mut [], shared_states, 0, undo);
         }
+        let d = Decision {
+            key_quotas: &self.key_rates,
+            shared_quotas,
+            shared_offset,
+            cost,
+            now,
+            max_wait,
+        };
         let nq = self.key_rates.len();
         let (hash, shard) = self.shard(key);
         let mut shard = lock(shard);
         if let Some(entry) = self.find(&mut shard, hash, key) {
             entry.touch();
             let epoch = entry.epoch();
-            let states = entry.states(nq);
-            return self.decide(states, shared_states, epoch, cost, now, max_wait, all);
+            return d.decide(entry.states(nq), shared_states, epoch, undo);
         }
         // A new key: decide on fresh states and keep them only if the call is admitted.
         let mut fresh = self.new_entry(key, hash);
         let epoch = fresh.epoch();
-        let reserved = self.decide(
-            fresh.states(nq),
-            shared_states,
-            epoch,
-            cost,
-            now,
-            max_wait,
-            all,
-        )?;
+        let reserved = d.decide(fresh.states(nq), shared_states, epoch, undo)?;
         self.insert(&mut shard, fresh, now);
         Ok(reserved)
     }
 
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn decide(
-        &self,
-        key_states: &mut [u64],
-        shared_states: &mut [u64],
-        epoch: u64,
-        cost: &Cost,
-        now: u64,
-        max_wait: u64,
-        mut all: Option<&mut Snaps>,
-    ) -> Result<Reserved, Refusal> {
-        let mut start = now;
-        let mut binding = None;
-        scan(
-            &self.key_rates,
-            key_states,
-            cost,
-            now,
-            &mut start,
-            &mut binding,
-        )?;
-        scan(
-            &self.shared_rates,
-            shared_states,
-            cost,
-            now,
-            &mut start,
-            &mut binding,
-        )?;
-        if let Some((q, s)) = binding
-            && start - now > max_wait
-        {
-            let (remaining, reset) = s.status(&q.params, now);
-            return Err(Refusal::Limited {
-                index: q.index,
-                start,
-                remaining,
-                reset,
-            });
-        }
-        let mut settle = [0; MAX_SETTLED];
+    /// Give a waiter's reservation back: exactly (the states return to what they were)
+    /// where nothing was charged since, else by refunding its units.
+    pub(crate) fn cancel(&self, key: &str, cost: &Cost, epoch: u64, undo: &Undo, now: u64) {
         let nk = self.key_rates.len();
-        for (i, q) in self.key_rates.iter().enumerate() {
-            charge_at(
-                q,
-                &mut key_states[4 * i..4 * i + 4],
-                start,
-                cost,
-                i,
-                &mut settle,
-                all.as_deref_mut(),
-            );
+        let undo_one = |i: usize, q: &RateQuota, words: &mut [u64]| {
+            if !undo.charged[i] {
+                return;
+            }
+            if words[..] == undo.after[i][..] {
+                words.copy_from_slice(&undo.before[i]);
+            } else {
+                adjust_one(q, words, now, (q.charge(cost), 0), Some(undo.snap[i]));
+            }
+        };
+        if undo.charged[nk..].iter().any(|&c| c) {
+            let mut shared = lock(&self.shared);
+            for (i, q) in self.shared_rates.iter().enumerate() {
+                undo_one(nk + i, q, &mut shared[4 * i..4 * i + 4]);
+            }
         }
-        for (i, q) in self.shared_rates.iter().enumerate() {
-            let words = &mut shared_states[4 * i..4 * i + 4];
-            charge_at(
-                q,
-                words,
-                start,
-                cost,
-                nk + i,
-                &mut settle,
-                all.as_deref_mut(),
-            );
+        if !undo.charged[..nk].iter().any(|&c| c) {
+            return;
         }
-        Ok(Reserved {
-            start,
-            epoch,
-            settle,
-        })
-    }
-
-    /// Return a reservation's charges in full (a waiter that gave up before its start).
-    pub(crate) fn cancel(&self, key: &str, cost: &Cost, epoch: u64, all: &Snaps, now: u64) {
-        self.adjust(
-            key,
-            epoch,
-            now,
-            |i, _| Some(all[i]),
-            |q| (q.charge(cost), 0),
-        );
+        let (hash, shard) = self.shard(key);
+        let mut shard = lock(shard);
+        if let Some(entry) = self.find(&mut shard, hash, key)
+            && entry.epoch() == epoch
+        {
+            let states = entry.states(nk);
+            for (i, q) in self.key_rates.iter().enumerate() {
+                undo_one(i, q, &mut states[4 * i..4 * i + 4]);
+            }
+        }
     }
 
     /// Replace the estimate with actual usage in the quotas that charge actual usage.
@@ -536,30 +525,118 @@ impl MemoryStore {
     }
 }
 
-/// Charge quota `q` (the `i`-th rate quota) for `cost` at `start`, keeping the refund
-/// snapshot where the permit and a waiter need it.
+/// One decision's inputs: the quotas in play (per key, shared), the call, the time and
+/// the longest acceptable wait.
+struct Decision<'q> {
+    key_quotas: &'q [RateQuota],
+    shared_quotas: &'q [RateQuota],
+    /// Position of the first shared quota among all rate quotas (per-key ones first).
+    shared_offset: usize,
+    cost: &'q Cost,
+    now: u64,
+    max_wait: u64,
+}
+
+impl Decision<'_> {
+    /// Reserve the earliest start when every quota in play has room, if it is at most
+    /// `max_wait` away; charge all of them or none.
+    #[inline(always)]
+    fn decide(
+        &self,
+        key_states: &mut [u64],
+        shared_states: &mut [u64],
+        epoch: u64,
+        mut undo: Option<&mut Undo>,
+    ) -> Result<Reserved, Refusal> {
+        let (cost, now) = (self.cost, self.now);
+        let mut start = now;
+        let mut binding = None;
+        scan(
+            self.key_quotas,
+            key_states,
+            cost,
+            now,
+            &mut start,
+            &mut binding,
+        )?;
+        scan(
+            self.shared_quotas,
+            shared_states,
+            cost,
+            now,
+            &mut start,
+            &mut binding,
+        )?;
+        if let Some((q, s)) = binding
+            && start - now > self.max_wait
+        {
+            let (remaining, reset) = s.status(&q.params, now);
+            return Err(Refusal::Limited {
+                index: q.index,
+                start,
+                remaining,
+                reset,
+            });
+        }
+        let mut settle = [0; MAX_SETTLED];
+        for (i, q) in self.key_quotas.iter().enumerate() {
+            let words = &mut key_states[4 * i..4 * i + 4];
+            charge_at(
+                q,
+                words,
+                start,
+                cost,
+                &mut settle,
+                undo.as_deref_mut().map(|u| (u, i)),
+            );
+        }
+        for (i, q) in self.shared_quotas.iter().enumerate() {
+            let words = &mut shared_states[4 * i..4 * i + 4];
+            let at = self.shared_offset + i;
+            charge_at(
+                q,
+                words,
+                start,
+                cost,
+                &mut settle,
+                undo.as_deref_mut().map(|u| (u, at)),
+            );
+        }
+        Ok(Reserved {
+            start,
+            epoch,
+            settle,
+        })
+    }
+}
+
+/// Charge quota `q` for `cost` at `start`, keeping the refund snapshot where a permit
+/// needs it, and what a waiter needs to undo the charge (quota position `i`).
 #[inline(always)]
 fn charge_at(
     q: &RateQuota,
     words: &mut [u64],
     start: u64,
     cost: &Cost,
-    i: usize,
     settle: &mut [u64; MAX_SETTLED],
-    all: Option<&mut Snaps>,
+    undo: Option<(&mut Undo, usize)>,
 ) {
     let c = q.charge(cost);
     if c == 0 {
         return;
     }
     let mut s = State::load(words);
+    let before = s;
     let snap = s.apply(&q.params, start, c);
     s.store(words);
     if let Some(slot) = q.settle_slot {
         settle[slot] = snap;
     }
-    if let Some(all) = all {
-        all[i] = snap;
+    if let Some((undo, i)) = undo {
+        undo.charged[i] = true;
+        before.store(&mut undo.before[i]);
+        s.store(&mut undo.after[i]);
+        undo.snap[i] = snap;
     }
 }
 
