@@ -9,7 +9,7 @@
 //!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let limiter = Limiter::builder()
-//!     .quota(Quota::requests(10).per_minute())                  // upstash FixedWindow(10, 60) ...
+//!     .quota(Quota::requests(10).per_minute())                  // 10 requests per minute per user
 //!     .quota(Quota::tokens(100_000).per_minute().burndown(5.0)) // input + 5 x output (Bedrock)
 //!     .quota(Quota::input_tokens(4_000_000).per_minute())       // split mode (Vertex AI)
 //!     .quota(Quota::output_tokens(128_000).per_minute())
@@ -43,8 +43,9 @@
 //!   headers of OpenAI, Anthropic and Azure in one typed view; [`retry`]: backoff with
 //!   full jitter that honours `Retry-After`.
 //!
-//! A decision for a known key costs one hash, one uncontended lock and a few integer
-//! operations per quota, with no heap allocation; see `docs/BENCHMARKS.md`.
+//! A decision for a known key hashes the key once, takes its shard's lock (and the shared
+//! quotas' lock when there are shared quotas) and does a few integer operations per
+//! quota, with no heap allocation; see `docs/BENCHMARKS.md` for figures.
 
 mod algo;
 mod clock;

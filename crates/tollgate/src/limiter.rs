@@ -26,8 +26,9 @@ use crate::store::memory::{
 /// identities (emails, URLs) first.
 pub const MAX_KEY_LEN: usize = 1024;
 
-/// The most slots a concurrency quota may have.
-const MAX_SLOTS: u64 = 1 << 32;
+/// The most slots a concurrency quota may have (tokio's semaphore holds at most
+/// `usize::MAX >> 3` permits, 2^29 on 32-bit targets).
+const MAX_SLOTS: usize = 1 << 28;
 
 /// Builds a [`Limiter`] from quotas; see [`Limiter::builder`].
 ///
@@ -120,14 +121,19 @@ impl LimiterBuilder {
                     Scope::PerKey => &mut key_slots,
                     Scope::Shared => &mut shared_slots,
                 };
-                if slot.is_some() || q.amount > MAX_SLOTS {
-                    return Err(ConfigError::Overflow {
+                if slot.is_some() {
+                    return Err(ConfigError::TwoConcurrencyQuotas {
                         quota: c.name.to_string(),
-                        detail: "at most one concurrency quota per scope, with at most 2^32 slots"
-                            .into(),
                     });
                 }
-                *slot = Some((index, q.amount as usize));
+                let slots = usize::try_from(q.amount)
+                    .ok()
+                    .filter(|&n| n <= MAX_SLOTS)
+                    .ok_or_else(|| ConfigError::Overflow {
+                        quota: c.name.to_string(),
+                        detail: format!("{} slots; the most is {MAX_SLOTS}", q.amount),
+                    })?;
+                *slot = Some((index, slots));
                 continue;
             }
             let rate = RateQuota {
@@ -321,7 +327,9 @@ impl Limiter {
     /// Admit a call, waiting (FIFO) as long as needed for every quota to have room.
     ///
     /// The start time is reserved at once, in arrival order, so waiting callers start in
-    /// the order they asked. A cost no quota can ever hold fails at once with
+    /// the order they asked. With both per-key and shared rate quotas, a call reserves
+    /// its key's quotas first and queues for the shared ones when its key's turn comes,
+    /// so a key waiting on its own limit never makes other keys wait. A cost no quota can ever hold fails at once with
     /// [`Error::TooLarge`] rather than waiting forever.
     ///
     /// # Errors
@@ -352,6 +360,13 @@ impl Limiter {
     /// Admit a call, waiting at most `max_wait`. When the reserved start would land
     /// later than that, fails at once, without sleeping, with [`Error::Limited`] saying
     /// when it would fit.
+    ///
+    /// Waits that cannot be known in advance count against `max_wait` as they happen:
+    /// a full concurrency quota (a slot frees when some call ends), and, when the limiter
+    /// has both per-key and shared rate quotas, the shared ones, which a call queues for
+    /// once its key's own turn has come (so one key over its limit never holds up the
+    /// others). If those push the start past `max_wait`, the call fails then and gives
+    /// back what it reserved.
     ///
     /// # Errors
     ///
@@ -717,7 +732,8 @@ impl Permit<'_> {
     ///
     /// Unused tokens are refunded, never more than keeps every later caller within the
     /// bound (capacity that has refilled since the call started is not handed out
-    /// twice); tokens above the estimate are charged now.
+    /// twice; a window algorithm refunds only while the call's window is still the
+    /// latest one charged); tokens above the estimate are charged now.
     ///
     /// # Errors
     ///

@@ -292,8 +292,8 @@ impl Quota {
     }
 
     /// How much output tokens weigh in a [`Dimension::Tokens`] quota: the quota counts
-    /// `input + burndown × output` (AWS Bedrock: 5.0). Resolved to 1/1000 of a token;
-    /// fractions of a token are rounded up.
+    /// `input + burndown × output` (AWS Bedrock: 5.0). The rate is rounded to the
+    /// nearest 1/1000; the weighted output is then rounded up to a whole token.
     ///
     /// ```
     /// use tollgate::{Cost, Quota};
@@ -569,6 +569,12 @@ pub enum ConfigError {
         /// The quota's dimension.
         dimension: Dimension,
     },
+    /// Two concurrency quotas in one scope (per key, or shared): one is all it takes.
+    #[error("quota `{quota}`: a limiter takes one concurrency quota per key and one shared")]
+    TwoConcurrencyQuotas {
+        /// The second quota's name.
+        quota: String,
+    },
     /// Two quotas share a name, so a rejection could not say which one refused.
     #[error("two quotas are named `{quota}`; name them apart with .named(...)")]
     DuplicateName {
@@ -618,7 +624,7 @@ impl Quota {
                 rate: self.burndown.to_string(),
             });
         }
-        if burndown_milli != 1000 && self.dimension != Dimension::Tokens {
+        if self.burndown != 1.0 && self.dimension != Dimension::Tokens {
             return Err(ConfigError::BurndownNotForDimension {
                 quota: quota(),
                 dimension: self.dimension,
