@@ -108,80 +108,106 @@ pub(crate) enum Refusal {
     },
 }
 
-/// One key: a single allocation of words holding its hash, its epoch, its rate states and
-/// its bytes, so a lookup touches the table slot and one cache line or two, and a key costs
-/// little memory (see `docs/LIMITS.md`).
+/// One cache line of an entry: entries are allocated line-aligned, so a key of up to 16
+/// bytes with one quota is read from a single line.
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Line([u64; 8]);
+
+/// One key: a single line-aligned allocation holding its bytes, its epoch and its rate
+/// states, laid out in the order a decision reads them, so a lookup touches the table
+/// slot and then one cache line or two (see `docs/LIMITS.md`).
 ///
-/// `words` = `[hash, epoch << 1 | touched, key length, states (4 words each)..., key bytes
-/// packed 8 per word...]`.
+/// Words: `[key length, key bytes (8 per word, zero-padded)..., epoch << 1 | touched,
+/// states (4 words per quota)...]`.
 struct Entry {
-    words: Box<[u64]>,
+    lines: Box<[Line]>,
     slots: Option<Arc<Semaphore>>,
 }
 
-const HASH: usize = 0;
-const META: usize = 1;
-const LEN: usize = 2;
-const STATES: usize = 3;
-
 impl Entry {
-    fn new(
-        key: &str,
-        hash: u64,
-        epoch: u64,
-        quotas: usize,
-        slots: Option<Arc<Semaphore>>,
-    ) -> Entry {
-        let kstart = STATES + 4 * quotas;
-        let mut words = vec![0u64; kstart + key.len().div_ceil(8)];
-        words[HASH] = hash;
-        words[META] = (epoch << 1) | 1;
-        words[LEN] = key.len() as u64;
-        bytemuck::cast_slice_mut::<u64, u8>(&mut words[kstart..])[..key.len()]
+    fn new(key: &str, epoch: u64, quotas: usize, slots: Option<Arc<Semaphore>>) -> Entry {
+        let kw = key.len().div_ceil(8);
+        let words = 1 + kw + 1 + 4 * quotas;
+        let mut lines = vec![Line([0; 8]); words.div_ceil(8)].into_boxed_slice();
+        let w: &mut [u64] = bytemuck::cast_slice_mut(&mut lines);
+        w[0] = key.len() as u64;
+        bytemuck::cast_slice_mut::<u64, u8>(&mut w[1..1 + kw])[..key.len()]
             .copy_from_slice(key.as_bytes());
-        Entry {
-            words: words.into_boxed_slice(),
-            slots,
-        }
+        w[1 + kw] = (epoch << 1) | 1;
+        Entry { lines, slots }
     }
 
     #[inline(always)]
-    fn is(&self, key: &str, quotas: usize) -> bool {
-        let w = &self.words;
-        if w[LEN] != key.len() as u64 {
+    fn words(&self) -> &[u64] {
+        bytemuck::cast_slice(&self.lines)
+    }
+
+    #[inline(always)]
+    fn words_mut(&mut self) -> &mut [u64] {
+        bytemuck::cast_slice_mut(&mut self.lines)
+    }
+
+    /// Position of the epoch word, right after the key.
+    #[inline(always)]
+    fn meta_at(&self) -> usize {
+        1 + usize::try_from(self.words()[0]).unwrap_or(0).div_ceil(8)
+    }
+
+    /// The key's bytes.
+    fn key_bytes(&self) -> &[u8] {
+        let len = usize::try_from(self.words()[0]).unwrap_or(0);
+        let kw = len.div_ceil(8);
+        let bytes: &[u8] = bytemuck::cast_slice(&self.words()[1..1 + kw]);
+        &bytes[..len]
+    }
+
+    /// The key, to hash it again when the table grows (it was a `&str` when stored).
+    fn key(&self) -> &str {
+        std::str::from_utf8(self.key_bytes()).unwrap_or_default()
+    }
+
+    #[inline(always)]
+    fn is(&self, key: &str) -> bool {
+        let w = self.words();
+        if w[0] != key.len() as u64 {
             return false;
         }
-        let packed: &[u8] = bytemuck::cast_slice(w.get(STATES + 4 * quotas..).unwrap_or_default());
-        packed.get(..key.len()) == Some(key.as_bytes())
+        let stored: &[u8] = bytemuck::cast_slice(w.get(1..).unwrap_or_default());
+        stored.get(..key.len()) == Some(key.as_bytes())
     }
 
     fn epoch(&self) -> u64 {
-        self.words[META] >> 1
+        self.words()[self.meta_at()] >> 1
     }
 
     /// Mark as decided on since the last sweep: kept one more round even if idle.
     #[inline(always)]
     fn touch(&mut self) {
-        self.words[META] |= 1;
+        let m = self.meta_at();
+        self.words_mut()[m] |= 1;
     }
 
     fn untouch(&mut self) {
-        self.words[META] &= !1;
+        let m = self.meta_at();
+        self.words_mut()[m] &= !1;
     }
 
     /// The rate states, four words per quota.
     #[inline(always)]
     fn states(&mut self, quotas: usize) -> &mut [u64] {
-        &mut self.words[STATES..STATES + 4 * quotas]
+        let m = self.meta_at();
+        &mut self.words_mut()[m + 1..m + 1 + 4 * quotas]
     }
 
     fn idle(&self, quotas: &[RateQuota], now: u64) -> bool {
-        self.words[META] & 1 == 0
+        let m = self.meta_at();
+        self.words()[m] & 1 == 0
             && self
                 .slots
                 .as_ref()
                 .is_none_or(|s| Arc::strong_count(s) == 1)
-            && self.words[STATES..]
+            && self.words()[m + 1..]
                 .chunks_exact(4)
                 .zip(quotas)
                 .all(|(s, q)| State::load(s).idle(&q.params, now))
@@ -260,10 +286,9 @@ impl MemoryStore {
         (hash, &self.shards[(hash >> 40) as usize % SHARDS].0)
     }
 
-    fn new_entry(&self, key: &str, hash: u64) -> Entry {
+    fn new_entry(&self, key: &str) -> Entry {
         Entry::new(
             key,
-            hash,
             self.epochs.fetch_add(1, Ordering::Relaxed),
             self.key_rates.len(),
             self.key_slots.map(|n| Arc::new(Semaphore::new(n))),
@@ -272,12 +297,12 @@ impl MemoryStore {
 
     #[inline(always)]
     fn find<'s>(&self, shard: &'s mut Shard, hash: u64, key: &str) -> Option<&'s mut Entry> {
-        let nq = self.key_rates.len();
-        shard.table.find_mut(hash, |e| e.is(key, nq))
+        shard.table.find_mut(hash, |e| e.is(key))
     }
 
-    /// Insert `entry`, first forgetting idle ones when the shard has doubled.
-    fn insert<'s>(&self, shard: &'s mut Shard, entry: Entry, now: u64) -> &'s mut Entry {
+    /// Insert `entry` (for a key of hash `hash`), first forgetting idle ones when the
+    /// shard has doubled.
+    fn insert<'s>(&self, shard: &'s mut Shard, hash: u64, entry: Entry, now: u64) -> &'s mut Entry {
         if shard.table.len() >= shard.sweep_at
             && now >= shard.swept.saturating_add(SWEEP_INTERVAL_NS)
         {
@@ -289,10 +314,10 @@ impl MemoryStore {
             });
             shard.sweep_at = (shard.table.len() * 2).max(MIN_SWEEP);
         }
-        let hash = entry.words[HASH];
+        let hasher = &self.hasher;
         shard
             .table
-            .insert_unique(hash, entry, |e| e.words[HASH])
+            .insert_unique(hash, entry, |e| hasher.hash_one(e.key()))
             .into_mut()
     }
 
@@ -304,8 +329,8 @@ impl MemoryStore {
         if let Some(e) = self.find(&mut shard, hash, key) {
             return e.slots.clone();
         }
-        let entry = self.new_entry(key, hash);
-        self.insert(&mut shard, entry, now).slots.clone()
+        let entry = self.new_entry(key);
+        self.insert(&mut shard, hash, entry, now).slots.clone()
     }
 
     /// Reserve the earliest start at or after `now` when every rate quota has room for
@@ -357,10 +382,10 @@ impl MemoryStore {
             return d.decide(entry.states(nq), shared_states, epoch, undo);
         }
         // A new key: decide on fresh states and keep them only if the call is admitted.
-        let mut fresh = self.new_entry(key, hash);
+        let mut fresh = self.new_entry(key);
         let epoch = fresh.epoch();
         let reserved = d.decide(fresh.states(nq), shared_states, epoch, undo)?;
-        self.insert(&mut shard, fresh, now);
+        self.insert(&mut shard, hash, fresh, now);
         Ok(reserved)
     }
 
@@ -463,8 +488,8 @@ impl MemoryStore {
             Some(e) => e,
             // Forgotten while idle: only an extra charge still matters.
             None if self.key_rates.iter().any(|q| delta(q).1 > 0) => {
-                let entry = self.new_entry(key, hash);
-                self.insert(&mut shard, entry, now)
+                let entry = self.new_entry(key);
+                self.insert(&mut shard, hash, entry, now)
             }
             None => return,
         };
