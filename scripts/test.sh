@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: everything CI checks, runnable on a fresh machine.
-#   formatting, clippy with warnings as errors, every test and doc-test, and every example
-#   run to completion (the examples check their own limits).
+#   formatting, clippy with warnings as errors, rustdoc with warnings as errors, every
+#   test and doc-test, and every example run to completion (the examples check their own
+#   limits).
 # Tests that need a server start their own; this script installs what they need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,8 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo doc (warnings are errors: broken links, missing docs)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "== cargo test"
 cargo test --workspace
 echo "== examples"

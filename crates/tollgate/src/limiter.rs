@@ -499,14 +499,25 @@ impl Limiter {
             .store
             .reserve(key, &cost, now, 0, Part::All, None)
             .map_err(|r| self.refused(r, now))?;
-        Ok(Permit {
+        Ok(self.permit(key, cost, reserved, slots))
+    }
+
+    #[inline]
+    fn permit<'a>(
+        &'a self,
+        key: &'a str,
+        cost: Cost,
+        reserved: Reserved,
+        slots: Slots,
+    ) -> Permit<'a> {
+        Permit {
             limiter: self,
             key,
             cost,
             reserved,
             waited_ns: 0,
             _slots: slots,
-        })
+        }
     }
 
     async fn acquire_inner<'a>(
@@ -546,14 +557,7 @@ impl Limiter {
             .reserve(key, &cost, now, remaining(now), first, Some(&mut undo))
             .map_err(|r| self.refused(r, now))?;
         let mut start = reserved.start;
-        let permit = Permit {
-            limiter: self,
-            key,
-            cost,
-            reserved,
-            waited_ns: 0,
-            _slots: slots,
-        };
+        let permit = self.permit(key, cost, reserved, slots);
         // Dropped while waiting: the guard hands every reservation made so far back.
         let mut guard = Waiting(Some((permit, undo)));
         inner.clock.sleep_until(start).await;
