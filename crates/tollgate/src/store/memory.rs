@@ -177,6 +177,7 @@ impl Entry {
         stored.get(..key.len()) == Some(key.as_bytes())
     }
 
+    #[inline(always)]
     fn epoch(&self) -> u64 {
         self.words()[self.meta_at()] >> 1
     }
