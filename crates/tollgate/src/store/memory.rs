@@ -2,9 +2,11 @@
 //! (account-wide) quota states under one lock, decided with the pure algorithms of
 //! [`crate::algo`].
 //!
-//! A decision locks the shared states (when the limiter has shared quotas) and then the
-//! key's shard, so every dimension of a call is decided at once: all-or-nothing. For a
-//! key already known a decision allocates nothing. Keys whose states have fully refilled
+//! A decision locks the shared states (when it involves shared quotas) and then the key's
+//! shard, so every quota it involves is decided at once: all-or-nothing. A reservation
+//! may involve every quota ([`Part::All`], what `try_acquire` uses) or only the key's or
+//! only the shared ones (a waiting `acquire` reserves the key's first, then the shared
+//! ones when its turn comes). For a key already known a decision allocates nothing. Keys whose states have fully refilled
 //! are dropped when a shard grows, so memory tracks the keys active within a period, not
 //! every key ever seen. This module must never know about HTTP, never read a clock (time
 //! is passed in), and never sleep.
