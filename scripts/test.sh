@@ -12,6 +12,18 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The Redis tests start their own redis-server on a free port; install it when missing.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "== installing redis-server (the Redis store's tests start their own servers)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  # Tests start their own servers; the packaged service is not needed.
+  $SUDO service redis-server stop >/dev/null 2>&1 || true
+fi
+redis-server --version
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"

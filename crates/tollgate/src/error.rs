@@ -212,6 +212,55 @@ pub enum Error {
     /// The key is empty or longer than [`crate::MAX_KEY_LEN`] bytes.
     #[error("invalid key: {0}")]
     InvalidKey(KeyError),
+    /// The shared store (Redis) cannot be reached and the limiter fails closed.
+    #[error("{0}")]
+    Unavailable(StoreUnavailable),
+    /// The limiter's configuration is invalid (from an async `build`, such as Redis's).
+    #[error("{0}")]
+    Config(#[from] crate::ConfigError),
+}
+
+/// The shared store could not decide a call: Redis is down, too slow, or answered
+/// something unexpected. A limiter that fails closed returns this until Redis is back.
+///
+/// ```
+/// use tollgate::StoreUnavailable;
+/// let e = StoreUnavailable::new("connection refused");
+/// assert!(e.to_string().contains("connection refused"));
+/// assert_eq!(e.detail(), "connection refused");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUnavailable {
+    detail: Arc<str>,
+}
+
+impl StoreUnavailable {
+    /// An outage described by `detail`.
+    ///
+    /// See [`StoreUnavailable`] for an example.
+    pub fn new(detail: &str) -> StoreUnavailable {
+        StoreUnavailable {
+            detail: detail.into(),
+        }
+    }
+
+    /// What went wrong, as the store reported it.
+    ///
+    /// See [`StoreUnavailable`] for an example.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+}
+
+impl fmt::Display for StoreUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the limiter's Redis store is unavailable ({}); the call was not admitted: retry \
+             shortly, or build the limiter with `fail_open` to decide locally during outages",
+            self.detail
+        )
+    }
 }
 
 impl Error {

@@ -18,9 +18,15 @@ use crate::cost::{Cost, Usage};
 use crate::error::{Error, KeyError, QuotaId, Rejected, TooLarge};
 use crate::quota::Accounting;
 use crate::quota::{Checked, ConfigError, Dimension, Quota, Scope};
+mod remote;
+
+pub use remote::RedisBuilder;
+use remote::{Held, Remote};
+
 use crate::store::memory::{
     MAX_RATE_QUOTAS, MAX_SETTLED, MemoryStore, Part, RateQuota, Refusal, Reserved, Undo,
 };
+use crate::store::redis::Target;
 
 /// The longest key accepted, in bytes. Longer keys are a typed error; hash long
 /// identities (emails, URLs) first.
@@ -87,6 +93,74 @@ impl LimiterBuilder {
     /// assert!(matches!(err, ConfigError::MissingPeriod { .. }));
     /// ```
     pub fn build(self) -> Result<Limiter, ConfigError> {
+        let a = self.assemble()?;
+        let store = MemoryStore::new(a.key_rates, a.shared_rates, a.key_slots.map(|(_, n)| n));
+        Ok(Limiter {
+            inner: Arc::new(Inner {
+                settles: store.settles(),
+                ids: a.ids,
+                quotas: a.checked,
+                key_slots: a.key_slots.map(|(i, _)| i),
+                shared_slots: a
+                    .shared_slots
+                    .map(|(i, n)| (i, Arc::new(Semaphore::new(n)))),
+                store,
+                clock: self.clock.unwrap_or_default(),
+                remote: None,
+            }),
+        })
+    }
+
+    /// Share these limits through Redis instead of keeping them in memory: every process
+    /// built with the same URL, key prefix and quotas enforces one budget. Accepts
+    /// `redis://`, `rediss://` (TLS, with the `tls` feature), and `unix://` /
+    /// `redis+unix://` socket URLs. Finish with [`RedisBuilder::build`], which is async.
+    ///
+    /// ```no_run
+    /// use tollgate::{Limiter, Quota};
+    /// # async fn run() -> Result<(), tollgate::Error> {
+    /// let limiter = Limiter::builder()
+    ///     .redis("redis://127.0.0.1:6379")
+    ///     .quota(Quota::requests(500).per_minute())
+    ///     .quota(Quota::tokens(90_000).per_minute())
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn redis(self, url: impl Into<String>) -> RedisBuilder {
+        RedisBuilder::new(self, Target::Url(url.into()))
+    }
+
+    /// As [`LimiterBuilder::redis`], with a client you configured yourself.
+    ///
+    /// ```no_run
+    /// use tollgate::{Limiter, Quota};
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = tollgate::redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let limiter = Limiter::builder().redis_client(client).quota(Quota::requests(5).per_second()).build().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn redis_client(self, client: redis::Client) -> RedisBuilder {
+        RedisBuilder::new(self, Target::Client(client))
+    }
+
+    /// As [`LimiterBuilder::redis`], sharing a connection manager your application
+    /// already holds (its timeouts and reconnection settings then apply).
+    ///
+    /// ```no_run
+    /// use tollgate::{Limiter, Quota};
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = tollgate::redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let manager = tollgate::redis::aio::ConnectionManager::new(client).await?;
+    /// let limiter = Limiter::builder().redis_connection(manager).quota(Quota::requests(5).per_second()).build().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn redis_connection(self, manager: redis::aio::ConnectionManager) -> RedisBuilder {
+        RedisBuilder::new(self, Target::Manager(manager))
+    }
+
+    /// Check every quota and sort them into the store's lists.
+    fn assemble(&self) -> Result<Assembled, ConfigError> {
         if self.quotas.is_empty() {
             return Err(ConfigError::NoQuotas);
         }
@@ -167,27 +241,33 @@ impl LimiterBuilder {
             }
             q.settle_slot = Some(slot);
         }
-        let store = MemoryStore::new(key_rates, shared_rates, key_slots.map(|(_, n)| n));
-        let settles = store.settles();
-        Ok(Limiter {
-            inner: Arc::new(Inner {
-                ids: checked
-                    .iter()
-                    .enumerate()
-                    .map(|(index, c)| QuotaId {
-                        index,
-                        name: c.name.clone(),
-                    })
-                    .collect(),
-                quotas: checked,
-                key_slots: key_slots.map(|(i, _)| i),
-                shared_slots: shared_slots.map(|(i, n)| (i, Arc::new(Semaphore::new(n)))),
-                settles,
-                store,
-                clock: self.clock.unwrap_or_default(),
-            }),
+        Ok(Assembled {
+            ids: checked
+                .iter()
+                .enumerate()
+                .map(|(index, c)| QuotaId {
+                    index,
+                    name: c.name.clone(),
+                })
+                .collect(),
+            checked,
+            key_rates,
+            shared_rates,
+            key_slots,
+            shared_slots,
         })
     }
+}
+
+/// A builder's quotas, checked and sorted for a store.
+struct Assembled {
+    checked: Vec<Checked>,
+    ids: Vec<QuotaId>,
+    key_rates: Vec<RateQuota>,
+    shared_rates: Vec<RateQuota>,
+    /// Index and slots of the per-key and shared concurrency quotas.
+    key_slots: Option<(usize, usize)>,
+    shared_slots: Option<(usize, usize)>,
 }
 
 struct Inner {
@@ -199,8 +279,11 @@ struct Inner {
     shared_slots: Option<(usize, Arc<Semaphore>)>,
     /// Whether any quota charges actual usage (else settle has nothing to do).
     settles: bool,
+    /// The in-memory store; on Redis, the fallback that holds each process's share.
     store: MemoryStore,
     clock: Clock,
+    /// The Redis store, when limits are shared.
+    remote: Option<Box<Remote>>,
 }
 
 /// Keeps calls within every quota: per key (user, team, API key) and shared.
@@ -321,6 +404,9 @@ impl Limiter {
     /// # }).unwrap();
     /// ```
     pub async fn try_acquire<'a>(&'a self, key: &'a str, cost: Cost) -> Result<Permit<'a>, Error> {
+        if let Some(r) = &self.inner.remote {
+            return Box::pin(self.remote_acquire(r, key, cost, Some(Duration::ZERO))).await;
+        }
         self.try_acquire_now(key, cost)
     }
 
@@ -354,6 +440,9 @@ impl Limiter {
     /// # }).unwrap();
     /// ```
     pub async fn acquire<'a>(&'a self, key: &'a str, cost: Cost) -> Result<Permit<'a>, Error> {
+        if let Some(r) = &self.inner.remote {
+            return Box::pin(self.remote_acquire(r, key, cost, None)).await;
+        }
         self.acquire_inner(key, cost, None).await
     }
 
@@ -396,6 +485,9 @@ impl Limiter {
         cost: Cost,
         max_wait: Duration,
     ) -> Result<Permit<'a>, Error> {
+        if let Some(r) = &self.inner.remote {
+            return Box::pin(self.remote_acquire(r, key, cost, Some(max_wait))).await;
+        }
         self.acquire_inner(key, cost, Some(max_wait)).await
     }
 
@@ -418,6 +510,11 @@ impl Limiter {
     pub async fn status(&self, key: &str) -> Result<Vec<QuotaStatus>, Error> {
         check_key(key)?;
         let inner = &*self.inner;
+        if let Some(r) = &inner.remote
+            && let Some(status) = Box::pin(self.remote_status(r, key)).await?
+        {
+            return Ok(status);
+        }
         let now = inner.clock.now();
         let mut out: Vec<QuotaStatus> = inner
             .store
@@ -517,6 +614,7 @@ impl Limiter {
             reserved,
             waited_ns: 0,
             _slots: slots,
+            remote: None,
         }
     }
 
@@ -688,6 +786,8 @@ pub struct Permit<'a> {
     reserved: Reserved,
     waited_ns: u64,
     _slots: Slots,
+    /// The reservation and leases of a call admitted on Redis.
+    remote: Option<Box<Held<'a>>>,
 }
 
 impl fmt::Debug for Permit<'_> {
@@ -755,6 +855,21 @@ impl Permit<'_> {
     /// ```
     pub async fn settle(self, usage: Usage) -> Result<(), Error> {
         let inner = &*self.limiter.inner;
+        if let (Some(held), Some(r)) = (&self.remote, &inner.remote) {
+            let actual = Cost {
+                requests: self.cost.requests,
+                input: usage.input,
+                output: usage.output,
+            };
+            if !inner.settles {
+                return Ok(());
+            }
+            return Box::pin(
+                self.limiter
+                    .remote_settle(r, self.key, &self.cost, &actual, held),
+            )
+            .await;
+        }
         if inner.settles {
             let now = inner.clock.now();
             inner
@@ -783,6 +898,10 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some((p, undo)) = self.0.take() {
             let inner = &*p.limiter.inner;
+            if let (Some(held), Some(r)) = (&p.remote, &inner.remote) {
+                r.store.cancel(p.key, &held.charges, &held.reserved);
+                return;
+            }
             let now = inner.clock.now();
             inner
                 .store

@@ -482,9 +482,9 @@ pub(crate) fn charge(dimension: Dimension, burndown_milli: u64, cost: &Cost) -> 
 
 fn format_period(p: Duration) -> String {
     let nanos = p.as_nanos();
-    if nanos % 1_000_000_000 == 0 {
+    if nanos.is_multiple_of(1_000_000_000) {
         format!("{}s", p.as_secs())
-    } else if nanos % 1_000_000 == 0 {
+    } else if nanos.is_multiple_of(1_000_000) {
         format!("{}ms", nanos / 1_000_000)
     } else {
         format!("{nanos}ns")
@@ -596,6 +596,19 @@ pub enum ConfigError {
         quota: String,
         /// What overflowed.
         detail: String,
+    },
+    /// A setting of the shared store (Redis) is invalid: the URL, the key prefix, or a
+    /// quota the store cannot count exactly.
+    #[error("Redis store: {detail}")]
+    Store {
+        /// What is wrong and how to fix it.
+        detail: String,
+    },
+    /// The fail-open share is not in `(0, 1]`.
+    #[error("the fail-open share must be a number in (0, 1], got {share}")]
+    BadShare {
+        /// The share given.
+        share: String,
     },
 }
 

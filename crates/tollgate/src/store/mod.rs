@@ -2,3 +2,4 @@
 //! atomically; they know nothing of HTTP and never sleep.
 
 pub(crate) mod memory;
+pub(crate) mod redis;

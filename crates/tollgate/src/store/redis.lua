@@ -1,0 +1,487 @@
+-- tollgate's Redis script: a batch of limiter operations decided atomically, on Redis time.
+--
+-- The store prepends a header defining Q, the limiter's rate quotas in order:
+--   Q[i] = { algo (1 GCRA, 2 fixed window, 3 sliding window), A (amount), P (period in
+--            units), cap (capacity), u (unit in microseconds), f (hash field), shared (bool) }
+-- so the script's SHA names the exact configuration.
+--
+-- Numbers are Lua doubles: every integer the math produces stays below 2^53 (the store
+-- picks each quota's time unit so capacity x period fits with room for reservations), so
+-- the arithmetic is exact. Each identity's states live in one hash, one field per quota,
+-- each a packed 6-double state: {a, b, c, max_start, charged, version}.
+--   GCRA:    a = tat's whole units, b = tat's fraction x A (0 <= b < A)
+--   fixed:   a = window index, b = count in it
+--   sliding: a = window index, b = previous window's count, c = current window's count
+-- charged counts units (mod 2^50) to size safe refunds; version counts reservations, so a
+-- cancel can restore the exact prior state when nothing was reserved after it.
+
+local TWO50 = 1125899906842624
+local LIMIT = 9007199254740991
+
+local tm = redis.call('TIME')
+local now_us = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
+
+local function fdiv(x, d)
+  local q = math.floor(x / d)
+  local r = x - q * d
+  if r < 0 then
+    q = q - 1
+    r = r + d
+  elseif r >= d then
+    q = q + 1
+    r = r - d
+  end
+  return q, r
+end
+
+local function cdiv(x, d)
+  local q, r = fdiv(x, d)
+  if r > 0 then
+    q = q + 1
+  end
+  return q
+end
+
+local function fresh()
+  return {0, 0, 0, 0, 0, now_us * 1024}
+end
+
+local function unpack_state(v)
+  if v then
+    local a, b, c, m, ch, ver = struct.unpack('<dddddd', v)
+    return {a, b, c, m, ch, ver}
+  end
+  return fresh()
+end
+
+local function pack_state(s)
+  return struct.pack('<dddddd', s[1], s[2], s[3], s[4], s[5], s[6])
+end
+
+-- GCRA: how far (units x A) tat lies past t; negative when tat < t.
+local function lead(s, q, t)
+  if s[1] < t then
+    return -1
+  end
+  return (s[1] - t) * q.A + s[2]
+end
+
+-- Earliest start (units) at or after now for c units, and whether it is schedulable.
+local function earliest(s, q, now, c)
+  local e
+  if q.algo == 1 then
+    local l = math.max(0, lead(s, q, now))
+    if l + c * q.P > LIMIT then
+      return now + cdiv(l, q.A), false
+    end
+    local need = l + (c - q.cap) * q.P
+    if need <= 0 then
+      e = now
+    else
+      e = now + cdiv(need, q.A)
+    end
+  elseif q.algo == 2 then
+    local w = math.max(math.floor(now / q.P), s[1])
+    local used = 0
+    if w == s[1] then
+      used = s[2]
+    end
+    if used + c <= q.cap then
+      e = math.max(now, w * q.P)
+    else
+      e = (w + 1) * q.P
+    end
+  else
+    local w = math.max(math.floor(now / q.P), s[1])
+    local prev, curr = 0, 0
+    if w == s[1] then
+      prev, curr = s[2], s[3]
+    elseif w == s[1] + 1 then
+      prev = s[3]
+    end
+    local function min_offset(p, room)
+      if p <= room then
+        return 0
+      end
+      return q.P - math.floor(room * q.P / p)
+    end
+    local ws = w * q.P
+    local room = q.cap - (curr + c)
+    if room >= 0 then
+      e = math.max(math.max(now, ws), ws + min_offset(prev, room))
+    else
+      e = ws + q.P + min_offset(curr, q.cap - c)
+    end
+  end
+  return math.max(e, s[4]), true
+end
+
+-- Charge c units starting at `start` (units); returns the refund snapshot.
+local function apply(s, q, start, c)
+  s[4] = math.max(s[4], start)
+  s[5] = (s[5] + c) % TWO50
+  s[6] = s[6] + 1
+  if q.algo == 1 then
+    if s[1] < start or (s[1] == start and s[2] == 0) then
+      s[1] = start
+      s[2] = 0
+    end
+    local qq, r = fdiv(s[2] + c * q.P, q.A)
+    s[1] = s[1] + qq
+    s[2] = r
+    return s[5]
+  end
+  local w = math.floor(start / q.P)
+  if q.algo == 2 then
+    if w > s[1] then
+      s[1] = w
+      s[2] = 0
+    end
+    s[2] = s[2] + c
+  else
+    if w > s[1] then
+      if w == s[1] + 1 then
+        s[2] = s[3]
+      else
+        s[2] = 0
+      end
+      s[3] = 0
+      s[1] = w
+    end
+    s[3] = s[3] + c
+  end
+  return s[1]
+end
+
+-- Give back up to `units` of a call charged with snapshot `snap`, never capacity that
+-- has refilled since (GCRA), never to a window no longer weighed (windows).
+local function refund(s, q, now, units, snap)
+  if units <= 0 then
+    return
+  end
+  if q.algo == 1 then
+    local after = (s[5] - snap) % TWO50
+    local b = math.max(now, s[4])
+    local l = lead(s, q, b)
+    if l <= 0 then
+      return
+    end
+    local new = math.max(l - units * q.P, math.min(l, after * q.P))
+    local qq, r = fdiv(new, q.A)
+    s[1] = b + qq
+    s[2] = r
+  elseif q.algo == 2 then
+    if snap == s[1] then
+      s[2] = math.max(0, s[2] - units)
+    end
+  else
+    if snap == s[1] then
+      s[3] = math.max(0, s[3] - units)
+    elseif snap + 1 == s[1] then
+      s[2] = math.max(0, s[2] - units)
+    end
+  end
+end
+
+-- Units remaining at now and units until fully replenished.
+local function status(s, q, now)
+  if q.algo == 1 then
+    local l = math.max(0, lead(s, q, now))
+    local level = q.cap * q.P - l
+    local rem = 0
+    if level > 0 then
+      rem = math.floor(level / q.P)
+    end
+    return rem, cdiv(l, q.A)
+  end
+  local w = math.max(math.floor(now / q.P), s[1])
+  if q.algo == 2 then
+    local used = 0
+    if w == s[1] then
+      used = s[2]
+    end
+    local reset = 0
+    if used > 0 then
+      reset = (w + 1) * q.P - now
+    end
+    return math.max(0, q.cap - used), reset
+  end
+  local prev, curr = 0, 0
+  if w == s[1] then
+    prev, curr = s[2], s[3]
+  elseif w == s[1] + 1 then
+    prev = s[3]
+  end
+  local x = math.max(now, w * q.P) - w * q.P
+  local used = cdiv(prev * (q.P - x), q.P) + curr
+  local left = 0
+  if curr > 0 then
+    left = 2
+  elseif prev > 0 then
+    left = 1
+  end
+  local reset = 0
+  if left > 0 then
+    reset = math.max(0, (w + left) * q.P - now)
+  end
+  return math.max(0, q.cap - used), reset
+end
+
+-- Microseconds from now until forgetting the state changes nothing.
+local function horizon(s, q, now)
+  local h = s[4] - now
+  if q.algo == 1 then
+    h = math.max(h, s[1] + 1 - now)
+  elseif q.algo == 2 then
+    h = math.max(h, (s[1] + 1) * q.P - now)
+  else
+    h = math.max(h, (s[1] + 2) * q.P - now)
+  end
+  return h * q.u
+end
+
+local function now_floor(q)
+  return math.floor(now_us / q.u)
+end
+
+local function now_ceil(q)
+  return cdiv(now_us, q.u)
+end
+
+-- The quotas an operation covers: part 1 per key, 2 shared, 3 both.
+local function covers(q, part)
+  if q.shared then
+    return part >= 2
+  end
+  return part ~= 2
+end
+
+-- Load the states of the covered quotas: returns states[i] and raw values[i].
+local function load(kkey, skey, part)
+  local states, raw = {}, {}
+  for _, group in ipairs({{false, kkey}, {true, skey}}) do
+    local shared, key = group[1], group[2]
+    local fields, idx = {}, {}
+    for i, q in ipairs(Q) do
+      if q.shared == shared and covers(q, part) then
+        fields[#fields + 1] = q.f
+        idx[#idx + 1] = i
+      end
+    end
+    if #fields > 0 then
+      local vals = redis.call('HMGET', key, unpack(fields))
+      for j, i in ipairs(idx) do
+        raw[i] = vals[j]
+        states[i] = unpack_state(vals[j])
+      end
+    end
+  end
+  return states, raw
+end
+
+-- Write the covered states back, deleting fields restored to absent, and set each
+-- hash's expiry to when all its states are idle.
+local function store(kkey, skey, part, states, deleted)
+  for _, group in ipairs({{false, kkey}, {true, skey}}) do
+    local shared, key = group[1], group[2]
+    local kv, dels, ttl = {}, {}, 1
+    for i, q in ipairs(Q) do
+      if q.shared == shared and covers(q, part) then
+        if deleted and deleted[i] then
+          dels[#dels + 1] = q.f
+        else
+          kv[#kv + 1] = q.f
+          kv[#kv + 1] = pack_state(states[i])
+          ttl = math.max(ttl, horizon(states[i], q, now_floor(q)))
+        end
+      end
+    end
+    if #dels > 0 then
+      redis.call('HDEL', key, unpack(dels))
+    end
+    if #kv > 0 then
+      redis.call('HSET', key, unpack(kv))
+      redis.call('PEXPIRE', key, math.ceil(ttl / 1000) + 1000)
+    end
+  end
+end
+
+local argv = ARGV
+local pos = 1
+local function num()
+  local v = tonumber(argv[pos])
+  pos = pos + 1
+  return v
+end
+local function str()
+  local v = argv[pos]
+  pos = pos + 1
+  return v
+end
+
+-- R kidx sidx part max_wait_us (c_i for each quota)
+local function op_reserve()
+  local kkey, skey, part, maxw = KEYS[num()], KEYS[num()], num(), num()
+  local charges = {}
+  for i = 1, #Q do
+    charges[i] = num()
+  end
+  local states, raw = load(kkey, skey, part)
+  local start_us, bind, ok = now_us, 0, true
+  for i, q in ipairs(Q) do
+    if covers(q, part) then
+      local e, sched = earliest(states[i], q, now_floor(q), charges[i])
+      local e_us = e * q.u
+      if not sched then
+        ok = false
+      end
+      if e_us > start_us or (not sched and bind == 0) then
+        start_us = math.max(start_us, e_us)
+        bind = i
+      end
+    end
+  end
+  if not ok or (maxw >= 0 and start_us - now_us > maxw) then
+    local q = Q[bind]
+    local rem, reset = status(states[bind], q, now_floor(q))
+    return {0, bind, start_us - now_us, rem, reset * q.u}
+  end
+  local out = {1, start_us - now_us}
+  for i, q in ipairs(Q) do
+    if covers(q, part) then
+      local st
+      if q.algo == 1 then
+        st = cdiv(start_us, q.u)
+      else
+        st = math.floor(start_us / q.u)
+      end
+      local snap = apply(states[i], q, st, charges[i])
+      out[#out + 1] = {snap, states[i][6], raw[i] or ''}
+    else
+      out[#out + 1] = 0
+    end
+  end
+  store(kkey, skey, part, states)
+  return out
+end
+
+-- C kidx sidx part (units_i snap_i version_i prior_i for each quota)
+local function op_cancel()
+  local kkey, skey, part = KEYS[num()], KEYS[num()], num()
+  local args = {}
+  for i = 1, #Q do
+    args[i] = {num(), num(), num(), str()}
+  end
+  local states = load(kkey, skey, part)
+  local deleted = {}
+  for i, q in ipairs(Q) do
+    if covers(q, part) then
+      local a, s = args[i], states[i]
+      if s[6] == a[3] then
+        if a[4] == '' then
+          deleted[i] = true
+        else
+          states[i] = unpack_state(a[4])
+        end
+      else
+        refund(s, q, now_ceil(q), a[1], a[2])
+      end
+    end
+  end
+  store(kkey, skey, part, states, deleted)
+  return 1
+end
+
+-- S kidx sidx (refund_i extra_i snap_i for each quota)
+local function op_settle()
+  local kkey, skey = KEYS[num()], KEYS[num()]
+  local args = {}
+  for i = 1, #Q do
+    args[i] = {num(), num(), num()}
+  end
+  local states = load(kkey, skey, 3)
+  for i, q in ipairs(Q) do
+    local a, s = args[i], states[i]
+    refund(s, q, now_ceil(q), a[1], a[3])
+    if a[2] > 0 then
+      local t
+      if q.algo == 1 then
+        t = now_ceil(q)
+      else
+        t = now_floor(q)
+      end
+      apply(s, q, t, a[2])
+    end
+  end
+  store(kkey, skey, 3, states)
+  return 1
+end
+
+-- T kidx sidx
+local function op_status()
+  local kkey, skey = KEYS[num()], KEYS[num()]
+  local states = load(kkey, skey, 3)
+  local out = {}
+  for i, q in ipairs(Q) do
+    local rem, reset = status(states[i], q, now_floor(q))
+    out[#out + 1] = {rem, reset * q.u}
+  end
+  return out
+end
+
+-- L zkey - lease_id limit lease_us: take a concurrency slot (a lease expiring on Redis time)
+local function op_lease()
+  local zkey = KEYS[num()]
+  num()
+  local id, limit, lease = str(), num(), num()
+  redis.call('ZREMRANGEBYSCORE', zkey, '-inf', now_us)
+  local n = redis.call('ZCARD', zkey)
+  if redis.call('ZSCORE', zkey, id) then
+    n = n - 1
+  end
+  if n >= limit then
+    return {0, n}
+  end
+  redis.call('ZADD', zkey, now_us + lease, id)
+  redis.call('PEXPIRE', zkey, math.ceil(lease / 1000) + 1000)
+  return {1, n + 1}
+end
+
+-- N zkey - lease_id lease_us: renew a held lease (0 when it had expired and was lost)
+local function op_renew()
+  local zkey = KEYS[num()]
+  num()
+  local id, lease = str(), num()
+  local r = redis.call('ZADD', zkey, 'XX', 'CH', now_us + lease, id)
+  redis.call('PEXPIRE', zkey, math.ceil(lease / 1000) + 1000)
+  return r
+end
+
+-- D zkey - lease_id: give a slot back
+local function op_release()
+  local zkey = KEYS[num()]
+  num()
+  local id = str()
+  return redis.call('ZREM', zkey, id)
+end
+
+-- F zkey -: free slots now
+local function op_free()
+  local zkey = KEYS[num()]
+  num()
+  redis.call('ZREMRANGEBYSCORE', zkey, '-inf', now_us)
+  return redis.call('ZCARD', zkey)
+end
+
+local ops = {R = op_reserve, C = op_cancel, S = op_settle, T = op_status, L = op_lease,
+  N = op_renew, D = op_release, F = op_free}
+local n = num()
+local replies = {}
+for k = 1, n do
+  local f = ops[str()]
+  if not f then
+    return redis.error_reply('tollgate: unknown operation')
+  end
+  replies[k] = f()
+end
+return replies

@@ -1,0 +1,903 @@
+//! The Redis store: limiter state shared by every process that points at one Redis.
+//!
+//! Every operation (reserve, cancel, settle, status, and the concurrency leases) is one
+//! call of one Lua script (`redis.lua`), which reads the time from Redis itself, so
+//! client clocks never matter. Concurrent calls from one process are coalesced: a single
+//! task gathers whatever operations are waiting and sends them as one `EVALSHA` over a
+//! multiplexed connection, with several such batches in flight. Each identity's states
+//! live in one hash; each call's Redis work is O(number of quotas), whatever the traffic.
+//!
+//! This module knows nothing of HTTP, never sleeps on behalf of a caller (the limiter
+//! does), and never re-does the algorithms' decisions outside the script.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::memory::{MAX_RATE_QUOTAS, Part, RateQuota};
+use crate::error::StoreUnavailable;
+use crate::quota::{Accounting, Algorithm};
+
+/// Operations sent in one script call at most.
+const MAX_BATCH: usize = 64;
+/// Script calls in flight at once on the connection.
+const MAX_IN_FLIGHT: usize = 4;
+/// Every number the script computes stays below 2^53; the store keeps capacity × period
+/// (in the quota's time unit) below 2^43, leaving room for 1,024 periods of reservations.
+const MAX_SPAN: u128 = 1 << 43;
+
+/// What the limiter does when Redis cannot be reached.
+///
+/// ```
+/// use tollgate::StorePolicy;
+/// let open = StorePolicy::FailOpen { share: 0.25 }; // each process keeps 1/4 of every quota
+/// assert_ne!(open, StorePolicy::FailClosed);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum StorePolicy {
+    /// Refuse every call with [`crate::Error::Unavailable`] until Redis is back.
+    #[default]
+    FailClosed,
+    /// Decide locally, in memory, with each quota's amount and burst multiplied by
+    /// `share` (at least one unit), until Redis is back. With `n` processes sharing an
+    /// account, `share = 1/n` keeps the account within its limits during an outage.
+    FailOpen {
+        /// The fraction of each quota this process may use on its own, in `(0, 1]`.
+        share: f64,
+    },
+}
+
+/// How the script sees one rate quota.
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteQuota {
+    pub(crate) rate: RateQuota,
+    pub(crate) shared: bool,
+    /// Time unit in microseconds.
+    unit_us: u64,
+    /// Period in units.
+    period: u64,
+    /// Hash field holding this quota's state.
+    field: String,
+}
+
+/// Pick the finest time unit (1 µs, 10 µs, ... 1 s) that divides the period and keeps
+/// capacity × period exact in the script's doubles.
+pub(crate) fn remote_quota(
+    rate: &RateQuota,
+    name: &str,
+    shared: bool,
+) -> Result<RemoteQuota, String> {
+    let p = &rate.params;
+    if !p.period_ns.is_multiple_of(1_000) {
+        return Err(format!(
+            "on Redis, periods are whole microseconds; {} ns is not",
+            p.period_ns
+        ));
+    }
+    let period_us = p.period_ns / 1_000;
+    let mut unit = 1u64;
+    loop {
+        if period_us.is_multiple_of(unit) {
+            let period = period_us / unit;
+            let span = u128::from(p.capacity) * u128::from(period);
+            if span < MAX_SPAN && u128::from(p.amount) < MAX_SPAN {
+                let algo = match p.algorithm {
+                    Algorithm::Gcra => 1,
+                    Algorithm::FixedWindow => 2,
+                    Algorithm::SlidingWindow => 3,
+                };
+                let fp = fingerprint(&format!(
+                    "{name}|{shared}|{algo}|{}|{}|{}|{:?}|{}",
+                    p.amount, p.period_ns, p.capacity, rate.dimension, rate.burndown_milli
+                ));
+                return Ok(RemoteQuota {
+                    rate: rate.clone(),
+                    shared,
+                    unit_us: unit,
+                    period,
+                    field: format!("{fp:012x}"),
+                });
+            }
+        }
+        if unit >= 1_000_000 {
+            return Err(format!(
+                "capacity {} over {} µs is too large to count exactly on Redis \
+                 (capacity × period must stay below 2^43 seconds·units); use a shorter period \
+                 or a smaller burst",
+                p.capacity, period_us
+            ));
+        }
+        unit *= 10;
+    }
+}
+
+/// FNV-1a, 48 bits: a stable name for a quota's hash field across processes and versions.
+fn fingerprint(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h & 0xffff_ffff_ffff
+}
+
+/// The script source for these quotas (the header defines `Q`).
+fn script_source(quotas: &[RemoteQuota]) -> String {
+    let mut s = String::from("local Q = {\n");
+    for q in quotas {
+        let p = &q.rate.params;
+        let algo = match p.algorithm {
+            Algorithm::Gcra => 1,
+            Algorithm::FixedWindow => 2,
+            Algorithm::SlidingWindow => 3,
+        };
+        let _ = writeln!(
+            s,
+            "  {{algo = {algo}, A = {}, P = {}, cap = {}, u = {}, f = '{}', shared = {}}},",
+            p.amount, q.period, p.capacity, q.unit_us, q.field, q.shared
+        );
+    }
+    s.push_str("}\n");
+    s.push_str(include_str!("redis.lua"));
+    s
+}
+
+/// One quota's part of a reservation on Redis, kept for cancel and settle.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Snap {
+    /// Whether this reservation charged the quota.
+    pub(crate) charged: bool,
+    snap: u64,
+    version: u64,
+    prior: Vec<u8>,
+}
+
+/// A reservation on Redis: per quota (per-key first, then shared) what undoing it needs.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RemoteReserved {
+    pub(crate) snaps: Vec<Snap>,
+}
+
+impl RemoteReserved {
+    /// Take in the quotas another phase of the same call reserved.
+    pub(crate) fn merge(&mut self, other: RemoteReserved) {
+        if self.snaps.is_empty() {
+            self.snaps = other.snaps;
+            return;
+        }
+        for (a, b) in self.snaps.iter_mut().zip(other.snaps) {
+            if b.charged {
+                *a = b;
+            }
+        }
+    }
+
+    fn part(&self, quotas: &[RemoteQuota]) -> i64 {
+        let mut part = 0;
+        for (s, q) in self.snaps.iter().zip(quotas) {
+            if s.charged {
+                part |= if q.shared { 2 } else { 1 };
+            }
+        }
+        part
+    }
+}
+
+/// A refusal from the script.
+#[derive(Debug)]
+pub(crate) struct RemoteRefusal {
+    /// Index of the quota in the limiter's list.
+    pub(crate) index: usize,
+    pub(crate) retry_us: u64,
+    pub(crate) remaining: u64,
+    pub(crate) reset_us: u64,
+}
+
+/// A failed call to Redis, turned into the caller's error or a switch to the fallback.
+pub(crate) type Outcome<T> = Result<T, StoreUnavailable>;
+
+struct Job {
+    letter: &'static str,
+    keys: [Option<String>; 2],
+    args: Vec<Arg>,
+    reply: Option<oneshot::Sender<Outcome<Value>>>,
+}
+
+enum Arg {
+    Int(i64),
+    Bytes(Vec<u8>),
+}
+
+impl redis::ToRedisArgs for Arg {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        match self {
+            Arg::Int(n) => n.write_redis_args(out),
+            Arg::Bytes(b) => b.write_redis_args(out),
+        }
+    }
+}
+
+impl redis::ToSingleRedisArg for Arg {}
+
+fn int(n: u64) -> Arg {
+    Arg::Int(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// Counters of what the store has been through, for logs and metrics.
+#[derive(Debug, Default)]
+struct Health {
+    up: AtomicBool,
+    switches: AtomicU64,
+    calls: AtomicU64,
+    failures: AtomicU64,
+}
+
+struct Shared {
+    client_label: String,
+    script: redis::Script,
+    conn: ConnectionManager,
+    timeout: Duration,
+    health: Health,
+    /// Wakes the probe when a call fails.
+    probe: tokio::sync::Notify,
+}
+
+/// Connection, batching and failure handling for one limiter on Redis.
+pub(crate) struct RedisStore {
+    quotas: Vec<RemoteQuota>,
+    key_count: usize,
+    prefix: String,
+    tx: mpsc::UnboundedSender<Job>,
+    shared: Arc<Shared>,
+    leases: Mutex<std::collections::HashMap<u64, (String, String)>>,
+    lease_ids: AtomicU64,
+    lease_salt: u64,
+    pub(crate) lease_us: u64,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("redis", &self.shared.client_label)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to reach Redis.
+pub(crate) enum Target {
+    Url(String),
+    Client(redis::Client),
+    Manager(ConnectionManager),
+}
+
+/// A store's settings.
+pub(crate) struct Settings {
+    pub(crate) target: Target,
+    pub(crate) prefix: String,
+    pub(crate) timeout: Duration,
+    pub(crate) lease: Duration,
+}
+
+fn is_outage(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            ) | ErrorKind::Io
+                | ErrorKind::ClusterConnectionNotFound
+        )
+}
+
+impl RedisStore {
+    /// Connect (lazily: a Redis that is down at start is reported by the first call, or
+    /// by [`RedisStore::ping`]) and start the batching, probing and lease-renewing tasks.
+    /// Must run inside a Tokio runtime.
+    pub(crate) fn new(
+        settings: Settings,
+        key_rates: &[(RateQuota, Arc<str>)],
+        shared_rates: &[(RateQuota, Arc<str>)],
+    ) -> Result<RedisStore, String> {
+        if settings.prefix.contains(['{', '}']) {
+            return Err(format!(
+                "the key prefix {:?} contains a brace; braces are reserved for Redis Cluster hash tags",
+                settings.prefix
+            ));
+        }
+        let mut quotas = Vec::with_capacity(key_rates.len() + shared_rates.len());
+        for (rate, name) in key_rates {
+            quotas
+                .push(remote_quota(rate, name, false).map_err(|e| format!("quota `{name}`: {e}"))?);
+        }
+        for (rate, name) in shared_rates {
+            quotas
+                .push(remote_quota(rate, name, true).map_err(|e| format!("quota `{name}`: {e}"))?);
+        }
+        debug_assert!(quotas.len() <= MAX_RATE_QUOTAS);
+        let timeout = settings.timeout;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100))
+            .set_number_of_retries(2);
+        let (conn, label) = match settings.target {
+            Target::Manager(m) => (m, "a connection manager".to_string()),
+            Target::Client(c) => {
+                let label = redact(&c.get_connection_info().addr().to_string());
+                (
+                    ConnectionManager::new_lazy_with_config(c, config)
+                        .map_err(|e| e.to_string())?,
+                    label,
+                )
+            }
+            Target::Url(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| format!("bad Redis URL {:?}: {e}", redact(&url)))?;
+                (
+                    ConnectionManager::new_lazy_with_config(client, config)
+                        .map_err(|e| e.to_string())?,
+                    redact(&url),
+                )
+            }
+        };
+        let shared = Arc::new(Shared {
+            client_label: label,
+            script: redis::Script::new(&script_source(&quotas)),
+            conn,
+            timeout,
+            health: Health {
+                up: AtomicBool::new(true),
+                ..Health::default()
+            },
+            probe: tokio::sync::Notify::new(),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batcher(rx, Arc::downgrade(&shared)));
+        tokio::spawn(prober(Arc::downgrade(&shared)));
+        Ok(RedisStore {
+            key_count: key_rates.len(),
+            quotas,
+            prefix: settings.prefix,
+            tx,
+            shared,
+            leases: Mutex::new(std::collections::HashMap::new()),
+            lease_ids: AtomicU64::new(0),
+            lease_salt: fastrand::u64(..),
+            lease_us: u64::try_from(settings.lease.as_micros()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Start renewing held leases in the background (needs an `Arc` of the limiter's
+    /// inner state, which owns this store).
+    pub(crate) fn renew_leases_with<F>(&self, renew: F)
+    where
+        F: Fn() -> Option<()> + Send + 'static,
+    {
+        let period = Duration::from_micros(self.lease_us / 3).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if renew().is_none() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Mark Redis down (a failed start-up ping): calls follow the policy and the probe
+    /// brings the store back.
+    pub(crate) fn mark_down(&self, why: &str) {
+        mark(&self.shared, false, why);
+    }
+
+    /// Whether Redis answered the last call.
+    pub(crate) fn is_up(&self) -> bool {
+        self.shared.health.up.load(Ordering::Acquire)
+    }
+
+    /// How many times the store switched between Redis and its fallback.
+    pub(crate) fn switches(&self) -> u64 {
+        self.shared.health.switches.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn quotas(&self) -> &[RemoteQuota] {
+        &self.quotas
+    }
+
+    pub(crate) fn two_phase(&self) -> bool {
+        self.key_count > 0 && self.key_count < self.quotas.len()
+    }
+
+    fn has_shared(&self) -> bool {
+        self.key_count < self.quotas.len()
+    }
+
+    /// The identity's hash: `{prefix}k{<key>}`, with `%` and `}` escaped so the whole key
+    /// is the Redis Cluster hash tag and every key of one identity shares a slot.
+    pub(crate) fn key_name(&self, kind: &str, key: &str) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + key.len() + 4);
+        s.push_str(&self.prefix);
+        s.push_str(kind);
+        s.push('{');
+        for ch in key.chars() {
+            match ch {
+                '%' => s.push_str("%25"),
+                '}' => s.push_str("%7D"),
+                c => s.push(c),
+            }
+        }
+        s.push('}');
+        s
+    }
+
+    fn shared_name(&self, kind: &str) -> String {
+        format!("{}{kind}{{shared}}", self.prefix)
+    }
+
+    fn keys(&self, key: &str, part: i64) -> [Option<String>; 2] {
+        let k = (part & 1 != 0 && self.key_count > 0).then(|| self.key_name("k", key));
+        let s = (part & 2 != 0 && self.has_shared()).then(|| self.shared_name("s"));
+        [k, s]
+    }
+
+    fn send(&self, job: Job) {
+        // The batcher lives as long as the store's sender; a send fails only while the
+        // runtime shuts down, when the reply channel reports the failure.
+        let _ = self.tx.send(job);
+    }
+
+    async fn call(
+        &self,
+        letter: &'static str,
+        keys: [Option<String>; 2],
+        args: Vec<Arg>,
+    ) -> Outcome<Value> {
+        if !self.is_up() {
+            return Err(StoreUnavailable::new(
+                "Redis is down; waiting for it to return",
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(Job {
+            letter,
+            keys,
+            args,
+            reply: Some(tx),
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(StoreUnavailable::new("the Redis batcher stopped")))
+    }
+
+    /// Reserve `charges` (one per quota, per-key first) for `key` if the start is at most
+    /// `max_wait_us` away (`None`: any wait). Returns the wait in µs from Redis's now.
+    pub(crate) async fn reserve(
+        &self,
+        key: &str,
+        charges: &[u64],
+        part: Part,
+        max_wait_us: Option<u64>,
+    ) -> Outcome<Result<(u64, RemoteReserved), RemoteRefusal>> {
+        let part = part_code(part);
+        let mut args = vec![Arg::Int(part), max_wait_us.map_or(Arg::Int(-1), int)];
+        args.extend(charges.iter().map(|&c| int(c)));
+        let v = self.call("R", self.keys(key, part), args).await?;
+        let v = as_array(&v)?;
+        let ok = num(v, 0)?;
+        if ok == 0 {
+            let bind = usize::try_from(num(v, 1)?).unwrap_or(1).saturating_sub(1);
+            let index = self
+                .quotas
+                .get(bind)
+                .map(|q| q.rate.index)
+                .ok_or_else(|| StoreUnavailable::new("the script named no quota"))?;
+            return Ok(Err(RemoteRefusal {
+                index,
+                retry_us: num(v, 2)?,
+                remaining: num(v, 3)?,
+                reset_us: num(v, 4)?,
+            }));
+        }
+        let wait = num(v, 1)?;
+        let mut snaps = Vec::with_capacity(self.quotas.len());
+        for i in 0..self.quotas.len() {
+            match v.get(2 + i) {
+                Some(Value::Array(t)) => snaps.push(Snap {
+                    charged: true,
+                    snap: num(t, 0)?,
+                    version: num(t, 1)?,
+                    prior: match t.get(2) {
+                        Some(Value::BulkString(b)) => b.clone(),
+                        _ => Vec::new(),
+                    },
+                }),
+                _ => snaps.push(Snap::default()),
+            }
+        }
+        Ok(Ok((wait, RemoteReserved { snaps })))
+    }
+
+    /// Give a waiter's reservation back (fire and forget: a lost cancel only
+    /// over-counts).
+    pub(crate) fn cancel(&self, key: &str, charges: &[u64], r: &RemoteReserved) {
+        let part = r.part(&self.quotas);
+        if part == 0 || !self.is_up() {
+            return;
+        }
+        let mut args = vec![Arg::Int(part)];
+        for (i, s) in r.snaps.iter().enumerate() {
+            args.push(int(charges.get(i).copied().unwrap_or(0)));
+            args.push(int(s.snap));
+            args.push(int(s.version));
+            args.push(Arg::Bytes(s.prior.clone()));
+        }
+        self.send(Job {
+            letter: "C",
+            keys: self.keys(key, part),
+            args,
+            reply: None,
+        });
+    }
+
+    /// Refund (or charge) the difference between estimate and usage in every quota that
+    /// charges actual usage.
+    pub(crate) async fn settle(
+        &self,
+        key: &str,
+        deltas: &[(u64, u64)],
+        r: &RemoteReserved,
+    ) -> Outcome<()> {
+        if deltas.iter().all(|d| *d == (0, 0)) {
+            return Ok(());
+        }
+        let mut args = Vec::with_capacity(3 * self.quotas.len());
+        for (i, (refund, extra)) in deltas.iter().enumerate() {
+            args.push(int(*refund));
+            args.push(int(*extra));
+            args.push(int(r.snaps.get(i).map_or(0, |s| s.snap)));
+        }
+        self.call("S", self.keys(key, 3), args).await.map(|_| ())
+    }
+
+    /// Per quota (per-key first): units remaining and µs until fully replenished.
+    pub(crate) async fn status(&self, key: &str) -> Outcome<Vec<(usize, u64, u64)>> {
+        let v = self.call("T", self.keys(key, 3), Vec::new()).await?;
+        let v = as_array(&v)?;
+        let mut out = Vec::with_capacity(self.quotas.len());
+        for (i, q) in self.quotas.iter().enumerate() {
+            let t = match v.get(i) {
+                Some(Value::Array(t)) => t,
+                _ => return Err(StoreUnavailable::new("malformed status reply")),
+            };
+            out.push((q.rate.index, num(t, 0)?, num(t, 1)?));
+        }
+        Ok(out)
+    }
+
+    /// Take one of `limit` slots of `key` (`None`: the shared slots) as a lease. Returns
+    /// the lease, or `None` when every slot is held.
+    pub(crate) async fn lease(&self, key: Option<&str>, limit: u64) -> Outcome<Option<Lease>> {
+        let zkey = match key {
+            Some(k) => self.key_name("c", k),
+            None => self.shared_name("sc"),
+        };
+        let n = self.lease_ids.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:016x}{n:x}", self.lease_salt);
+        let args = vec![
+            Arg::Bytes(id.clone().into_bytes()),
+            int(limit),
+            int(self.lease_us),
+        ];
+        let v = self.call("L", [Some(zkey.clone()), None], args).await?;
+        if num(as_array(&v)?, 0)? == 0 {
+            return Ok(None);
+        }
+        if let Ok(mut held) = self.leases.lock() {
+            held.insert(n, (zkey, id));
+        }
+        Ok(Some(Lease(n)))
+    }
+
+    /// Free slots of `key` (`None`: the shared slots) now.
+    pub(crate) async fn free_slots(&self, key: Option<&str>, limit: u64) -> Outcome<u64> {
+        let zkey = match key {
+            Some(k) => self.key_name("c", k),
+            None => self.shared_name("sc"),
+        };
+        let v = self.call("F", [Some(zkey), None], Vec::new()).await?;
+        let used = match v {
+            Value::Int(n) => u64::try_from(n).unwrap_or(0),
+            _ => return Err(StoreUnavailable::new("malformed slots reply")),
+        };
+        Ok(limit.saturating_sub(used))
+    }
+
+    /// Give a slot back (fire and forget: a lost release expires with its lease).
+    pub(crate) fn release(&self, lease: &Lease) {
+        let held = self.leases.lock().ok().and_then(|mut m| m.remove(&lease.0));
+        if let Some((zkey, id)) = held {
+            self.send(Job {
+                letter: "D",
+                keys: [Some(zkey), None],
+                args: vec![Arg::Bytes(id.into_bytes())],
+                reply: None,
+            });
+        }
+    }
+
+    /// Renew every held lease (called periodically).
+    pub(crate) fn renew_all(&self) {
+        if !self.is_up() {
+            return;
+        }
+        let held: Vec<(String, String)> = match self.leases.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for (zkey, id) in held {
+            self.send(Job {
+                letter: "N",
+                keys: [Some(zkey), None],
+                args: vec![Arg::Bytes(id.into_bytes()), int(self.lease_us)],
+                reply: None,
+            });
+        }
+    }
+
+    /// Ask Redis for its time: `Ok` when it answers within the timeout.
+    pub(crate) async fn ping(&self) -> Outcome<()> {
+        ping(&self.shared).await
+    }
+
+    /// Estimate and actual charges per quota, in script order.
+    pub(crate) fn charges(&self, cost: &crate::Cost) -> [u64; MAX_RATE_QUOTAS] {
+        let mut out = [0; MAX_RATE_QUOTAS];
+        for (o, q) in out.iter_mut().zip(&self.quotas) {
+            *o = q.rate.charge(cost);
+        }
+        out
+    }
+
+    /// `(refund, extra)` per quota for a call admitted at `cost` that used `actual`.
+    pub(crate) fn deltas(
+        &self,
+        cost: &crate::Cost,
+        actual: &crate::Cost,
+    ) -> [(u64, u64); MAX_RATE_QUOTAS] {
+        let mut out = [(0, 0); MAX_RATE_QUOTAS];
+        for (o, q) in out.iter_mut().zip(&self.quotas) {
+            if q.rate.accounting == Accounting::Actual {
+                let (est, act) = (q.rate.charge(cost), q.rate.charge(actual));
+                *o = (est.saturating_sub(act), act.saturating_sub(est));
+            }
+        }
+        out
+    }
+}
+
+/// A held concurrency lease, renewed in the background until released.
+#[derive(Debug)]
+pub(crate) struct Lease(u64);
+
+fn part_code(part: Part) -> i64 {
+    match part {
+        Part::Key => 1,
+        Part::Shared => 2,
+        Part::All => 3,
+    }
+}
+
+fn as_array(v: &Value) -> Outcome<&[Value]> {
+    match v {
+        Value::Array(a) => Ok(a),
+        _ => Err(StoreUnavailable::new("malformed reply from the script")),
+    }
+}
+
+fn num(v: &[Value], i: usize) -> Outcome<u64> {
+    match v.get(i) {
+        Some(Value::Int(n)) => Ok(u64::try_from(*n).unwrap_or(0)),
+        _ => Err(StoreUnavailable::new("malformed number in a script reply")),
+    }
+}
+
+/// Hide the password of a Redis URL.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+fn mark(shared: &Shared, up: bool, why: &str) {
+    if shared.health.up.swap(up, Ordering::AcqRel) != up {
+        shared.health.switches.fetch_add(1, Ordering::Relaxed);
+        if up {
+            tracing::warn!(redis = %shared.client_label, "Redis is back; deciding on Redis again");
+        } else {
+            tracing::error!(redis = %shared.client_label, error = why, "Redis is unavailable; following the store policy");
+            shared.probe.notify_one();
+        }
+    }
+}
+
+async fn ping(shared: &Shared) -> Outcome<()> {
+    let mut conn = shared.conn.clone();
+    let cmd = redis::cmd("PING");
+    match tokio::time::timeout(shared.timeout, cmd.query_async::<Value>(&mut conn)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(StoreUnavailable::new(&e.to_string())),
+        Err(_) => Err(StoreUnavailable::new("Redis did not answer in time")),
+    }
+}
+
+/// While Redis is marked down, ping it every 50 ms and mark it up when it answers.
+async fn prober(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        if s.health.up.load(Ordering::Acquire) {
+            // Re-check periodically in case a notification raced the load above.
+            let _ = tokio::time::timeout(Duration::from_millis(500), s.probe.notified()).await;
+            continue;
+        }
+        if ping(&s).await.is_ok() {
+            mark(&s, true, "");
+        } else {
+            drop(s);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Gather waiting operations into script calls, a few in flight at a time.
+async fn batcher(mut rx: mpsc::UnboundedReceiver<Job>, shared: std::sync::Weak<Shared>) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        let Some(s) = shared.upgrade() else { return };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let batch = std::mem::replace(&mut jobs, Vec::with_capacity(MAX_BATCH));
+        tokio::spawn(async move {
+            run_batch(&s, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn run_batch(shared: &Shared, batch: Vec<Job>) {
+    let mut inv = shared.script.prepare_invoke();
+    inv.arg(batch.len());
+    let mut nkeys = 0usize;
+    for job in &batch {
+        inv.arg(job.letter);
+        for k in &job.keys {
+            match k {
+                Some(k) => {
+                    nkeys += 1;
+                    inv.key(k.as_str());
+                    inv.arg(nkeys);
+                }
+                None => {
+                    inv.arg(0);
+                }
+            }
+        }
+        for a in &job.args {
+            inv.arg(a);
+        }
+    }
+    shared.health.calls.fetch_add(1, Ordering::Relaxed);
+    let mut conn = shared.conn.clone();
+    let result =
+        match tokio::time::timeout(shared.timeout, inv.invoke_async::<Value>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                shared.health.failures.fetch_add(1, Ordering::Relaxed);
+                if is_outage(&e) {
+                    mark(shared, false, &e.to_string());
+                } else {
+                    tracing::error!(error = %e, "the tollgate script failed");
+                }
+                Err(StoreUnavailable::new(&e.to_string()))
+            }
+            Err(_) => {
+                shared.health.failures.fetch_add(1, Ordering::Relaxed);
+                mark(shared, false, "timed out");
+                Err(StoreUnavailable::new(&format!(
+                    "Redis did not answer within {:?}",
+                    shared.timeout
+                )))
+            }
+        };
+    match result {
+        Ok(Value::Array(replies)) if replies.len() == batch.len() => {
+            for (job, v) in batch.into_iter().zip(replies) {
+                if let Some(tx) = job.reply {
+                    let _ = tx.send(Ok(v));
+                }
+            }
+        }
+        Ok(_) => {
+            for job in batch {
+                if let Some(tx) = job.reply {
+                    let _ = tx.send(Err(StoreUnavailable::new("malformed batch reply")));
+                }
+            }
+        }
+        Err(e) => {
+            for job in batch {
+                if let Some(tx) = job.reply {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algo::Params;
+    use crate::quota::Dimension;
+
+    fn rate(amount: u64, period_ns: u64, capacity: u64) -> RateQuota {
+        RateQuota {
+            index: 0,
+            params: Params {
+                amount,
+                period_ns,
+                capacity,
+                algorithm: Algorithm::Gcra,
+            },
+            dimension: Dimension::Requests,
+            burndown_milli: 1000,
+            accounting: Accounting::Estimate,
+            settle_slot: None,
+        }
+    }
+
+    #[test]
+    fn units_are_as_fine_as_exactness_allows() {
+        let minute = 60_000_000_000;
+        assert_eq!(
+            remote_quota(&rate(500, minute, 500), "r", false).map(|q| q.unit_us),
+            Ok(1)
+        );
+        // 150 M tokens per minute: 1.5e8 × 6e7 µs is past 2^43, so a coarser unit.
+        let q = remote_quota(&rate(150_000_000, minute, 150_000_000), "t", false);
+        assert!(q.as_ref().is_ok_and(|q| q.unit_us > 1
+            && u128::from(q.rate.params.capacity) * u128::from(q.period) < MAX_SPAN));
+        assert!(
+            remote_quota(&rate(1, 1_500, 1), "x", false)
+                .is_err_and(|e| e.contains("whole microseconds"))
+        );
+    }
+
+    #[test]
+    fn keys_escape_braces_so_one_identity_is_one_slot() {
+        assert_eq!(
+            redact("redis://user:pw@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        assert_eq!(fingerprint("a"), fingerprint("a"));
+        assert_ne!(fingerprint("a"), fingerprint("b"));
+    }
+}

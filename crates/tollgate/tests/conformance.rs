@@ -1,0 +1,439 @@
+//! One behavioural suite, run against both stores: whatever a user relies on holds the
+//! same in memory and on Redis. Each Redis test starts its own `redis-server`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::RedisServer;
+use tollgate::{Accounting, Algorithm, Cost, Error, Limiter, Quota, Usage};
+
+/// A limiter on one store, keeping its Redis server alive as long as the test runs.
+struct Fixture {
+    limiter: Limiter,
+    _server: Option<RedisServer>,
+}
+
+#[derive(Clone, Copy)]
+enum Store {
+    Memory,
+    Redis,
+}
+
+async fn fixture(store: Store, quotas: Vec<Quota>) -> Fixture {
+    match store {
+        Store::Memory => {
+            let mut b = Limiter::builder();
+            for q in quotas {
+                b = b.quota(q);
+            }
+            Fixture {
+                limiter: b.build().expect("valid quotas"),
+                _server: None,
+            }
+        }
+        Store::Redis => {
+            let server = RedisServer::start();
+            let mut b = Limiter::builder().redis(server.url());
+            for q in quotas {
+                b = b.quota(q);
+            }
+            Fixture {
+                limiter: b.build().await.expect("Redis limiter builds"),
+                _server: Some(server),
+            }
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Store::Memory).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Store::Redis).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    admits_up_to_the_limit_then_says_when_to_retry,
+    all_dimensions_or_nothing,
+    too_large_fails_at_once_naming_the_quota,
+    waiting_callers_start_in_arrival_order_spaced_by_the_rate,
+    acquire_within_fails_without_sleeping,
+    a_cancelled_waiter_gives_its_turn_back,
+    settle_refunds_what_was_not_used_and_charges_overruns,
+    status_consumes_nothing,
+    keys_are_independent_and_shared_quotas_are_not,
+    concurrency_slots_are_held_until_the_permit_goes,
+    fixed_window_counts_per_window,
+    sliding_window_weighs_the_previous_window,
+    bad_keys_are_typed_errors,
+);
+
+async fn admits_up_to_the_limit_then_says_when_to_retry(store: Store) {
+    let f = fixture(store, vec![Quota::requests(3).per_minute().named("rpm")]).await;
+    for _ in 0..3 {
+        f.limiter
+            .try_acquire("u", Cost::request())
+            .await
+            .expect("within the limit");
+    }
+    let Err(Error::Limited(r)) = f.limiter.try_acquire("u", Cost::request()).await else {
+        panic!("the fourth call in a minute must be refused");
+    };
+    assert_eq!(r.quota().name(), "rpm");
+    assert_eq!((r.limit(), r.remaining()), (3, 0));
+    let retry = r.retry_after().expect("a rate quota says when");
+    assert!(
+        retry > Duration::from_secs(19) && retry <= Duration::from_secs(20),
+        "{retry:?}"
+    );
+    assert!(r.reset() > Duration::from_secs(59), "{:?}", r.reset());
+}
+
+async fn all_dimensions_or_nothing(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::requests(10).per_minute(),
+            Quota::tokens(1_000).per_minute(),
+        ],
+    )
+    .await;
+    f.limiter
+        .try_acquire("u", Cost::input(900))
+        .await
+        .expect("fits");
+    let err = f
+        .limiter
+        .try_acquire("u", Cost::input(200))
+        .await
+        .expect_err("tokens are short");
+    assert_eq!(err.retry_after().map(|d| d > Duration::ZERO), Some(true));
+    let status = f.limiter.status("u").await.expect("status");
+    assert_eq!(status[0].remaining, 9, "the refused call took no request");
+    assert_eq!(status[1].remaining, 100);
+}
+
+async fn too_large_fails_at_once_naming_the_quota(store: Store) {
+    let f = fixture(store, vec![Quota::tokens(1_000).per_minute().named("tpm")]).await;
+    let t = Instant::now();
+    let Err(Error::TooLarge(e)) = f.limiter.acquire("u", Cost::input(1_001)).await else {
+        panic!("a cost above the capacity can never fit");
+    };
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        (e.quota().name(), e.cost(), e.capacity()),
+        ("tpm", 1_001, 1_000)
+    );
+}
+
+async fn waiting_callers_start_in_arrival_order_spaced_by_the_rate(store: Store) {
+    let f = fixture(store, vec![Quota::requests(20).per_second().burst(1)]).await;
+    let t = Instant::now();
+    let mut starts = Vec::new();
+    for _ in 0..4 {
+        let p = f
+            .limiter
+            .acquire("u", Cost::request())
+            .await
+            .expect("waits");
+        starts.push((t.elapsed(), p.waited()));
+    }
+    // 50 ms apart: the fourth starts no earlier than 150 ms after the first.
+    assert!(starts[3].0 >= Duration::from_millis(148), "{starts:?}");
+    assert!(starts[3].0 < Duration::from_millis(1_000), "{starts:?}");
+    let mut handles = Vec::new();
+    for i in 0..5u32 {
+        let l = f.limiter.clone();
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(u64::from(i) * 5)).await;
+            let _p = l.acquire("v", Cost::request()).await.expect("waits");
+            (i, Instant::now())
+        }));
+    }
+    let mut done = Vec::new();
+    for h in handles {
+        done.push(h.await.expect("task"));
+    }
+    done.sort_by_key(|(_, at)| *at);
+    let order: Vec<u32> = done.iter().map(|(i, _)| *i).collect();
+    assert_eq!(order, vec![0, 1, 2, 3, 4], "FIFO by arrival");
+}
+
+async fn acquire_within_fails_without_sleeping(store: Store) {
+    let f = fixture(store, vec![Quota::requests(1).per_minute()]).await;
+    f.limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("first");
+    let t = Instant::now();
+    let err = f
+        .limiter
+        .acquire_within("u", Cost::request(), Duration::from_secs(5))
+        .await
+        .expect_err("the next slot is a minute away");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(err.retry_after() > Some(Duration::from_secs(55)));
+}
+
+async fn a_cancelled_waiter_gives_its_turn_back(store: Store) {
+    let f = fixture(store, vec![Quota::requests(2).per_second().burst(1)]).await;
+    f.limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("first");
+    // A waiter reserves the next slot (500 ms out), then gives up.
+    let waiting = f.limiter.acquire("u", Cost::request());
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+    assert!(gave_up.is_err(), "it was still waiting");
+    tokio::time::sleep(Duration::from_millis(50)).await; // the cancel reaches the store
+    let t = Instant::now();
+    let p = f
+        .limiter
+        .acquire("u", Cost::request())
+        .await
+        .expect("the freed slot");
+    // Without the refund this caller would start ~1 s after the first.
+    assert!(
+        t.elapsed() < Duration::from_millis(600),
+        "{:?} {:?}",
+        t.elapsed(),
+        p.waited()
+    );
+}
+
+async fn settle_refunds_what_was_not_used_and_charges_overruns(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::tokens(10_000)
+                .per_minute()
+                .accounting(Accounting::Actual),
+            Quota::tokens(10_000)
+                .per_minute()
+                .accounting(Accounting::Estimate)
+                .named("estimate"),
+        ],
+    )
+    .await;
+    let p = f
+        .limiter
+        .acquire("u", Cost::input(1_000).output(4_000))
+        .await
+        .expect("fits");
+    assert_eq!(
+        f.limiter.status("u").await.expect("status")[0].remaining,
+        5_000
+    );
+    p.settle(Usage::new(1_000, 500)).await.expect("settle");
+    let s = f.limiter.status("u").await.expect("status");
+    assert_eq!(
+        s[0].remaining, 8_500,
+        "actual accounting refunds the unused 3,500"
+    );
+    assert_eq!(
+        s[1].remaining, 5_000,
+        "estimate accounting keeps the estimate"
+    );
+    let p = f
+        .limiter
+        .acquire("u", Cost::input(100))
+        .await
+        .expect("fits");
+    p.settle(Usage::new(100, 400)).await.expect("settle");
+    let s = f.limiter.status("u").await.expect("status");
+    assert_eq!(
+        s[0].remaining, 8_000,
+        "the 400 over the estimate are charged"
+    );
+}
+
+async fn status_consumes_nothing(store: Store) {
+    let f = fixture(store, vec![Quota::requests(2).per_minute()]).await;
+    for _ in 0..5 {
+        let s = f.limiter.status("u").await.expect("status");
+        assert_eq!(
+            (s[0].limit, s[0].remaining, s[0].reset),
+            (2, 2, Duration::ZERO)
+        );
+    }
+    f.limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("first");
+    let s = f.limiter.status("u").await.expect("status");
+    assert_eq!(s[0].remaining, 1);
+    assert!(s[0].reset > Duration::from_secs(29) && s[0].reset <= Duration::from_secs(30));
+}
+
+async fn keys_are_independent_and_shared_quotas_are_not(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::requests(2).per_minute(),
+            Quota::requests(3).per_minute().shared().named("account"),
+        ],
+    )
+    .await;
+    f.limiter
+        .try_acquire("a", Cost::request())
+        .await
+        .expect("a1");
+    f.limiter
+        .try_acquire("a", Cost::request())
+        .await
+        .expect("a2");
+    assert!(
+        f.limiter.try_acquire("a", Cost::request()).await.is_err(),
+        "a's own limit"
+    );
+    f.limiter
+        .try_acquire("b", Cost::request())
+        .await
+        .expect("b has its own");
+    let Err(Error::Limited(r)) = f.limiter.try_acquire("c", Cost::request()).await else {
+        panic!("the account allows 3 in all");
+    };
+    assert_eq!(r.quota().name(), "account");
+}
+
+async fn concurrency_slots_are_held_until_the_permit_goes(store: Store) {
+    let f = fixture(
+        store,
+        vec![Quota::concurrent(1), Quota::requests(100).per_second()],
+    )
+    .await;
+    let p = f
+        .limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("one slot");
+    let Err(Error::Limited(r)) = f.limiter.try_acquire("u", Cost::request()).await else {
+        panic!("the slot is held");
+    };
+    assert_eq!(
+        r.retry_after(),
+        None,
+        "a slot frees when a call ends, not at a time"
+    );
+    f.limiter
+        .try_acquire("other", Cost::request())
+        .await
+        .expect("per-key slots");
+    let l = f.limiter.clone();
+    let waiter = tokio::spawn(async move {
+        l.acquire_within("u", Cost::request(), Duration::from_secs(5))
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(p);
+    waiter
+        .await
+        .expect("task")
+        .expect("the slot passed on when the permit dropped");
+}
+
+async fn fixed_window_counts_per_window(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::requests(3)
+                .per(Duration::from_millis(400))
+                .algorithm(Algorithm::FixedWindow),
+        ],
+    )
+    .await;
+    // Wait for a fresh window so all three fit in one.
+    let r = loop {
+        match f.limiter.try_acquire("probe", Cost::request()).await {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    tokio::time::sleep(r.retry_after().expect("when the window ends")).await;
+    for _ in 0..3 {
+        f.limiter
+            .try_acquire("u", Cost::request())
+            .await
+            .expect("within the window");
+    }
+    let r = f
+        .limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect_err("window full");
+    let retry = r.retry_after().expect("the next window");
+    assert!(retry <= Duration::from_millis(400), "{retry:?}");
+    tokio::time::sleep(retry).await;
+    f.limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("a new window");
+}
+
+async fn sliding_window_weighs_the_previous_window(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::requests(10)
+                .per(Duration::from_secs(60))
+                .algorithm(Algorithm::SlidingWindow),
+        ],
+    )
+    .await;
+    for _ in 0..10 {
+        f.limiter
+            .try_acquire("u", Cost::request())
+            .await
+            .expect("within");
+    }
+    let r = f
+        .limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect_err("full");
+    assert!(r.retry_after() > Some(Duration::ZERO));
+    let s = f.limiter.status("u").await.expect("status");
+    assert_eq!(s[0].remaining, 0);
+}
+
+async fn bad_keys_are_typed_errors(store: Store) {
+    let f = fixture(store, vec![Quota::requests(1).per_second()]).await;
+    assert!(matches!(
+        f.limiter.try_acquire("", Cost::request()).await,
+        Err(Error::InvalidKey(_))
+    ));
+    let long = "x".repeat(tollgate::MAX_KEY_LEN + 1);
+    assert!(matches!(
+        f.limiter.status(&long).await,
+        Err(Error::InvalidKey(_))
+    ));
+    // Braces and percent signs are ordinary key characters.
+    f.limiter
+        .try_acquire("}{%7D", Cost::request())
+        .await
+        .expect("any bytes");
+    f.limiter
+        .try_acquire("%7D{", Cost::request())
+        .await
+        .expect("a different key");
+}
