@@ -1,0 +1,215 @@
+//! Four OS processes × 32 tasks share one real `redis-server` through tight requests and
+//! tokens quotas on one identity. Every admission is recorded (wall-clock µs, which all
+//! processes on one machine share) and the parent checks:
+//!
+//! - no interval of admissions ever holds more than burst + rate × length, per quota;
+//! - the binding quota (tokens) is used to ≥ 99 % of its rate over the run;
+//! - FIFO: a call that asked more than a few ms before another is not admitted more than
+//!   a few ms after it.
+//!
+//! `harness = false`: the same binary is the parent and, with `TOLLGATE_MP_WORKER` set,
+//! each worker process.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tollgate::{Cost, Limiter, Quota};
+
+const PROCESSES: usize = 4;
+const TASKS: usize = 32;
+const RUN: Duration = Duration::from_secs(4);
+const REQ_RATE: u64 = 200; // per second
+const REQ_BURST: u64 = 20;
+const TOK_RATE: u64 = 3_000; // per second
+const TOK_BURST: u64 = 300;
+/// Timing tolerance: admission times are observed after Redis decided them (network,
+/// batching and wake-up delays), so intervals are checked with this much slack.
+const SLACK_US: u64 = 5_000;
+
+fn now_us() -> u64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(d.as_micros()).expect("fits")
+}
+
+fn main() {
+    if let Ok(url) = std::env::var("TOLLGATE_MP_WORKER") {
+        worker(&url);
+        return;
+    }
+    parent();
+}
+
+async fn limiter(url: &str) -> Limiter {
+    Limiter::builder()
+        .redis(url)
+        .prefix("mp:")
+        .quota(
+            Quota::requests(REQ_RATE)
+                .per_second()
+                .burst(REQ_BURST)
+                .named("rps"),
+        )
+        .quota(
+            Quota::tokens(TOK_RATE)
+                .per_second()
+                .burst(TOK_BURST)
+                .named("tps"),
+        )
+        .build()
+        .await
+        .expect("limiter on Redis")
+}
+
+/// One process: 32 tasks acquiring as fast as the limits allow until the run ends;
+/// prints one line per admission: `asked_us admitted_us tokens`.
+fn worker(url: &str) {
+    let start_at: u64 = std::env::var("TOLLGATE_MP_START")
+        .expect("start time")
+        .parse()
+        .expect("number");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let lines = rt.block_on(async {
+        let limiter = limiter(url).await;
+        let wait = start_at.saturating_sub(now_us());
+        tokio::time::sleep(Duration::from_micros(wait)).await;
+        let end = start_at + u64::try_from(RUN.as_micros()).expect("fits");
+        let mut handles = Vec::new();
+        for task in 0..TASKS {
+            let l = limiter.clone();
+            handles.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                let mut n = task as u64;
+                while now_us() < end {
+                    n = n
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let tokens = 5 + (n >> 33) % 31; // 5..=35, 20 on average
+                    let asked = now_us();
+                    let permit = l
+                        .acquire("tenant", Cost::input(tokens))
+                        .await
+                        .expect("admitted");
+                    out.push((asked, now_us(), tokens));
+                    drop(permit);
+                }
+                out
+            }));
+        }
+        let mut lines = String::new();
+        for h in handles {
+            for (a, b, t) in h.await.expect("task") {
+                lines.push_str(&format!("{a} {b} {t}\n"));
+            }
+        }
+        lines
+    });
+    print!("{lines}");
+}
+
+fn parent() {
+    let server = support::RedisServer::start();
+    let exe = std::env::current_exe().expect("test binary path");
+    let start_at = now_us() + 1_500_000;
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|_| {
+            Command::new(&exe)
+                .env("TOLLGATE_MP_WORKER", server.url())
+                .env("TOLLGATE_MP_START", start_at.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn a worker process")
+        })
+        .collect();
+    let mut records: Vec<(u64, u64, u64)> = Vec::new();
+    for c in children {
+        let out = c.wait_with_output().expect("worker output");
+        assert!(out.status.success(), "a worker failed: {:?}", out.status);
+        for line in String::from_utf8(out.stdout).expect("utf-8").lines() {
+            let v: Vec<u64> = line
+                .split(' ')
+                .map(|x| x.parse().expect("number"))
+                .collect();
+            records.push((v[0], v[1], v[2]));
+        }
+    }
+    records.sort_by_key(|r| r.1);
+    let n = records.len();
+    assert!(n > 200, "only {n} admissions");
+
+    // The bound, in every interval [i, j] of admissions, for both quotas.
+    let mut worst = [0f64; 2];
+    for (q, (rate, burst)) in [(REQ_RATE, REQ_BURST), (TOK_RATE, TOK_BURST)]
+        .into_iter()
+        .enumerate()
+    {
+        for i in 0..n {
+            let mut sum = 0u64;
+            for j in i..n {
+                sum += if q == 0 { 1 } else { records[j].2 };
+                let len = records[j].1 - records[i].1 + SLACK_US;
+                let allowed = burst as f64 + rate as f64 * len as f64 / 1e6;
+                let ratio = sum as f64 / allowed;
+                worst[q] = worst[q].max(ratio);
+                assert!(
+                    sum as f64 <= allowed,
+                    "quota {q}: {sum} admitted in {} µs, more than {allowed:.1}",
+                    records[j].1 - records[i].1
+                );
+            }
+        }
+    }
+
+    // Utilization of the binding quota (tokens) over the run.
+    let span = (records[n - 1].1 - records[0].1) as f64 / 1e6;
+    let tokens: u64 = records.iter().map(|r| r.2).sum();
+    let utilization = (tokens - TOK_BURST) as f64 / (TOK_RATE as f64 * span);
+    assert!(
+        utilization >= 0.99,
+        "token utilization {utilization:.4} < 0.99"
+    );
+
+    // FIFO: asked more than a few ms earlier means admitted no more than a few ms later.
+    let fifo_us = 5_000;
+    let mut by_ask = records.clone();
+    by_ask.sort_by_key(|r| r.0);
+    let mut inversions = 0;
+    let mut latest_admit = 0u64;
+    let mut window = std::collections::VecDeque::new();
+    for r in &by_ask {
+        // Calls that asked more than fifo_us before this one.
+        while let Some(&(asked, admitted)) = window.front() {
+            if asked + fifo_us < r.0 {
+                latest_admit = latest_admit.max(admitted);
+                window.pop_front();
+            } else {
+                break;
+            }
+        }
+        if latest_admit > r.1 + fifo_us {
+            inversions += 1;
+        }
+        window.push_back((r.0, r.1));
+    }
+    assert_eq!(
+        inversions, 0,
+        "admissions out of arrival order by more than {fifo_us} µs"
+    );
+    println!(
+        "multiprocess: {PROCESSES} processes x {TASKS} tasks, {n} admissions in {span:.2} s; \
+         tokens utilization {:.2} %, worst interval at {:.1} % (requests) and {:.1} % (tokens) \
+         of burst + rate x length; FIFO inversions beyond {} ms: {inversions}",
+        utilization * 100.0,
+        worst[0] * 100.0,
+        worst[1] * 100.0,
+        fifo_us / 1000
+    );
+    drop(server);
+}
