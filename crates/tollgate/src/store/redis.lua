@@ -116,9 +116,11 @@ local function earliest(s, q, now, c)
   return math.max(e, s[4]), true
 end
 
--- Charge c units starting at `start` (units); returns the refund snapshot.
-local function apply(s, q, start, c)
-  s[4] = math.max(s[4], start)
+-- Charge c units starting at `start` (units); returns the refund snapshot. `first` is
+-- the start rounded down (GCRA charges from the start rounded up, which is safe, but
+-- later callers may start from the one rounded down: FIFO to within one unit).
+local function apply(s, q, start, c, first)
+  s[4] = math.max(s[4], first or start)
   s[5] = (s[5] + c) % TWO50
   s[6] = s[6] + 1
   if q.algo == 1 then
@@ -161,7 +163,8 @@ local function refund(s, q, now, units, snap)
   end
   if q.algo == 1 then
     local after = (s[5] - snap) % TWO50
-    local b = math.max(now, s[4])
+    -- s[4] is the latest start rounded down; one unit more bounds it from above.
+    local b = math.max(now, s[4] + 1)
     local l = lead(s, q, b)
     if l <= 0 then
       return
@@ -349,13 +352,12 @@ local function op_reserve()
   local out = {1, start_us - now_us}
   for i, q in ipairs(Q) do
     if covers(q, part) then
-      local st
+      local first = math.floor(start_us / q.u)
+      local st = first
       if q.algo == 1 then
         st = cdiv(start_us, q.u)
-      else
-        st = math.floor(start_us / q.u)
       end
-      local snap = apply(states[i], q, st, charges[i])
+      local snap = apply(states[i], q, st, charges[i], first)
       out[#out + 1] = {snap, states[i][6], raw[i] or ''}
     else
       out[#out + 1] = 0
@@ -404,13 +406,11 @@ local function op_settle()
     local a, s = args[i], states[i]
     refund(s, q, now_ceil(q), a[1], a[3])
     if a[2] > 0 then
-      local t
+      local t = now_floor(q)
       if q.algo == 1 then
         t = now_ceil(q)
-      else
-        t = now_floor(q)
       end
-      apply(s, q, t, a[2])
+      apply(s, q, t, a[2], now_floor(q))
     end
   end
   store(kkey, skey, 3, states)

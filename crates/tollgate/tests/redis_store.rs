@@ -1,0 +1,232 @@
+//! What the Redis store keeps, and for how long: O(1) state per identity, idle keys that
+//! expire, concurrency leases that are renewed while held and freed when their process
+//! dies, and recovery from a flushed script cache or a flushed database.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::RedisServer;
+use tollgate::redis::AsyncCommands;
+use tollgate::{Cost, Error, Limiter, Quota};
+
+async fn conn(server: &RedisServer) -> tollgate::redis::aio::MultiplexedConnection {
+    tollgate::redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_per_identity_is_constant_whatever_the_traffic() {
+    let server = RedisServer::start();
+    let limiter = Limiter::builder()
+        .redis(server.url())
+        .prefix("o1:")
+        .quota(Quota::requests(1_000_000).per_minute())
+        .quota(Quota::tokens(100_000_000).per_minute())
+        .build()
+        .await
+        .expect("limiter");
+    let mut c = conn(&server).await;
+    limiter
+        .try_acquire("alice", Cost::input(10))
+        .await
+        .expect("first");
+    let key = "o1:k{alice}";
+    let fields: usize = c.hlen(key).await.expect("hlen");
+    let size = |c: &mut tollgate::redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        async move {
+            let v: Option<u64> = tollgate::redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .query_async(&mut c)
+                .await
+                .expect("memory usage");
+            v.expect("the key exists")
+        }
+    };
+    let before = size(&mut c).await;
+    for _ in 0..10_000 {
+        limiter
+            .try_acquire("alice", Cost::input(10))
+            .await
+            .expect("within the limits");
+    }
+    let after = size(&mut c).await;
+    let fields_after: usize = c.hlen(key).await.expect("hlen");
+    assert_eq!((fields, fields_after), (2, 2), "one field per quota");
+    assert_eq!(
+        before, after,
+        "10,000 calls later the identity takes the same memory"
+    );
+    let keys: Vec<String> = c.keys("o1:*").await.expect("keys");
+    assert_eq!(keys, vec![key.to_string()], "one key per identity");
+    println!("state per identity with two quotas: {after} bytes (MEMORY USAGE)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_identities_expire() {
+    let server = RedisServer::start();
+    let limiter = Limiter::builder()
+        .redis(server.url())
+        .prefix("exp:")
+        .quota(Quota::requests(10).per(Duration::from_millis(100)))
+        .build()
+        .await
+        .expect("limiter");
+    let mut c = conn(&server).await;
+    limiter
+        .try_acquire("bob", Cost::request())
+        .await
+        .expect("first");
+    let ttl: i64 = c.pttl("exp:k{bob}").await.expect("pttl");
+    assert!(ttl > 0 && ttl <= 1_200, "expires once idle: {ttl} ms");
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let exists: bool = c.exists("exp:k{bob}").await.expect("exists");
+    assert!(!exists, "an idle identity leaves nothing behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_slots_are_renewed_and_a_dead_process_frees_them() {
+    let server = RedisServer::start();
+    let build = || {
+        Limiter::builder()
+            .redis(server.url())
+            .lease(Duration::from_millis(300))
+            .quota(Quota::concurrent(1))
+            .build()
+    };
+    let a = build().await.expect("limiter a");
+    let b = build().await.expect("limiter b");
+    let permit = a.try_acquire("u", Cost::request()).await.expect("the slot");
+    // Held for three lease times: renewed, so nobody else gets it.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let Err(Error::Limited(_)) = b.try_acquire("u", Cost::request()).await else {
+        panic!("a held slot must stay held while its permit lives");
+    };
+    // Released on drop: free at once.
+    drop(permit);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let p = b
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("released slot");
+    drop(p);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A process that dies holding a slot: it neither releases nor renews it.
+    let permit = a
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("the slot again");
+    std::mem::forget(permit);
+    drop(a);
+    let t = Instant::now();
+    let p = b
+        .acquire_within("u", Cost::request(), Duration::from_secs(3))
+        .await
+        .expect("the dead process's slot frees when its lease ends");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(150),
+        "freed after {waited:?}"
+    );
+    assert!(
+        waited <= Duration::from_millis(900),
+        "freed after {waited:?}"
+    );
+    let s = b.status("u").await.expect("status");
+    assert_eq!(s[0].remaining, 0);
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_scripts_and_data_are_recovered() {
+    let server = RedisServer::start();
+    let limiter = Limiter::builder()
+        .redis(server.url())
+        .quota(Quota::requests(2).per_minute())
+        .build()
+        .await
+        .expect("limiter");
+    let mut c = conn(&server).await;
+    limiter.try_acquire("u", Cost::request()).await.expect("1");
+    let _: () = tollgate::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .expect("script flush");
+    limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("2, after NOSCRIPT reload");
+    assert!(
+        limiter.try_acquire("u", Cost::request()).await.is_err(),
+        "state survived"
+    );
+    let _: () = tollgate::redis::cmd("FLUSHALL")
+        .query_async(&mut c)
+        .await
+        .expect("flushall");
+    // The state is gone: counting restarts from a full quota (documented).
+    limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("fresh after FLUSHALL");
+    assert_eq!(limiter.redis_up(), Some(true));
+}
+
+/// A quota whose capacity × period is too large to count in microseconds is counted in
+/// coarser units (here 1 ms); it must still never exceed burst + rate × length and still
+/// use its whole rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coarse_time_units_stay_exact() {
+    let server = RedisServer::start();
+    let rate_per_s = 100_000u64;
+    let limiter = Limiter::builder()
+        .redis(server.url())
+        .quota(Quota::tokens(rate_per_s * 3600).per_hour().burst(1_000_000))
+        .build()
+        .await
+        .expect("limiter");
+    // Drain the burst.
+    while limiter.try_acquire("u", Cost::input(100_000)).await.is_ok() {}
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let l = limiter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while t0.elapsed() < Duration::from_millis(1_500) {
+                l.acquire("u", Cost::input(2_000)).await.expect("waits");
+                got.push(t0.elapsed());
+            }
+            got
+        }));
+    }
+    let mut at: Vec<Duration> = Vec::new();
+    for t in tasks {
+        at.extend(t.await.expect("task"));
+    }
+    at.sort();
+    let n = at.len();
+    // Bound over every interval, with 5 ms of observation slack (at most a few calls of
+    // refill, plus whatever the drain left).
+    for i in 0..n {
+        for j in i..n {
+            let len = (at[j] - at[i]).as_secs_f64() + 0.005;
+            let admitted = 2_000 * (j - i + 1) as u64;
+            let allowed = 100_000.0 + rate_per_s as f64 * len;
+            assert!(admitted as f64 <= allowed, "{admitted} in {len:.4} s");
+        }
+    }
+    let span = (at[n - 1] - at[0]).as_secs_f64();
+    let used = 2_000.0 * (n - 1) as f64;
+    let utilization = used / (rate_per_s as f64 * span);
+    assert!(
+        utilization >= 0.99,
+        "utilization {utilization:.4} over {span:.3} s"
+    );
+}
