@@ -159,6 +159,32 @@ impl LimiterBuilder {
         RedisBuilder::new(self, Target::Manager(manager))
     }
 
+    /// As [`LimiterBuilder::redis`], on a Redis Cluster reached through these seed nodes.
+    /// Each identity's keys share one hash slot; shared (account-wide) quotas live on
+    /// their own slot and are reserved after the identity's, with the identity's given
+    /// back if the shared ones refuse.
+    ///
+    /// ```no_run
+    /// use tollgate::{Limiter, Quota};
+    /// # async fn run() -> Result<(), tollgate::Error> {
+    /// let limiter = Limiter::builder()
+    ///     .redis_cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+    ///     .quota(Quota::requests(500).per_minute())
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn redis_cluster<I, S>(self, nodes: I) -> RedisBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RedisBuilder::new(
+            self,
+            Target::Cluster(nodes.into_iter().map(Into::into).collect()),
+        )
+    }
+
     /// Check every quota and sort them into the store's lists.
     fn assemble(&self) -> Result<Assembled, ConfigError> {
         if self.quotas.is_empty() {

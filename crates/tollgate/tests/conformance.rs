@@ -1,23 +1,26 @@
-//! One behavioural suite, run against both stores: whatever a user relies on holds the
-//! same in memory and on Redis. Each Redis test starts its own `redis-server`.
+//! One behavioural suite, run against every store: whatever a user relies on holds the
+//! same in memory, on one Redis and on a Redis Cluster. Each Redis test starts its own
+//! `redis-server` (three of them for the cluster).
 
 mod support;
 
 use std::time::{Duration, Instant};
 
-use support::RedisServer;
+use support::{RedisCluster, RedisServer};
 use tollgate::{Accounting, Algorithm, Cost, Error, Limiter, Quota, Usage};
 
 /// A limiter on one store, keeping its Redis server alive as long as the test runs.
 struct Fixture {
     limiter: Limiter,
     _server: Option<RedisServer>,
+    _cluster: Option<RedisCluster>,
 }
 
 #[derive(Clone, Copy)]
 enum Store {
     Memory,
     Redis,
+    Cluster,
 }
 
 async fn fixture(store: Store, quotas: Vec<Quota>) -> Fixture {
@@ -30,6 +33,7 @@ async fn fixture(store: Store, quotas: Vec<Quota>) -> Fixture {
             Fixture {
                 limiter: b.build().expect("valid quotas"),
                 _server: None,
+                _cluster: None,
             }
         }
         Store::Redis => {
@@ -41,6 +45,19 @@ async fn fixture(store: Store, quotas: Vec<Quota>) -> Fixture {
             Fixture {
                 limiter: b.build().await.expect("Redis limiter builds"),
                 _server: Some(server),
+                _cluster: None,
+            }
+        }
+        Store::Cluster => {
+            let cluster = RedisCluster::start();
+            let mut b = Limiter::builder().redis_cluster(cluster.urls());
+            for q in quotas {
+                b = b.quota(q);
+            }
+            Fixture {
+                limiter: b.build().await.expect("Redis Cluster limiter builds"),
+                _server: None,
+                _cluster: Some(cluster),
             }
         }
     }
@@ -61,6 +78,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::Store::Redis).await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Store::Cluster).await;
                 }
             )*
         }

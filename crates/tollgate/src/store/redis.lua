@@ -12,8 +12,8 @@
 --   GCRA:    a = tat's whole units, b = tat's fraction x A (0 <= b < A)
 --   fixed:   a = window index, b = count in it
 --   sliding: a = window index, b = previous window's count, c = current window's count
--- charged counts units (mod 2^50) to size safe refunds; version counts reservations, so a
--- cancel can restore the exact prior state when nothing was reserved after it.
+-- charged counts units (mod 2^50) to size safe refunds; version counts changes, so a
+-- cancel can restore the exact prior state when nothing changed it since.
 
 local TWO50 = 1125899906842624
 local LIMIT = 9007199254740991
@@ -42,8 +42,10 @@ local function cdiv(x, d)
   return q
 end
 
+-- A fresh state's version starts at the time (µs, below 2^53 so +1 stays exact), so a
+-- state re-created after expiry does not repeat the versions of the one before.
 local function fresh()
-  return {0, 0, 0, 0, 0, now_us * 1024}
+  return {0, 0, 0, 0, 0, now_us}
 end
 
 local function unpack_state(v)
@@ -161,6 +163,9 @@ local function refund(s, q, now, units, snap)
   if units <= 0 then
     return
   end
+  -- Any change ends exact restores of earlier reservations: restoring a state from
+  -- before this refund would take it back.
+  s[6] = s[6] + 1
   if q.algo == 1 then
     local after = (s[5] - snap) % TWO50
     -- s[4] is the latest start rounded down; one unit more bounds it from above.
@@ -394,37 +399,43 @@ local function op_cancel()
   return 1
 end
 
--- S kidx sidx (refund_i extra_i snap_i for each quota)
+-- S kidx sidx part (refund_i extra_i snap_i for each quota)
 local function op_settle()
-  local kkey, skey = KEYS[num()], KEYS[num()]
+  local kkey, skey, part = KEYS[num()], KEYS[num()], num()
   local args = {}
   for i = 1, #Q do
     args[i] = {num(), num(), num()}
   end
-  local states = load(kkey, skey, 3)
+  local states = load(kkey, skey, part)
   for i, q in ipairs(Q) do
-    local a, s = args[i], states[i]
-    refund(s, q, now_ceil(q), a[1], a[3])
-    if a[2] > 0 then
-      local t = now_floor(q)
-      if q.algo == 1 then
-        t = now_ceil(q)
+    if covers(q, part) then
+      local a, s = args[i], states[i]
+      refund(s, q, now_ceil(q), a[1], a[3])
+      if a[2] > 0 then
+        local t = now_floor(q)
+        if q.algo == 1 then
+          t = now_ceil(q)
+        end
+        apply(s, q, t, a[2], now_floor(q))
       end
-      apply(s, q, t, a[2], now_floor(q))
     end
   end
-  store(kkey, skey, 3, states)
+  store(kkey, skey, part, states)
   return 1
 end
 
--- T kidx sidx
+-- T kidx sidx part: per covered quota {remaining, reset_us}, 0 for the others
 local function op_status()
-  local kkey, skey = KEYS[num()], KEYS[num()]
-  local states = load(kkey, skey, 3)
+  local kkey, skey, part = KEYS[num()], KEYS[num()], num()
+  local states = load(kkey, skey, part)
   local out = {}
   for i, q in ipairs(Q) do
-    local rem, reset = status(states[i], q, now_floor(q))
-    out[#out + 1] = {rem, reset * q.u}
+    if covers(q, part) then
+      local rem, reset = status(states[i], q, now_floor(q))
+      out[#out + 1] = {rem, reset * q.u}
+    else
+      out[#out + 1] = 0
+    end
   end
   return out
 end

@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -237,10 +239,60 @@ struct Health {
     failures: AtomicU64,
 }
 
+/// A connection to one Redis (multiplexed, reconnecting) or to a Redis Cluster.
+enum Conn {
+    Single(ConnectionManager),
+    Cluster {
+        client: Box<ClusterClient>,
+        /// Connected on first use, so a cluster that is down at start is an outage
+        /// like any other rather than a build failure.
+        conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+    },
+}
+
+/// A clone of the live connection for one call.
+enum Live {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn live(&self) -> Result<Live, RedisError> {
+        match self {
+            Conn::Single(m) => Ok(Live::Single(m.clone())),
+            Conn::Cluster { client, conn } => {
+                let mut guard = conn.lock().await;
+                if let Some(c) = guard.as_ref() {
+                    return Ok(Live::Cluster(c.clone()));
+                }
+                let c = client.get_async_connection().await?;
+                *guard = Some(c.clone());
+                Ok(Live::Cluster(c))
+            }
+        }
+    }
+}
+
+impl Live {
+    async fn invoke(&mut self, inv: &redis::ScriptInvocation<'_>) -> Result<Value, RedisError> {
+        match self {
+            Live::Single(c) => inv.invoke_async(c).await,
+            Live::Cluster(c) => inv.invoke_async(c).await,
+        }
+    }
+
+    async fn query(&mut self, cmd: &redis::Cmd) -> Result<Value, RedisError> {
+        match self {
+            Live::Single(c) => cmd.query_async(c).await,
+            Live::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
 struct Shared {
     client_label: String,
     script: redis::Script,
-    conn: ConnectionManager,
+    conn: Conn,
     timeout: Duration,
     health: Health,
     /// Wakes the probe when a call fails.
@@ -249,6 +301,9 @@ struct Shared {
 
 /// Connection, batching and failure handling for one limiter on Redis.
 pub(crate) struct RedisStore {
+    /// On a cluster, an identity's keys and the shared keys live on different slots, so
+    /// no script call touches both.
+    cluster: bool,
     quotas: Vec<RemoteQuota>,
     key_count: usize,
     prefix: String,
@@ -274,6 +329,8 @@ pub(crate) enum Target {
     Url(String),
     Client(redis::Client),
     Manager(ConnectionManager),
+    /// Seed nodes of a Redis Cluster.
+    Cluster(Vec<String>),
 }
 
 /// A store's settings.
@@ -334,23 +391,46 @@ impl RedisStore {
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100))
             .set_number_of_retries(2);
+        let cluster = matches!(settings.target, Target::Cluster(_));
+        let single = |m| Conn::Single(m);
         let (conn, label) = match settings.target {
-            Target::Manager(m) => (m, "a connection manager".to_string()),
+            Target::Manager(m) => (single(m), "a connection manager".to_string()),
             Target::Client(c) => {
                 let label = redact(&c.get_connection_info().addr().to_string());
-                (
-                    ConnectionManager::new_lazy_with_config(c, config)
-                        .map_err(|e| e.to_string())?,
-                    label,
-                )
+                let m = ConnectionManager::new_lazy_with_config(c, config)
+                    .map_err(|e| e.to_string())?;
+                (single(m), label)
             }
             Target::Url(url) => {
                 let client = redis::Client::open(url.as_str())
                     .map_err(|e| format!("bad Redis URL {:?}: {e}", redact(&url)))?;
+                let m = ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| e.to_string())?;
+                (single(m), redact(&url))
+            }
+            Target::Cluster(nodes) => {
+                if nodes.is_empty() {
+                    return Err("a Redis Cluster needs at least one seed node URL".into());
+                }
+                let label = nodes
+                    .iter()
+                    .map(|n| redact(n))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(2)
+                    .min_retry_wait(10)
+                    .max_retry_wait(100)
+                    .build()
+                    .map_err(|e| format!("bad Redis Cluster nodes {label:?}: {e}"))?;
                 (
-                    ConnectionManager::new_lazy_with_config(client, config)
-                        .map_err(|e| e.to_string())?,
-                    redact(&url),
+                    Conn::Cluster {
+                        client: Box::new(client),
+                        conn: tokio::sync::Mutex::new(None),
+                    },
+                    label,
                 )
             }
         };
@@ -366,9 +446,10 @@ impl RedisStore {
             probe: tokio::sync::Notify::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(rx, Arc::downgrade(&shared)));
+        tokio::spawn(batcher(rx, Arc::downgrade(&shared), cluster));
         tokio::spawn(prober(Arc::downgrade(&shared)));
         Ok(RedisStore {
+            cluster,
             key_count: key_rates.len(),
             quotas,
             prefix: settings.prefix,
@@ -494,6 +575,48 @@ impl RedisStore {
         max_wait_us: Option<u64>,
     ) -> Outcome<Result<(u64, RemoteReserved), RemoteRefusal>> {
         let part = part_code(part);
+        if let [first, second] = self.parts(part)[..] {
+            // A cluster: the identity's quotas, then the shared ones; a refusal of the
+            // second gives the first back (reserve-then-refund, never over a limit).
+            let (w1, mut r1) = match self.reserve_part(key, charges, first, max_wait_us).await? {
+                Ok(x) => x,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            return match self.reserve_part(key, charges, second, max_wait_us).await {
+                Ok(Ok((w2, r2))) => {
+                    r1.merge(r2);
+                    Ok(Ok((w1.max(w2), r1)))
+                }
+                Ok(Err(refusal)) => {
+                    self.cancel(key, charges, &r1);
+                    Ok(Err(refusal))
+                }
+                Err(e) => {
+                    self.cancel(key, charges, &r1);
+                    Err(e)
+                }
+            };
+        }
+        self.reserve_part(key, charges, part, max_wait_us).await
+    }
+
+    /// The script calls an operation on `part` takes: one, or on a cluster, one per
+    /// group of keys (the identity's, the shared ones).
+    fn parts(&self, part: i64) -> Vec<i64> {
+        if self.cluster && part == 3 && self.key_count > 0 && self.has_shared() {
+            vec![1, 2]
+        } else {
+            vec![part]
+        }
+    }
+
+    async fn reserve_part(
+        &self,
+        key: &str,
+        charges: &[u64],
+        part: i64,
+        max_wait_us: Option<u64>,
+    ) -> Outcome<Result<(u64, RemoteReserved), RemoteRefusal>> {
         let mut args = vec![Arg::Int(part), max_wait_us.map_or(Arg::Int(-1), int)];
         args.extend(charges.iter().map(|&c| int(c)));
         let v = self.call("R", self.keys(key, part), args).await?;
@@ -539,19 +662,21 @@ impl RedisStore {
         if part == 0 || !self.is_up() {
             return;
         }
-        let mut args = vec![Arg::Int(part)];
-        for (i, s) in r.snaps.iter().enumerate() {
-            args.push(int(charges.get(i).copied().unwrap_or(0)));
-            args.push(int(s.snap));
-            args.push(int(s.version));
-            args.push(Arg::Bytes(s.prior.clone()));
+        for part in self.parts(part) {
+            let mut args = vec![Arg::Int(part)];
+            for (i, s) in r.snaps.iter().enumerate() {
+                args.push(int(charges.get(i).copied().unwrap_or(0)));
+                args.push(int(s.snap));
+                args.push(int(s.version));
+                args.push(Arg::Bytes(s.prior.clone()));
+            }
+            self.send(Job {
+                letter: "C",
+                keys: self.keys(key, part),
+                args,
+                reply: None,
+            });
         }
-        self.send(Job {
-            letter: "C",
-            keys: self.keys(key, part),
-            args,
-            reply: None,
-        });
     }
 
     /// Refund (or charge) the difference between estimate and usage in every quota that
@@ -565,26 +690,34 @@ impl RedisStore {
         if deltas.iter().all(|d| *d == (0, 0)) {
             return Ok(());
         }
-        let mut args = Vec::with_capacity(3 * self.quotas.len());
-        for (i, (refund, extra)) in deltas.iter().enumerate() {
-            args.push(int(*refund));
-            args.push(int(*extra));
-            args.push(int(r.snaps.get(i).map_or(0, |s| s.snap)));
+        for part in self.parts(3) {
+            let mut args = Vec::with_capacity(1 + 3 * self.quotas.len());
+            args.push(Arg::Int(part));
+            for (i, (refund, extra)) in deltas.iter().enumerate() {
+                args.push(int(*refund));
+                args.push(int(*extra));
+                args.push(int(r.snaps.get(i).map_or(0, |s| s.snap)));
+            }
+            self.call("S", self.keys(key, part), args).await?;
         }
-        self.call("S", self.keys(key, 3), args).await.map(|_| ())
+        Ok(())
     }
 
     /// Per quota (per-key first): units remaining and µs until fully replenished.
     pub(crate) async fn status(&self, key: &str) -> Outcome<Vec<(usize, u64, u64)>> {
-        let v = self.call("T", self.keys(key, 3), Vec::new()).await?;
-        let v = as_array(&v)?;
         let mut out = Vec::with_capacity(self.quotas.len());
-        for (i, q) in self.quotas.iter().enumerate() {
-            let t = match v.get(i) {
-                Some(Value::Array(t)) => t,
-                _ => return Err(StoreUnavailable::new("malformed status reply")),
-            };
-            out.push((q.rate.index, num(t, 0)?, num(t, 1)?));
+        for part in self.parts(3) {
+            let v = self
+                .call("T", self.keys(key, part), vec![Arg::Int(part)])
+                .await?;
+            for (i, t) in as_array(&v)?.iter().enumerate() {
+                if let (Value::Array(t), Some(q)) = (t, self.quotas.get(i)) {
+                    out.push((q.rate.index, num(t, 0)?, num(t, 1)?));
+                }
+            }
+        }
+        if out.len() != self.quotas.len() {
+            return Err(StoreUnavailable::new("malformed status reply"));
         }
         Ok(out)
     }
@@ -737,9 +870,12 @@ fn mark(shared: &Shared, up: bool, why: &str) {
 }
 
 async fn ping(shared: &Shared) -> Outcome<()> {
-    let mut conn = shared.conn.clone();
     let cmd = redis::cmd("PING");
-    match tokio::time::timeout(shared.timeout, cmd.query_async::<Value>(&mut conn)).await {
+    let call = async {
+        let mut conn = shared.conn.live().await?;
+        conn.query(&cmd).await
+    };
+    match tokio::time::timeout(shared.timeout, call).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(StoreUnavailable::new(&e.to_string())),
         Err(_) => Err(StoreUnavailable::new("Redis did not answer in time")),
@@ -764,21 +900,68 @@ async fn prober(shared: std::sync::Weak<Shared>) {
     }
 }
 
-/// Gather waiting operations into script calls, a few in flight at a time.
-async fn batcher(mut rx: mpsc::UnboundedReceiver<Job>, shared: std::sync::Weak<Shared>) {
+/// Gather waiting operations into script calls, a few in flight at a time. On a
+/// cluster, one call per hash slot (a script may only touch keys of one slot).
+async fn batcher(
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    shared: std::sync::Weak<Shared>,
+    cluster: bool,
+) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let Some(s) = shared.upgrade() else { return };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
         let batch = std::mem::replace(&mut jobs, Vec::with_capacity(MAX_BATCH));
-        tokio::spawn(async move {
-            run_batch(&s, batch).await;
-            drop(permit);
-        });
+        let groups = if cluster {
+            let mut by_slot: Vec<(u16, Vec<Job>)> = Vec::new();
+            for job in batch {
+                let slot = job.keys[0]
+                    .as_deref()
+                    .or(job.keys[1].as_deref())
+                    .map_or(0, |k| key_slot(k.as_bytes()));
+                match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, g)) => g.push(job),
+                    None => by_slot.push((slot, vec![job])),
+                }
+            }
+            by_slot.into_iter().map(|(_, g)| g).collect()
+        } else {
+            vec![batch]
+        };
+        for group in groups {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                run_batch(&s, group).await;
+                drop(permit);
+            });
+        }
     }
+}
+
+/// The Redis Cluster hash slot of a key: CRC16 (XMODEM) of its hash tag, mod 16384.
+fn key_slot(key: &[u8]) -> u16 {
+    let tag = match key.iter().position(|&b| b == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    let mut crc: u16 = 0;
+    for &b in tag {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16_384
 }
 
 async fn run_batch(shared: &Shared, batch: Vec<Job>) {
@@ -804,28 +987,30 @@ async fn run_batch(shared: &Shared, batch: Vec<Job>) {
         }
     }
     shared.health.calls.fetch_add(1, Ordering::Relaxed);
-    let mut conn = shared.conn.clone();
-    let result =
-        match tokio::time::timeout(shared.timeout, inv.invoke_async::<Value>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                shared.health.failures.fetch_add(1, Ordering::Relaxed);
-                if is_outage(&e) {
-                    mark(shared, false, &e.to_string());
-                } else {
-                    tracing::error!(error = %e, "the tollgate script failed");
-                }
-                Err(StoreUnavailable::new(&e.to_string()))
+    let call = async {
+        let mut conn = shared.conn.live().await?;
+        conn.invoke(&inv).await
+    };
+    let result = match tokio::time::timeout(shared.timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            shared.health.failures.fetch_add(1, Ordering::Relaxed);
+            if is_outage(&e) {
+                mark(shared, false, &e.to_string());
+            } else {
+                tracing::error!(error = %e, "the tollgate script failed");
             }
-            Err(_) => {
-                shared.health.failures.fetch_add(1, Ordering::Relaxed);
-                mark(shared, false, "timed out");
-                Err(StoreUnavailable::new(&format!(
-                    "Redis did not answer within {:?}",
-                    shared.timeout
-                )))
-            }
-        };
+            Err(StoreUnavailable::new(&e.to_string()))
+        }
+        Err(_) => {
+            shared.health.failures.fetch_add(1, Ordering::Relaxed);
+            mark(shared, false, "timed out");
+            Err(StoreUnavailable::new(&format!(
+                "Redis did not answer within {:?}",
+                shared.timeout
+            )))
+        }
+    };
     match result {
         Ok(Value::Array(replies)) if replies.len() == batch.len() => {
             for (job, v) in batch.into_iter().zip(replies) {
@@ -888,6 +1073,15 @@ mod tests {
             remote_quota(&rate(1, 1_500, 1), "x", false)
                 .is_err_and(|e| e.contains("whole microseconds"))
         );
+    }
+
+    #[test]
+    fn slots_follow_the_hash_tag() {
+        // Reference values from the Redis Cluster specification (CRC16 XMODEM of "123456789" is 0x31C3).
+        assert_eq!(key_slot(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"p:k{user}"), key_slot(b"p:c{user}"));
+        assert_eq!(key_slot(b"p:k{user}"), key_slot(b"user"));
+        assert_eq!(key_slot(b"a{}b"), key_slot(b"a{}b"));
     }
 
     #[test]

@@ -42,7 +42,12 @@ impl RedisServer {
 
     /// Start (again) on the same port.
     pub fn restart(&mut self) {
+        self.start_with(&[]);
+    }
+
+    fn start_with(&mut self, extra: &[&str]) {
         let child = Command::new("redis-server")
+            .args(extra)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -91,5 +96,72 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A three-node Redis Cluster (masters only), each node a child process.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Start three nodes in cluster mode, join them, and wait until every slot is served.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let dir = std::env::temp_dir()
+                    .join(format!("tollgate-cluster-{port}-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).expect("create a directory for redis-server");
+                let mut s = RedisServer {
+                    child: None,
+                    port,
+                    dir,
+                };
+                s.start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ]);
+                s
+            })
+            .collect();
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        args.extend([
+            "--cluster-replicas".into(),
+            "0".into(),
+            "--cluster-yes".into(),
+        ]);
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install redis-tools"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let t = Instant::now();
+        'wait: while t.elapsed() < Duration::from_secs(20) {
+            for n in &nodes {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli cluster info");
+                if !String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue 'wait;
+                }
+            }
+            return RedisCluster { nodes };
+        }
+        panic!("the Redis Cluster did not reach cluster_state:ok within 20 s");
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
     }
 }
