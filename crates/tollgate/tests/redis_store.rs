@@ -35,7 +35,7 @@ async fn state_per_identity_is_constant_whatever_the_traffic() {
         .await
         .expect("first");
     let key = "o1:k{alice}";
-    let fields: usize = c.hlen(key).await.expect("hlen");
+    let len: usize = c.strlen(key).await.expect("strlen");
     let size = |c: &mut tollgate::redis::aio::MultiplexedConnection| {
         let mut c = c.clone();
         async move {
@@ -56,8 +56,8 @@ async fn state_per_identity_is_constant_whatever_the_traffic() {
             .expect("within the limits");
     }
     let after = size(&mut c).await;
-    let fields_after: usize = c.hlen(key).await.expect("hlen");
-    assert_eq!((fields, fields_after), (2, 2), "one field per quota");
+    let len_after: usize = c.strlen(key).await.expect("strlen");
+    assert_eq!((len, len_after), (112, 112), "one 56-byte record per quota");
     assert_eq!(
         before, after,
         "10,000 calls later the identity takes the same memory"
@@ -65,6 +65,36 @@ async fn state_per_identity_is_constant_whatever_the_traffic() {
     let keys: Vec<String> = c.keys("o1:*").await.expect("keys");
     assert_eq!(keys, vec![key.to_string()], "one key per identity");
     println!("state per identity with two quotas: {after} bytes (MEMORY USAGE)");
+}
+
+/// Mid-deploy, two versions of an application share a prefix with different quotas: the
+/// quotas they have in common are one budget, and neither erases the other's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_configurations_share_common_quotas_and_keep_each_others() {
+    let server = RedisServer::start();
+    let old = Limiter::builder()
+        .redis(server.url())
+        .quota(Quota::requests(4).per_minute())
+        .build()
+        .await
+        .expect("old");
+    let new = Limiter::builder()
+        .redis(server.url())
+        .quota(Quota::requests(4).per_minute())
+        .quota(Quota::tokens(1_000).per_minute())
+        .build()
+        .await
+        .expect("new");
+    new.try_acquire("u", Cost::input(600)).await.expect("new 1");
+    old.try_acquire("u", Cost::input(600)).await.expect("old 1");
+    old.try_acquire("u", Cost::input(600)).await.expect("old 2");
+    // The tokens record survived the old version's writes: 400 tokens left.
+    let err = new.try_acquire("u", Cost::input(600)).await.expect_err("tokens");
+    assert!(err.to_string().contains("tokens"), "{err}");
+    new.try_acquire("u", Cost::input(400)).await.expect("new 2");
+    // Requests are one budget: 4 in all.
+    assert!(old.try_acquire("u", Cost::input(1)).await.is_err());
+    assert_eq!(old.status("u").await.expect("status")[0].remaining, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -437,7 +437,9 @@ impl Limiter {
         part: Part,
         max_wait_us: Option<u64>,
     ) -> Result<(u64, RemoteReserved), Result<Error, StoreUnavailable>> {
-        match r.store.reserve(key, charges, part, max_wait_us).await {
+        // A call that never waits is never cancelled: it needs no undo data.
+        let undo = max_wait_us != Some(0);
+        match r.store.reserve(key, charges, part, max_wait_us, undo).await {
             Ok(Ok(x)) => Ok(x),
             Ok(Err(refusal)) => Err(Ok(self.remote_refused(refusal))),
             Err(e) => Err(Err(e)),

@@ -2,7 +2,8 @@
 --
 -- The store prepends a header defining Q, the limiter's rate quotas in order:
 --   Q[i] = { algo (1 GCRA, 2 fixed window, 3 sliding window), A (amount), P (period in
---            units), cap (capacity), u (unit in microseconds), f (hash field), shared (bool) }
+--            units), cap (capacity), u (unit in microseconds), fp (the quota's
+--            fingerprint, naming its record), shared (bool) }
 -- so the script's SHA names the exact configuration.
 --
 -- Numbers are Lua doubles: every integer the math produces stays below 2^53 (the store
@@ -42,10 +43,11 @@ local function cdiv(x, d)
   return q
 end
 
--- A fresh state's version starts at the time (µs, below 2^53 so +1 stays exact), so a
--- state re-created after expiry does not repeat the versions of the one before.
+-- A fresh state's version starts at the time (µs mod 2^40, times 4096: below 2^53 so
+-- +1 stays exact), so a state created again later never repeats the versions of an
+-- earlier one (that would take more than 4,096 changes per microsecond).
 local function fresh()
-  return {0, 0, 0, 0, 0, now_us}
+  return {0, 0, 0, 0, 0, (now_us % 1099511627776) * 4096, fresh = true}
 end
 
 local function unpack_state(v)
@@ -122,6 +124,7 @@ end
 -- the start rounded down (GCRA charges from the start rounded up, which is safe, but
 -- later callers may start from the one rounded down: FIFO to within one unit).
 local function apply(s, q, start, c, first)
+  s.fresh = nil
   s[4] = math.max(s[4], first or start)
   s[5] = (s[5] + c) % TWO50
   s[6] = s[6] + 1
@@ -166,6 +169,7 @@ local function refund(s, q, now, units, snap)
   -- Any change ends exact restores of earlier reservations: restoring a state from
   -- before this refund would take it back.
   s[6] = s[6] + 1
+  s.fresh = nil
   if q.algo == 1 then
     local after = (s[5] - snap) % TWO50
     -- s[4] is the latest start rounded down; one unit more bounds it from above.
@@ -248,68 +252,107 @@ local function horizon(s, q, now)
   return h * q.u
 end
 
-local function now_floor(q)
-  return math.floor(now_us / q.u)
-end
-
-local function now_ceil(q)
-  return cdiv(now_us, q.u)
-end
-
 -- The quotas an operation covers: part 1 per key, 2 shared, 3 both.
-local function covers(q, part)
+local KQ, SQ, ALL, BYFP = {}, {}, {}, {}
+for i, q in ipairs(Q) do
   if q.shared then
-    return part >= 2
+    SQ[#SQ + 1] = i
+  else
+    KQ[#KQ + 1] = i
   end
-  return part ~= 2
+  ALL[i] = i
+  BYFP[q.fp] = i
+  q.nf = math.floor(now_us / q.u)
+  q.nc = cdiv(now_us, q.u)
+end
+local PART = {KQ, SQ, ALL}
+
+-- Each identity (and the shared quotas) is one string: a 56-byte record per quota,
+-- {fingerprint, six state numbers}. Records of quotas this configuration does not know
+-- (another version of the application, mid-deploy) are kept as they are.
+local REC = '<ddddddd'
+local cache, order = {}, {}
+
+-- The states of `group` (KQ or SQ) under `key`, read once per batch.
+local function entry(key, group)
+  local e = cache[key]
+  if e then
+    return e
+  end
+  e = {st = {}, other = '', dirty = false, group = group}
+  local v = redis.call('GET', key)
+  if v then
+    local p, others = 1, {}
+    while p + 55 <= #v do
+      local fp, a, b, c, m, ch, ver, nxt = struct.unpack(REC, v, p)
+      local i = BYFP[fp]
+      if i and Q[i].shared == (group == SQ) then
+        e.st[i] = {a, b, c, m, ch, ver}
+      else
+        others[#others + 1] = string.sub(v, p, nxt - 1)
+      end
+      p = nxt
+    end
+    e.other = table.concat(others)
+  end
+  for _, i in ipairs(group) do
+    if not e.st[i] then
+      e.st[i] = fresh()
+    end
+  end
+  cache[key] = e
+  order[#order + 1] = key
+  return e
 end
 
--- Load the states of the covered quotas: returns states[i] and raw values[i].
+-- The states an operation on `part` covers, by quota index (all in one table).
 local function load(kkey, skey, part)
-  local states, raw = {}, {}
-  for _, group in ipairs({{false, kkey}, {true, skey}}) do
-    local shared, key = group[1], group[2]
-    local fields, idx = {}, {}
-    for i, q in ipairs(Q) do
-      if q.shared == shared and covers(q, part) then
-        fields[#fields + 1] = q.f
-        idx[#idx + 1] = i
-      end
-    end
-    if #fields > 0 then
-      local vals = redis.call('HMGET', key, unpack(fields))
-      for j, i in ipairs(idx) do
-        raw[i] = vals[j]
-        states[i] = unpack_state(vals[j])
-      end
+  local states = {}
+  if part ~= 2 and #KQ > 0 then
+    for i, st in pairs(entry(kkey, KQ).st) do
+      states[i] = st
     end
   end
-  return states, raw
+  if part ~= 1 and #SQ > 0 then
+    for i, st in pairs(entry(skey, SQ).st) do
+      states[i] = st
+    end
+  end
+  return states
 end
 
--- Write the covered states back, deleting fields restored to absent, and set each
--- hash's expiry to when all its states are idle.
-local function store(kkey, skey, part, states, deleted)
-  for _, group in ipairs({{false, kkey}, {true, skey}}) do
-    local shared, key = group[1], group[2]
-    local kv, dels, ttl = {}, {}, 1
-    for i, q in ipairs(Q) do
-      if q.shared == shared and covers(q, part) then
-        if deleted and deleted[i] then
-          dels[#dels + 1] = q.f
-        else
-          kv[#kv + 1] = q.f
-          kv[#kv + 1] = pack_state(states[i])
-          ttl = math.max(ttl, horizon(states[i], q, now_floor(q)))
-        end
+-- Mark the entries an operation on `part` changed, to be written back.
+local function touch(kkey, skey, part)
+  if part ~= 2 and #KQ > 0 then
+    cache[kkey].dirty = true
+  end
+  if part ~= 1 and #SQ > 0 then
+    cache[skey].dirty = true
+  end
+end
+
+-- Replace quota i's state (an exact restore) wherever it is cached.
+local function replace(kkey, skey, i, s)
+  local key = kkey
+  if Q[i].shared then
+    key = skey
+  end
+  cache[key].st[i] = s
+end
+
+-- Write every changed entry back once, expiring when all its states are idle.
+local function flush()
+  for _, key in ipairs(order) do
+    local e = cache[key]
+    if e.dirty then
+      local parts, ttl = {}, 1
+      for _, i in ipairs(e.group) do
+        local q, s = Q[i], e.st[i]
+        parts[#parts + 1] = struct.pack(REC, q.fp, s[1], s[2], s[3], s[4], s[5], s[6])
+        ttl = math.max(ttl, horizon(s, q, q.nf))
       end
-    end
-    if #dels > 0 then
-      redis.call('HDEL', key, unpack(dels))
-    end
-    if #kv > 0 then
-      redis.call('HSET', key, unpack(kv))
-      redis.call('PEXPIRE', key, math.ceil(ttl / 1000) + 1000)
+      parts[#parts + 1] = e.other
+      redis.call('PSETEX', key, math.ceil(ttl / 1000) + 1000, table.concat(parts))
     end
   end
 end
@@ -327,48 +370,62 @@ local function str()
   return v
 end
 
--- R kidx sidx part max_wait_us (c_i for each quota)
+-- R kidx sidx part max_wait_us undo (c_i for each quota)
+-- Admitted: {1, wait_us, then per quota snap (-1 when not covered), and with undo also
+-- version and the prior packed state ('' when fresh)}. Refused: {0, quota, retry_us,
+-- remaining, reset_us}.
 local function op_reserve()
-  local kkey, skey, part, maxw = KEYS[num()], KEYS[num()], num(), num()
+  local kkey, skey, part, maxw, undo = KEYS[num()], KEYS[num()], num(), num(), num()
   local charges = {}
   for i = 1, #Q do
     charges[i] = num()
   end
-  local states, raw = load(kkey, skey, part)
+  local states = load(kkey, skey, part)
   local start_us, bind, ok = now_us, 0, true
-  for i, q in ipairs(Q) do
-    if covers(q, part) then
-      local e, sched = earliest(states[i], q, now_floor(q), charges[i])
-      local e_us = e * q.u
-      if not sched then
-        ok = false
-      end
-      if e_us > start_us or (not sched and bind == 0) then
-        start_us = math.max(start_us, e_us)
-        bind = i
-      end
+  for _, i in ipairs(PART[part]) do
+    local q = Q[i]
+    local e, sched = earliest(states[i], q, q.nf, charges[i])
+    local e_us = e * q.u
+    if not sched then
+      ok = false
+    end
+    if e_us > start_us or (not sched and bind == 0) then
+      start_us = math.max(start_us, e_us)
+      bind = i
     end
   end
   if not ok or (maxw >= 0 and start_us - now_us > maxw) then
     local q = Q[bind]
-    local rem, reset = status(states[bind], q, now_floor(q))
+    local rem, reset = status(states[bind], q, q.nf)
     return {0, bind, start_us - now_us, rem, reset * q.u}
   end
+  touch(kkey, skey, part)
   local out = {1, start_us - now_us}
   for i, q in ipairs(Q) do
-    if covers(q, part) then
+    local s = states[i]
+    if s then
+      local prior = ''
+      if undo == 1 and not s.fresh then
+        prior = pack_state(s)
+      end
       local first = math.floor(start_us / q.u)
       local st = first
       if q.algo == 1 then
         st = cdiv(start_us, q.u)
       end
-      local snap = apply(states[i], q, st, charges[i], first)
-      out[#out + 1] = {snap, states[i][6], raw[i] or ''}
+      out[#out + 1] = apply(s, q, st, charges[i], first)
+      if undo == 1 then
+        out[#out + 1] = s[6]
+        out[#out + 1] = prior
+      end
     else
-      out[#out + 1] = 0
+      out[#out + 1] = -1
+      if undo == 1 then
+        out[#out + 1] = 0
+        out[#out + 1] = ''
+      end
     end
   end
-  store(kkey, skey, part, states)
   return out
 end
 
@@ -380,22 +437,21 @@ local function op_cancel()
     args[i] = {num(), num(), num(), str()}
   end
   local states = load(kkey, skey, part)
-  local deleted = {}
-  for i, q in ipairs(Q) do
-    if covers(q, part) then
-      local a, s = args[i], states[i]
-      if s[6] == a[3] then
-        if a[4] == '' then
-          deleted[i] = true
-        else
-          states[i] = unpack_state(a[4])
-        end
+  touch(kkey, skey, part)
+  for _, i in ipairs(PART[part]) do
+    local q, a, s = Q[i], args[i], states[i]
+    if a[3] > 0 and s[6] == a[3] then
+      local r
+      if a[4] == '' then
+        r = fresh()
       else
-        refund(s, q, now_ceil(q), a[1], a[2])
+        r = unpack_state(a[4])
       end
+      replace(kkey, skey, i, r)
+    else
+      refund(s, q, q.nc, a[1], a[2])
     end
   end
-  store(kkey, skey, part, states, deleted)
   return 1
 end
 
@@ -407,34 +463,35 @@ local function op_settle()
     args[i] = {num(), num(), num()}
   end
   local states = load(kkey, skey, part)
-  for i, q in ipairs(Q) do
-    if covers(q, part) then
-      local a, s = args[i], states[i]
-      refund(s, q, now_ceil(q), a[1], a[3])
-      if a[2] > 0 then
-        local t = now_floor(q)
-        if q.algo == 1 then
-          t = now_ceil(q)
-        end
-        apply(s, q, t, a[2], now_floor(q))
+  touch(kkey, skey, part)
+  for _, i in ipairs(PART[part]) do
+    local q, a, s = Q[i], args[i], states[i]
+    refund(s, q, q.nc, a[1], a[3])
+    if a[2] > 0 then
+      local t = q.nf
+      if q.algo == 1 then
+        t = q.nc
       end
+      apply(s, q, t, a[2], q.nf)
     end
   end
-  store(kkey, skey, part, states)
   return 1
 end
 
--- T kidx sidx part: per covered quota {remaining, reset_us}, 0 for the others
+-- T kidx sidx part: per quota remaining and reset_us (-1, -1 when not covered)
 local function op_status()
   local kkey, skey, part = KEYS[num()], KEYS[num()], num()
   local states = load(kkey, skey, part)
   local out = {}
   for i, q in ipairs(Q) do
-    if covers(q, part) then
-      local rem, reset = status(states[i], q, now_floor(q))
-      out[#out + 1] = {rem, reset * q.u}
+    local s = states[i]
+    if s then
+      local rem, reset = status(s, q, q.nf)
+      out[#out + 1] = rem
+      out[#out + 1] = reset * q.u
     else
-      out[#out + 1] = 0
+      out[#out + 1] = -1
+      out[#out + 1] = -1
     end
   end
   return out
@@ -495,4 +552,5 @@ for k = 1, n do
   end
   replies[k] = f()
 end
+flush()
 return replies

@@ -63,8 +63,8 @@ pub(crate) struct RemoteQuota {
     unit_us: u64,
     /// Period in units.
     period: u64,
-    /// Hash field holding this quota's state.
-    field: String,
+    /// Names this quota's record in an identity's string (48 bits, exact in a double).
+    fp: u64,
 }
 
 /// Pick the finest time unit (1 µs, 10 µs, ... 1 s) that divides the period and keeps
@@ -102,7 +102,7 @@ pub(crate) fn remote_quota(
                     shared,
                     unit_us: unit,
                     period,
-                    field: format!("{fp:012x}"),
+                    fp,
                 });
             }
         }
@@ -140,8 +140,8 @@ fn script_source(quotas: &[RemoteQuota]) -> String {
         };
         let _ = writeln!(
             s,
-            "  {{algo = {algo}, A = {}, P = {}, cap = {}, u = {}, f = '{}', shared = {}}},",
-            p.amount, q.period, p.capacity, q.unit_us, q.field, q.shared
+            "  {{algo = {algo}, A = {}, P = {}, cap = {}, u = {}, fp = {}, shared = {}}},",
+            p.amount, q.period, p.capacity, q.unit_us, q.fp, q.shared
         );
     }
     s.push_str("}\n");
@@ -567,22 +567,31 @@ impl RedisStore {
 
     /// Reserve `charges` (one per quota, per-key first) for `key` if the start is at most
     /// `max_wait_us` away (`None`: any wait). Returns the wait in µs from Redis's now.
+    /// With `undo`, the reply carries what an exact cancel needs (callers that may give
+    /// the reservation back: waiters).
     pub(crate) async fn reserve(
         &self,
         key: &str,
         charges: &[u64],
         part: Part,
         max_wait_us: Option<u64>,
+        undo: bool,
     ) -> Outcome<Result<(u64, RemoteReserved), RemoteRefusal>> {
         let part = part_code(part);
         if let [first, second] = self.parts(part)[..] {
             // A cluster: the identity's quotas, then the shared ones; a refusal of the
             // second gives the first back (reserve-then-refund, never over a limit).
-            let (w1, mut r1) = match self.reserve_part(key, charges, first, max_wait_us).await? {
+            let (w1, mut r1) = match self
+                .reserve_part(key, charges, first, max_wait_us, true)
+                .await?
+            {
                 Ok(x) => x,
                 Err(refusal) => return Ok(Err(refusal)),
             };
-            return match self.reserve_part(key, charges, second, max_wait_us).await {
+            return match self
+                .reserve_part(key, charges, second, max_wait_us, undo)
+                .await
+            {
                 Ok(Ok((w2, r2))) => {
                     r1.merge(r2);
                     Ok(Ok((w1.max(w2), r1)))
@@ -597,7 +606,7 @@ impl RedisStore {
                 }
             };
         }
-        self.reserve_part(key, charges, part, max_wait_us).await
+        self.reserve_part(key, charges, part, max_wait_us, undo).await
     }
 
     /// The script calls an operation on `part` takes: one, or on a cluster, one per
@@ -616,13 +625,16 @@ impl RedisStore {
         charges: &[u64],
         part: i64,
         max_wait_us: Option<u64>,
+        undo: bool,
     ) -> Outcome<Result<(u64, RemoteReserved), RemoteRefusal>> {
-        let mut args = vec![Arg::Int(part), max_wait_us.map_or(Arg::Int(-1), int)];
+        let mut args = Vec::with_capacity(3 + charges.len());
+        args.push(Arg::Int(part));
+        args.push(max_wait_us.map_or(Arg::Int(-1), int));
+        args.push(Arg::Int(i64::from(undo)));
         args.extend(charges.iter().map(|&c| int(c)));
         let v = self.call("R", self.keys(key, part), args).await?;
         let v = as_array(&v)?;
-        let ok = num(v, 0)?;
-        if ok == 0 {
+        if num(v, 0)? == 0 {
             let bind = usize::try_from(num(v, 1)?).unwrap_or(1).saturating_sub(1);
             let index = self
                 .quotas
@@ -637,20 +649,30 @@ impl RedisStore {
             }));
         }
         let wait = num(v, 1)?;
+        let stride = if undo { 3 } else { 1 };
         let mut snaps = Vec::with_capacity(self.quotas.len());
         for i in 0..self.quotas.len() {
-            match v.get(2 + i) {
-                Some(Value::Array(t)) => snaps.push(Snap {
-                    charged: true,
-                    snap: num(t, 0)?,
-                    version: num(t, 1)?,
-                    prior: match t.get(2) {
-                        Some(Value::BulkString(b)) => b.clone(),
-                        _ => Vec::new(),
-                    },
-                }),
-                _ => snaps.push(Snap::default()),
+            let at = 2 + i * stride;
+            let snap = signed(v, at)?;
+            if snap < 0 {
+                snaps.push(Snap::default());
+                continue;
             }
+            let (version, prior) = if undo {
+                let prior = match v.get(at + 2) {
+                    Some(Value::BulkString(b)) => b.clone(),
+                    _ => Vec::new(),
+                };
+                (num(v, at + 1)?, prior)
+            } else {
+                (0, Vec::new())
+            };
+            snaps.push(Snap {
+                charged: true,
+                snap: snap.unsigned_abs(),
+                version,
+                prior,
+            });
         }
         Ok(Ok((wait, RemoteReserved { snaps })))
     }
@@ -710,9 +732,12 @@ impl RedisStore {
             let v = self
                 .call("T", self.keys(key, part), vec![Arg::Int(part)])
                 .await?;
-            for (i, t) in as_array(&v)?.iter().enumerate() {
-                if let (Value::Array(t), Some(q)) = (t, self.quotas.get(i)) {
-                    out.push((q.rate.index, num(t, 0)?, num(t, 1)?));
+            let v = as_array(&v)?;
+            for (i, q) in self.quotas.iter().enumerate() {
+                let remaining = signed(v, 2 * i)?;
+                if remaining >= 0 {
+                    let reset = num(v, 2 * i + 1)?;
+                    out.push((q.rate.index, remaining.unsigned_abs(), reset));
                 }
             }
         }
@@ -843,8 +868,12 @@ fn as_array(v: &Value) -> Outcome<&[Value]> {
 }
 
 fn num(v: &[Value], i: usize) -> Outcome<u64> {
+    signed(v, i).map(|n| u64::try_from(n).unwrap_or(0))
+}
+
+fn signed(v: &[Value], i: usize) -> Outcome<i64> {
     match v.get(i) {
-        Some(Value::Int(n)) => Ok(u64::try_from(*n).unwrap_or(0)),
+        Some(Value::Int(n)) => Ok(*n),
         _ => Err(StoreUnavailable::new("malformed number in a script reply")),
     }
 }
