@@ -89,7 +89,10 @@ async fn two_configurations_share_common_quotas_and_keep_each_others() {
     old.try_acquire("u", Cost::input(600)).await.expect("old 1");
     old.try_acquire("u", Cost::input(600)).await.expect("old 2");
     // The tokens record survived the old version's writes: 400 tokens left.
-    let err = new.try_acquire("u", Cost::input(600)).await.expect_err("tokens");
+    let err = new
+        .try_acquire("u", Cost::input(600))
+        .await
+        .expect_err("tokens");
     assert!(err.to_string().contains("tokens"), "{err}");
     new.try_acquire("u", Cost::input(400)).await.expect("new 2");
     // Requests are one budget: 4 in all.

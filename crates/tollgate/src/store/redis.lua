@@ -273,21 +273,47 @@ local PART = {KQ, SQ, ALL}
 local REC = '<ddddddd'
 local cache, order = {}, {}
 
+-- The whole-string format of n records.
+local FMT = {}
+for n = 1, #Q do
+  FMT[n] = '<' .. string.rep('d', 7 * n)
+end
+
 -- The states of `group` (KQ or SQ) under `key`, read once per batch.
 local function entry(key, group)
   local e = cache[key]
   if e then
     return e
   end
-  e = {st = {}, other = '', dirty = false, group = group}
+  local st = {}
+  e = {st = st, other = '', dirty = false, group = group}
   local v = redis.call('GET', key)
+  local n = #group
+  if v and #v == 56 * n then
+    -- The usual case: exactly this configuration's records, in order.
+    local r = {struct.unpack(FMT[n], v)}
+    for j, i in ipairs(group) do
+      local b = 7 * (j - 1)
+      if r[b + 1] ~= Q[i].fp then
+        r = nil
+        break
+      end
+      st[i] = {r[b + 2], r[b + 3], r[b + 4], r[b + 5], r[b + 6], r[b + 7]}
+    end
+    if not r then
+      st = {}
+      e.st = st
+    else
+      v = nil
+    end
+  end
   if v then
     local p, others = 1, {}
     while p + 55 <= #v do
       local fp, a, b, c, m, ch, ver, nxt = struct.unpack(REC, v, p)
       local i = BYFP[fp]
       if i and Q[i].shared == (group == SQ) then
-        e.st[i] = {a, b, c, m, ch, ver}
+        st[i] = {a, b, c, m, ch, ver}
       else
         others[#others + 1] = string.sub(v, p, nxt - 1)
       end
@@ -296,8 +322,8 @@ local function entry(key, group)
     e.other = table.concat(others)
   end
   for _, i in ipairs(group) do
-    if not e.st[i] then
-      e.st[i] = fresh()
+    if not st[i] then
+      st[i] = fresh()
     end
   end
   cache[key] = e
@@ -305,15 +331,21 @@ local function entry(key, group)
   return e
 end
 
--- The states an operation on `part` covers, by quota index (all in one table).
+-- The states an operation on `part` covers, by quota index.
 local function load(kkey, skey, part)
+  local own = part ~= 2 and #KQ > 0
+  local shared = part ~= 1 and #SQ > 0
+  if own and not shared then
+    return entry(kkey, KQ).st
+  end
+  if shared and not own then
+    return entry(skey, SQ).st
+  end
   local states = {}
-  if part ~= 2 and #KQ > 0 then
+  if own then
     for i, st in pairs(entry(kkey, KQ).st) do
       states[i] = st
     end
-  end
-  if part ~= 1 and #SQ > 0 then
     for i, st in pairs(entry(skey, SQ).st) do
       states[i] = st
     end
@@ -345,40 +377,48 @@ local function flush()
   for _, key in ipairs(order) do
     local e = cache[key]
     if e.dirty then
-      local parts, ttl = {}, 1
+      local vals, ttl = {}, 1
       for _, i in ipairs(e.group) do
         local q, s = Q[i], e.st[i]
-        parts[#parts + 1] = struct.pack(REC, q.fp, s[1], s[2], s[3], s[4], s[5], s[6])
+        local b = #vals
+        vals[b + 1], vals[b + 2], vals[b + 3], vals[b + 4] = q.fp, s[1], s[2], s[3]
+        vals[b + 5], vals[b + 6], vals[b + 7] = s[4], s[5], s[6]
         ttl = math.max(ttl, horizon(s, q, q.nf))
       end
-      parts[#parts + 1] = e.other
-      redis.call('PSETEX', key, math.ceil(ttl / 1000) + 1000, table.concat(parts))
+      local v = struct.pack(FMT[#e.group], unpack(vals))
+      if e.other ~= '' then
+        v = v .. e.other
+      end
+      redis.call('PSETEX', key, math.ceil(ttl / 1000) + 1000, v)
     end
   end
 end
 
-local argv = ARGV
-local pos = 1
+-- Each operation is one binary argument: a letter, then little-endian doubles, then any
+-- byte strings (whose lengths are among the doubles). One argument per operation keeps
+-- Redis from building a Lua string per number.
+local op, pos = '', 1
 local function num()
-  local v = tonumber(argv[pos])
-  pos = pos + 1
+  local v
+  v, pos = struct.unpack('<d', op, pos)
   return v
 end
-local function str()
-  local v = argv[pos]
-  pos = pos + 1
+local function str(len)
+  local v = string.sub(op, pos, pos + len - 1)
+  pos = pos + len
   return v
 end
+local RFMT = '<' .. string.rep('d', 5 + #Q)
 
 -- R kidx sidx part max_wait_us undo (c_i for each quota)
 -- Admitted: {1, wait_us, then per quota snap (-1 when not covered), and with undo also
 -- version and the prior packed state ('' when fresh)}. Refused: {0, quota, retry_us,
 -- remaining, reset_us}.
 local function op_reserve()
-  local kkey, skey, part, maxw, undo = KEYS[num()], KEYS[num()], num(), num(), num()
-  local charges = {}
+  local charges = {struct.unpack(RFMT, op, 2)}
+  local kkey, skey, part, maxw, undo = KEYS[charges[1]], KEYS[charges[2]], charges[3], charges[4], charges[5]
   for i = 1, #Q do
-    charges[i] = num()
+    charges[i] = charges[i + 5]
   end
   local states = load(kkey, skey, part)
   local start_us, bind, ok = now_us, 0, true
@@ -429,12 +469,15 @@ local function op_reserve()
   return out
 end
 
--- C kidx sidx part (units_i snap_i version_i prior_i for each quota)
+-- C kidx sidx part (units_i snap_i version_i priorlen_i for each quota), priors
 local function op_cancel()
   local kkey, skey, part = KEYS[num()], KEYS[num()], num()
   local args = {}
   for i = 1, #Q do
-    args[i] = {num(), num(), num(), str()}
+    args[i] = {num(), num(), num(), num()}
+  end
+  for i = 1, #Q do
+    args[i][4] = str(args[i][4])
   end
   local states = load(kkey, skey, part)
   touch(kkey, skey, part)
@@ -497,11 +540,12 @@ local function op_status()
   return out
 end
 
--- L zkey - lease_id limit lease_us: take a concurrency slot (a lease expiring on Redis time)
+-- L zkey - limit lease_us idlen, id: take a concurrency slot (a lease expiring on Redis time)
 local function op_lease()
   local zkey = KEYS[num()]
   num()
-  local id, limit, lease = str(), num(), num()
+  local limit, lease, idlen = num(), num(), num()
+  local id = str(idlen)
   redis.call('ZREMRANGEBYSCORE', zkey, '-inf', now_us)
   local n = redis.call('ZCARD', zkey)
   if redis.call('ZSCORE', zkey, id) then
@@ -515,21 +559,22 @@ local function op_lease()
   return {1, n + 1}
 end
 
--- N zkey - lease_id lease_us: renew a held lease (0 when it had expired and was lost)
+-- N zkey - lease_us idlen, id: renew a held lease (0 when it had expired and was lost)
 local function op_renew()
   local zkey = KEYS[num()]
   num()
-  local id, lease = str(), num()
+  local lease, idlen = num(), num()
+  local id = str(idlen)
   local r = redis.call('ZADD', zkey, 'XX', 'CH', now_us + lease, id)
   redis.call('PEXPIRE', zkey, math.ceil(lease / 1000) + 1000)
   return r
 end
 
--- D zkey - lease_id: give a slot back
+-- D zkey - idlen, id: give a slot back
 local function op_release()
   local zkey = KEYS[num()]
   num()
-  local id = str()
+  local id = str(num())
   return redis.call('ZREM', zkey, id)
 end
 
@@ -543,10 +588,10 @@ end
 
 local ops = {R = op_reserve, C = op_cancel, S = op_settle, T = op_status, L = op_lease,
   N = op_renew, D = op_release, F = op_free}
-local n = num()
 local replies = {}
-for k = 1, n do
-  local f = ops[str()]
+for k = 1, #ARGV do
+  op, pos = ARGV[k], 2
+  local f = ops[string.sub(op, 1, 1)]
   if not f then
     return redis.error_reply('tollgate: unknown operation')
   end

@@ -215,17 +215,6 @@ enum Arg {
     Bytes(Vec<u8>),
 }
 
-impl redis::ToRedisArgs for Arg {
-    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
-        match self {
-            Arg::Int(n) => n.write_redis_args(out),
-            Arg::Bytes(b) => b.write_redis_args(out),
-        }
-    }
-}
-
-impl redis::ToSingleRedisArg for Arg {}
-
 fn int(n: u64) -> Arg {
     Arg::Int(i64::try_from(n).unwrap_or(i64::MAX))
 }
@@ -606,7 +595,8 @@ impl RedisStore {
                 }
             };
         }
-        self.reserve_part(key, charges, part, max_wait_us, undo).await
+        self.reserve_part(key, charges, part, max_wait_us, undo)
+            .await
     }
 
     /// The script calls an operation on `part` takes: one, or on a cluster, one per
@@ -757,9 +747,9 @@ impl RedisStore {
         let n = self.lease_ids.fetch_add(1, Ordering::Relaxed);
         let id = format!("{:016x}{n:x}", self.lease_salt);
         let args = vec![
-            Arg::Bytes(id.clone().into_bytes()),
             int(limit),
             int(self.lease_us),
+            Arg::Bytes(id.clone().into_bytes()),
         ];
         let v = self.call("L", [Some(zkey.clone()), None], args).await?;
         if num(as_array(&v)?, 0)? == 0 {
@@ -811,7 +801,7 @@ impl RedisStore {
             self.send(Job {
                 letter: "N",
                 keys: [Some(zkey), None],
-                args: vec![Arg::Bytes(id.into_bytes()), int(self.lease_us)],
+                args: vec![int(self.lease_us), Arg::Bytes(id.into_bytes())],
                 reply: None,
             });
         }
@@ -938,33 +928,49 @@ async fn batcher(
 ) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut jobs = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+    loop {
+        // A free slot first, then everything that queued meanwhile: while calls are in
+        // flight, waiting operations pile up and go in one larger batch.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        if rx.recv_many(&mut jobs, MAX_BATCH).await == 0 {
+            return;
+        }
         let Some(s) = shared.upgrade() else { return };
         let batch = std::mem::replace(&mut jobs, Vec::with_capacity(MAX_BATCH));
-        let groups = if cluster {
-            let mut by_slot: Vec<(u16, Vec<Job>)> = Vec::new();
-            for job in batch {
-                let slot = job.keys[0]
-                    .as_deref()
-                    .or(job.keys[1].as_deref())
-                    .map_or(0, |k| key_slot(k.as_bytes()));
-                match by_slot.iter_mut().find(|(s, _)| *s == slot) {
-                    Some((_, g)) => g.push(job),
-                    None => by_slot.push((slot, vec![job])),
-                }
+        if !cluster {
+            tokio::spawn(async move {
+                run_batch(&s, batch).await;
+                drop(permit);
+            });
+            continue;
+        }
+        let mut by_slot: Vec<(u16, Vec<Job>)> = Vec::new();
+        for job in batch {
+            let slot = job.keys[0]
+                .as_deref()
+                .or(job.keys[1].as_deref())
+                .map_or(0, |k| key_slot(k.as_bytes()));
+            match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, g)) => g.push(job),
+                None => by_slot.push((slot, vec![job])),
             }
-            by_slot.into_iter().map(|(_, g)| g).collect()
-        } else {
-            vec![batch]
-        };
-        for group in groups {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                return;
+        }
+        // The first group uses the slot already taken; the others take their own.
+        let mut permit = Some(permit);
+        for (_, group) in by_slot {
+            let p = match permit.take() {
+                Some(p) => p,
+                None => match in_flight.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
             };
             let s = s.clone();
             tokio::spawn(async move {
                 run_batch(&s, group).await;
-                drop(permit);
+                drop(p);
             });
         }
     }
@@ -995,25 +1001,37 @@ fn key_slot(key: &[u8]) -> u16 {
 
 async fn run_batch(shared: &Shared, batch: Vec<Job>) {
     let mut inv = shared.script.prepare_invoke();
-    inv.arg(batch.len());
     let mut nkeys = 0usize;
+    let mut op = Vec::with_capacity(128);
+    let mut tail = Vec::new();
     for job in &batch {
-        inv.arg(job.letter);
+        // One argument per operation: its letter, its numbers as little-endian doubles
+        // (every one below 2^53, so exact), then its byte strings.
+        op.clear();
+        tail.clear();
+        op.extend_from_slice(job.letter.as_bytes());
         for k in &job.keys {
-            match k {
+            let index = match k {
                 Some(k) => {
                     nkeys += 1;
                     inv.key(k.as_str());
-                    inv.arg(nkeys);
+                    nkeys
                 }
-                None => {
-                    inv.arg(0);
+                None => 0,
+            };
+            op.extend_from_slice(&(index as f64).to_le_bytes());
+        }
+        for a in &job.args {
+            match a {
+                Arg::Int(n) => op.extend_from_slice(&(*n as f64).to_le_bytes()),
+                Arg::Bytes(b) => {
+                    op.extend_from_slice(&(b.len() as f64).to_le_bytes());
+                    tail.extend_from_slice(b);
                 }
             }
         }
-        for a in &job.args {
-            inv.arg(a);
-        }
+        op.extend_from_slice(&tail);
+        inv.arg(op.as_slice());
     }
     shared.health.calls.fetch_add(1, Ordering::Relaxed);
     let call = async {
