@@ -16,14 +16,17 @@
 -- charged counts units (mod 2^50) to size safe refunds; version counts changes, so a
 -- cancel can restore the exact prior state when nothing changed it since.
 
+local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
+local spack, sunpack, sub = struct.pack, struct.unpack, string.sub
+local rcall = redis.call
 local TWO50 = 1125899906842624
 local LIMIT = 9007199254740991
 
-local tm = redis.call('TIME')
+local tm = rcall('TIME')
 local now_us = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
 
 local function fdiv(x, d)
-  local q = math.floor(x / d)
+  local q = floor(x / d)
   local r = x - q * d
   if r < 0 then
     q = q - 1
@@ -52,14 +55,14 @@ end
 
 local function unpack_state(v)
   if v then
-    local a, b, c, m, ch, ver = struct.unpack('<dddddd', v)
+    local a, b, c, m, ch, ver = sunpack('<dddddd', v)
     return {a, b, c, m, ch, ver}
   end
   return fresh()
 end
 
 local function pack_state(s)
-  return struct.pack('<dddddd', s[1], s[2], s[3], s[4], s[5], s[6])
+  return spack('<dddddd', s[1], s[2], s[3], s[4], s[5], s[6])
 end
 
 -- GCRA: how far (units x A) tat lies past t; negative when tat < t.
@@ -74,7 +77,7 @@ end
 local function earliest(s, q, now, c)
   local e
   if q.algo == 1 then
-    local l = math.max(0, lead(s, q, now))
+    local l = max(0, lead(s, q, now))
     if l + c * q.P > LIMIT then
       return now + cdiv(l, q.A), false
     end
@@ -85,18 +88,18 @@ local function earliest(s, q, now, c)
       e = now + cdiv(need, q.A)
     end
   elseif q.algo == 2 then
-    local w = math.max(math.floor(now / q.P), s[1])
+    local w = max(floor(now / q.P), s[1])
     local used = 0
     if w == s[1] then
       used = s[2]
     end
     if used + c <= q.cap then
-      e = math.max(now, w * q.P)
+      e = max(now, w * q.P)
     else
       e = (w + 1) * q.P
     end
   else
-    local w = math.max(math.floor(now / q.P), s[1])
+    local w = max(floor(now / q.P), s[1])
     local prev, curr = 0, 0
     if w == s[1] then
       prev, curr = s[2], s[3]
@@ -107,17 +110,17 @@ local function earliest(s, q, now, c)
       if p <= room then
         return 0
       end
-      return q.P - math.floor(room * q.P / p)
+      return q.P - floor(room * q.P / p)
     end
     local ws = w * q.P
     local room = q.cap - (curr + c)
     if room >= 0 then
-      e = math.max(math.max(now, ws), ws + min_offset(prev, room))
+      e = max(max(now, ws), ws + min_offset(prev, room))
     else
       e = ws + q.P + min_offset(curr, q.cap - c)
     end
   end
-  return math.max(e, s[4]), true
+  return max(e, s[4]), true
 end
 
 -- Charge c units starting at `start` (units); returns the refund snapshot. `first` is
@@ -125,7 +128,7 @@ end
 -- later callers may start from the one rounded down: FIFO to within one unit).
 local function apply(s, q, start, c, first)
   s.fresh = nil
-  s[4] = math.max(s[4], first or start)
+  s[4] = max(s[4], first or start)
   s[5] = (s[5] + c) % TWO50
   s[6] = s[6] + 1
   if q.algo == 1 then
@@ -138,7 +141,7 @@ local function apply(s, q, start, c, first)
     s[2] = r
     return s[5]
   end
-  local w = math.floor(start / q.P)
+  local w = floor(start / q.P)
   if q.algo == 2 then
     if w > s[1] then
       s[1] = w
@@ -173,24 +176,24 @@ local function refund(s, q, now, units, snap)
   if q.algo == 1 then
     local after = (s[5] - snap) % TWO50
     -- s[4] is the latest start rounded down; one unit more bounds it from above.
-    local b = math.max(now, s[4] + 1)
+    local b = max(now, s[4] + 1)
     local l = lead(s, q, b)
     if l <= 0 then
       return
     end
-    local new = math.max(l - units * q.P, math.min(l, after * q.P))
+    local new = max(l - units * q.P, min(l, after * q.P))
     local qq, r = fdiv(new, q.A)
     s[1] = b + qq
     s[2] = r
   elseif q.algo == 2 then
     if snap == s[1] then
-      s[2] = math.max(0, s[2] - units)
+      s[2] = max(0, s[2] - units)
     end
   else
     if snap == s[1] then
-      s[3] = math.max(0, s[3] - units)
+      s[3] = max(0, s[3] - units)
     elseif snap + 1 == s[1] then
-      s[2] = math.max(0, s[2] - units)
+      s[2] = max(0, s[2] - units)
     end
   end
 end
@@ -198,15 +201,15 @@ end
 -- Units remaining at now and units until fully replenished.
 local function status(s, q, now)
   if q.algo == 1 then
-    local l = math.max(0, lead(s, q, now))
+    local l = max(0, lead(s, q, now))
     local level = q.cap * q.P - l
     local rem = 0
     if level > 0 then
-      rem = math.floor(level / q.P)
+      rem = floor(level / q.P)
     end
     return rem, cdiv(l, q.A)
   end
-  local w = math.max(math.floor(now / q.P), s[1])
+  local w = max(floor(now / q.P), s[1])
   if q.algo == 2 then
     local used = 0
     if w == s[1] then
@@ -216,7 +219,7 @@ local function status(s, q, now)
     if used > 0 then
       reset = (w + 1) * q.P - now
     end
-    return math.max(0, q.cap - used), reset
+    return max(0, q.cap - used), reset
   end
   local prev, curr = 0, 0
   if w == s[1] then
@@ -224,7 +227,7 @@ local function status(s, q, now)
   elseif w == s[1] + 1 then
     prev = s[3]
   end
-  local x = math.max(now, w * q.P) - w * q.P
+  local x = max(now, w * q.P) - w * q.P
   local used = cdiv(prev * (q.P - x), q.P) + curr
   local left = 0
   if curr > 0 then
@@ -234,20 +237,20 @@ local function status(s, q, now)
   end
   local reset = 0
   if left > 0 then
-    reset = math.max(0, (w + left) * q.P - now)
+    reset = max(0, (w + left) * q.P - now)
   end
-  return math.max(0, q.cap - used), reset
+  return max(0, q.cap - used), reset
 end
 
 -- Microseconds from now until forgetting the state changes nothing.
 local function horizon(s, q, now)
   local h = s[4] - now
   if q.algo == 1 then
-    h = math.max(h, s[1] + 1 - now)
+    h = max(h, s[1] + 1 - now)
   elseif q.algo == 2 then
-    h = math.max(h, (s[1] + 1) * q.P - now)
+    h = max(h, (s[1] + 1) * q.P - now)
   else
-    h = math.max(h, (s[1] + 2) * q.P - now)
+    h = max(h, (s[1] + 2) * q.P - now)
   end
   return h * q.u
 end
@@ -262,7 +265,7 @@ for i, q in ipairs(Q) do
   end
   ALL[i] = i
   BYFP[q.fp] = i
-  q.nf = math.floor(now_us / q.u)
+  q.nf = floor(now_us / q.u)
   q.nc = cdiv(now_us, q.u)
 end
 local PART = {KQ, SQ, ALL}
@@ -287,11 +290,11 @@ local function entry(key, group)
   end
   local st = {}
   e = {st = st, other = '', dirty = false, group = group}
-  local v = redis.call('GET', key)
+  local v = rcall('GET', key)
   local n = #group
   if v and #v == 56 * n then
     -- The usual case: exactly this configuration's records, in order.
-    local r = {struct.unpack(FMT[n], v)}
+    local r = {sunpack(FMT[n], v)}
     for j, i in ipairs(group) do
       local b = 7 * (j - 1)
       if r[b + 1] ~= Q[i].fp then
@@ -310,12 +313,12 @@ local function entry(key, group)
   if v then
     local p, others = 1, {}
     while p + 55 <= #v do
-      local fp, a, b, c, m, ch, ver, nxt = struct.unpack(REC, v, p)
+      local fp, a, b, c, m, ch, ver, nxt = sunpack(REC, v, p)
       local i = BYFP[fp]
       if i and Q[i].shared == (group == SQ) then
         st[i] = {a, b, c, m, ch, ver}
       else
-        others[#others + 1] = string.sub(v, p, nxt - 1)
+        others[#others + 1] = sub(v, p, nxt - 1)
       end
       p = nxt
     end
@@ -383,13 +386,13 @@ local function flush()
         local b = #vals
         vals[b + 1], vals[b + 2], vals[b + 3], vals[b + 4] = q.fp, s[1], s[2], s[3]
         vals[b + 5], vals[b + 6], vals[b + 7] = s[4], s[5], s[6]
-        ttl = math.max(ttl, horizon(s, q, q.nf))
+        ttl = max(ttl, horizon(s, q, q.nf))
       end
-      local v = struct.pack(FMT[#e.group], unpack(vals))
+      local v = spack(FMT[#e.group], unpack(vals))
       if e.other ~= '' then
         v = v .. e.other
       end
-      redis.call('PSETEX', key, math.ceil(ttl / 1000) + 1000, v)
+      rcall('PSETEX', key, ceil(ttl / 1000) + 1000, v)
     end
   end
 end
@@ -400,11 +403,11 @@ end
 local op, pos = '', 1
 local function num()
   local v
-  v, pos = struct.unpack('<d', op, pos)
+  v, pos = sunpack('<d', op, pos)
   return v
 end
 local function str(len)
-  local v = string.sub(op, pos, pos + len - 1)
+  local v = sub(op, pos, pos + len - 1)
   pos = pos + len
   return v
 end
@@ -415,7 +418,7 @@ local RFMT = '<' .. string.rep('d', 5 + #Q)
 -- version and the prior packed state ('' when fresh)}. Refused: {0, quota, retry_us,
 -- remaining, reset_us}.
 local function op_reserve()
-  local charges = {struct.unpack(RFMT, op, 2)}
+  local charges = {sunpack(RFMT, op, 2)}
   local kkey, skey, part, maxw, undo = KEYS[charges[1]], KEYS[charges[2]], charges[3], charges[4], charges[5]
   for i = 1, #Q do
     charges[i] = charges[i + 5]
@@ -430,7 +433,7 @@ local function op_reserve()
       ok = false
     end
     if e_us > start_us or (not sched and bind == 0) then
-      start_us = math.max(start_us, e_us)
+      start_us = max(start_us, e_us)
       bind = i
     end
   end
@@ -448,7 +451,7 @@ local function op_reserve()
       if undo == 1 and not s.fresh then
         prior = pack_state(s)
       end
-      local first = math.floor(start_us / q.u)
+      local first = floor(start_us / q.u)
       local st = first
       if q.algo == 1 then
         st = cdiv(start_us, q.u)
@@ -546,16 +549,16 @@ local function op_lease()
   num()
   local limit, lease, idlen = num(), num(), num()
   local id = str(idlen)
-  redis.call('ZREMRANGEBYSCORE', zkey, '-inf', now_us)
-  local n = redis.call('ZCARD', zkey)
-  if redis.call('ZSCORE', zkey, id) then
+  rcall('ZREMRANGEBYSCORE', zkey, '-inf', now_us)
+  local n = rcall('ZCARD', zkey)
+  if rcall('ZSCORE', zkey, id) then
     n = n - 1
   end
   if n >= limit then
     return {0, n}
   end
-  redis.call('ZADD', zkey, now_us + lease, id)
-  redis.call('PEXPIRE', zkey, math.ceil(lease / 1000) + 1000)
+  rcall('ZADD', zkey, now_us + lease, id)
+  rcall('PEXPIRE', zkey, ceil(lease / 1000) + 1000)
   return {1, n + 1}
 end
 
@@ -565,8 +568,8 @@ local function op_renew()
   num()
   local lease, idlen = num(), num()
   local id = str(idlen)
-  local r = redis.call('ZADD', zkey, 'XX', 'CH', now_us + lease, id)
-  redis.call('PEXPIRE', zkey, math.ceil(lease / 1000) + 1000)
+  local r = rcall('ZADD', zkey, 'XX', 'CH', now_us + lease, id)
+  rcall('PEXPIRE', zkey, ceil(lease / 1000) + 1000)
   return r
 end
 
@@ -575,15 +578,15 @@ local function op_release()
   local zkey = KEYS[num()]
   num()
   local id = str(num())
-  return redis.call('ZREM', zkey, id)
+  return rcall('ZREM', zkey, id)
 end
 
 -- F zkey -: free slots now
 local function op_free()
   local zkey = KEYS[num()]
   num()
-  redis.call('ZREMRANGEBYSCORE', zkey, '-inf', now_us)
-  return redis.call('ZCARD', zkey)
+  rcall('ZREMRANGEBYSCORE', zkey, '-inf', now_us)
+  return rcall('ZCARD', zkey)
 end
 
 local ops = {R = op_reserve, C = op_cancel, S = op_settle, T = op_status, L = op_lease,
@@ -591,7 +594,7 @@ local ops = {R = op_reserve, C = op_cancel, S = op_settle, T = op_status, L = op
 local replies = {}
 for k = 1, #ARGV do
   op, pos = ARGV[k], 2
-  local f = ops[string.sub(op, 1, 1)]
+  local f = ops[sub(op, 1, 1)]
   if not f then
     return redis.error_reply('tollgate: unknown operation')
   end

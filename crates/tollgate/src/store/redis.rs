@@ -28,7 +28,7 @@ use crate::quota::{Accounting, Algorithm};
 /// Operations sent in one script call at most.
 const MAX_BATCH: usize = 64;
 /// Script calls in flight at once on the connection.
-const MAX_IN_FLIGHT: usize = 4;
+const MAX_IN_FLIGHT: usize = 2;
 /// Every number the script computes stays below 2^53; the store keeps capacity × period
 /// (in the quota's time unit) below 2^43, leaving room for 1,024 periods of reservations.
 const MAX_SPAN: u128 = 1 << 43;
