@@ -321,3 +321,33 @@ async fn cluster_many_identities_one_shared_budget() {
     let s = limiter.status("anyone").await.expect("status");
     assert_eq!(s[1].remaining, 0);
 }
+
+/// `rediss://` (TLS) and `unix://` URLs reach the same store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_unix_socket_urls() {
+    let (_server, tls, unix) = RedisServer::start_tls_and_unix();
+    let build = |url: String| {
+        Limiter::builder()
+            .redis(url)
+            .quota(Quota::requests(3).per_minute())
+            .build()
+    };
+    let over_tls = build(tls).await.expect("limiter over TLS");
+    let over_unix = build(unix).await.expect("limiter over a unix socket");
+    over_tls
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("1 over TLS");
+    over_unix
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("2 over the socket");
+    over_tls
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("3 over TLS");
+    assert!(
+        over_unix.try_acquire("u", Cost::request()).await.is_err(),
+        "one budget"
+    );
+}

@@ -45,9 +45,70 @@ impl RedisServer {
         self.start_with(&[]);
     }
 
+    /// A server listening for TLS only (a self-signed certificate made with `openssl`),
+    /// and on a unix socket; `url()` is then its `rediss://` URL.
+    pub fn start_tls_and_unix() -> (RedisServer, String, String) {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("tollgate-tls-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create a directory for redis-server");
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl makes a test certificate");
+        assert!(ok.success(), "openssl failed");
+        let socket = dir.join("redis.sock");
+        let mut s = RedisServer {
+            child: None,
+            port,
+            dir,
+        };
+        let (cert, key, sock) = (
+            cert.to_string_lossy().into_owned(),
+            key.to_string_lossy().into_owned(),
+            socket.to_string_lossy().into_owned(),
+        );
+        s.start_with(&[
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &cert,
+            "--tls-auth-clients",
+            "no",
+            "--unixsocket",
+            &sock,
+            "--port",
+            "0",
+        ]);
+        let tls = format!("rediss://127.0.0.1:{port}/#insecure");
+        let unix = format!("unix://{sock}");
+        (s, tls, unix)
+    }
+
     fn start_with(&mut self, extra: &[&str]) {
+        // Options given twice: the later wins, so `extra` may override the port.
         let child = Command::new("redis-server")
-            .args(extra)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -60,6 +121,7 @@ impl RedisServer {
                 "--dir",
                 self.dir.to_str().expect("utf-8 temp dir"),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
