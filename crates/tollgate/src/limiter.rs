@@ -141,7 +141,7 @@ impl LimiterBuilder {
     /// # Ok(()) }
     /// ```
     pub fn redis_client(self, client: redis::Client) -> RedisBuilder {
-        RedisBuilder::new(self, Target::Client(client))
+        RedisBuilder::new(self, Target::Client(Box::new(client)))
     }
 
     /// As [`LimiterBuilder::redis`], sharing a connection manager your application

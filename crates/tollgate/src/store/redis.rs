@@ -316,7 +316,7 @@ impl std::fmt::Debug for RedisStore {
 /// How to reach Redis.
 pub(crate) enum Target {
     Url(String),
-    Client(redis::Client),
+    Client(Box<redis::Client>),
     Manager(ConnectionManager),
     /// Seed nodes of a Redis Cluster.
     Cluster(Vec<String>),
@@ -386,7 +386,7 @@ impl RedisStore {
             Target::Manager(m) => (single(m), "a connection manager".to_string()),
             Target::Client(c) => {
                 let label = redact(&c.get_connection_info().addr().to_string());
-                let m = ConnectionManager::new_lazy_with_config(c, config)
+                let m = ConnectionManager::new_lazy_with_config(*c, config)
                     .map_err(|e| e.to_string())?;
                 (single(m), label)
             }
