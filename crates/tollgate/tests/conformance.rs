@@ -106,6 +106,8 @@ conformance!(
     fixed_window_counts_per_window,
     sliding_window_weighs_the_previous_window,
     bad_keys_are_typed_errors,
+    a_quota_the_call_does_not_charge_does_not_hold_it_back,
+    a_late_settle_never_refunds_into_a_newer_state,
 );
 
 async fn admits_up_to_the_limit_then_says_when_to_retry(store: Store) {
@@ -246,14 +248,15 @@ async fn a_cancelled_waiter_gives_its_turn_back(store: Store) {
 }
 
 async fn settle_refunds_what_was_not_used_and_charges_overruns(store: Store) {
+    // Per day, so the few tokens that refill while the test runs do not show.
     let f = fixture(
         store,
         vec![
             Quota::tokens(10_000)
-                .per_minute()
+                .per_day()
                 .accounting(Accounting::Actual),
             Quota::tokens(10_000)
-                .per_minute()
+                .per_day()
                 .accounting(Accounting::Estimate)
                 .named("estimate"),
         ],
@@ -461,4 +464,62 @@ async fn bad_keys_are_typed_errors(store: Store) {
         .try_acquire("%7D{", Cost::request())
         .await
         .expect("a different key");
+}
+
+async fn a_quota_the_call_does_not_charge_does_not_hold_it_back(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::requests(100).per_minute(),
+            Quota::tokens(1_000).per_minute(),
+        ],
+    )
+    .await;
+    f.limiter
+        .try_acquire("u", Cost::input(1_000))
+        .await
+        .expect("all the tokens");
+    assert!(f.limiter.try_acquire("u", Cost::input(10)).await.is_err());
+    // A call that costs no tokens is limited by requests only.
+    f.limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("no tokens asked, none needed");
+    let t = Instant::now();
+    f.limiter
+        .acquire("u", Cost::request())
+        .await
+        .expect("no wait behind the tokens");
+    assert!(t.elapsed() < Duration::from_millis(500));
+}
+
+async fn a_late_settle_never_refunds_into_a_newer_state(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::tokens(1_000)
+                .per_second()
+                .accounting(Accounting::Actual),
+        ],
+    )
+    .await;
+    let early = f
+        .limiter
+        .acquire("u", Cost::input(500))
+        .await
+        .expect("fits");
+    // Long enough for an idle state to be forgotten (Redis expires it 1 s after it refills).
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    let _late = f
+        .limiter
+        .acquire("u", Cost::input(1_000))
+        .await
+        .expect("a full bucket");
+    // The early call used nothing: its 500 must not come out of the newer charge.
+    early.settle(Usage::new(0, 0)).await.expect("settle");
+    let left = f.limiter.status("u").await.expect("status")[0].remaining;
+    assert!(
+        left < 300,
+        "{left} left: the early call's refund landed on the later charge"
+    );
 }

@@ -232,3 +232,40 @@ async fn skewed_client_clocks_share_one_exact_limit() {
     let s = a.status("shared-user").await.expect("status");
     assert_eq!(s[0].remaining, 0);
 }
+
+/// Failing open, a call larger than this process's share (but within the real quota) is
+/// not "too large" (that would say it can never fit): it is unavailable until Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_share_too_small_is_unavailable_not_too_large() {
+    let mut server = RedisServer::start();
+    let limiter = Limiter::builder()
+        .redis(server.url())
+        .timeout(Duration::from_millis(100))
+        .policy(StorePolicy::FailOpen { share: 0.25 })
+        .quota(Quota::tokens(100).per_minute())
+        .build()
+        .await
+        .expect("limiter");
+    limiter
+        .try_acquire("u", Cost::input(50))
+        .await
+        .expect("on Redis");
+    server.kill();
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(limiter.try_acquire("u", Cost::input(50)).await);
+    }
+    match last.expect("called") {
+        Err(Error::Unavailable(e)) => assert!(e.to_string().contains("share"), "{e}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // Within the share, calls go on locally.
+    limiter
+        .try_acquire("u", Cost::input(20))
+        .await
+        .expect("within the local share");
+    assert!(matches!(
+        limiter.try_acquire("u", Cost::input(101)).await,
+        Err(Error::TooLarge(_))
+    ));
+}

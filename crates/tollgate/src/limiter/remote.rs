@@ -328,19 +328,40 @@ impl Limiter {
     ) -> Result<Permit<'a>, Error> {
         check_key(key)?;
         self.remote_capacity(r, &cost)?;
-        if r.store.is_up() {
+        let asked = self.inner.clock.now();
+        let outage = if r.store.is_up() {
             match self.remote_try(r, key, cost, max_wait).await {
                 Ok(p) => return Ok(p),
-                Err(Err(e)) => self.outage(r, e)?,
+                Err(Err(e)) => e,
                 Err(Ok(e)) => return Err(e),
             }
         } else {
-            self.outage(r, StoreUnavailable::new("Redis is down"))?;
-        }
-        // Failing open: decide on this process's local share.
-        match max_wait {
+            StoreUnavailable::new("Redis is down")
+        };
+        self.outage(r, outage.clone())?;
+        // Failing open: decide on this process's local share, within what is left of the
+        // caller's wait.
+        let spent = Duration::from_nanos(self.inner.clock.now().saturating_sub(asked));
+        let local = match max_wait {
             Some(w) if w.is_zero() => self.try_acquire_now(key, cost),
-            _ => self.acquire_inner(key, cost, max_wait).await,
+            Some(w) => {
+                self.acquire_inner(key, cost, Some(w.saturating_sub(spent)))
+                    .await
+            }
+            None => self.acquire_inner(key, cost, None).await,
+        };
+        match local {
+            // It fits the real quota (checked above), only not this process's share:
+            // not "too large", just not decidable until Redis is back.
+            Err(Error::TooLarge(t)) => Err(Error::Unavailable(StoreUnavailable::new(&format!(
+                "{}; this call costs {} in quota `{}`, more than this process's fail-open \
+                 share of it ({})",
+                outage.detail(),
+                t.cost(),
+                t.quota(),
+                t.capacity()
+            )))),
+            other => other,
         }
     }
 

@@ -10,7 +10,9 @@
 -- picks each quota's time unit so capacity x period fits with room for reservations), so
 -- the arithmetic is exact. Each identity's states live in one hash, one field per quota,
 -- each a packed 6-double state: {a, b, c, max_start, charged, version}.
---   GCRA:    a = tat's whole units, b = tat's fraction x A (0 <= b < A)
+--   GCRA:    a = tat's whole units, b = tat's fraction x A (0 <= b < A), c = a stamp
+--            naming this state's lifetime (refunds apply only to the state they were
+--            charged on, never to one created after the key expired)
 --   fixed:   a = window index, b = count in it
 --   sliding: a = window index, b = previous window's count, c = current window's count
 -- charged counts units (mod 2^50) to size safe refunds; version counts changes, so a
@@ -132,6 +134,9 @@ local function apply(s, q, start, c, first)
   s[5] = (s[5] + c) % TWO50
   s[6] = s[6] + 1
   if q.algo == 1 then
+    if s[3] == 0 then
+      s[3] = s[6]
+    end
     if s[1] < start or (s[1] == start and s[2] == 0) then
       s[1] = start
       s[2] = 0
@@ -165,8 +170,8 @@ end
 
 -- Give back up to `units` of a call charged with snapshot `snap`, never capacity that
 -- has refilled since (GCRA), never to a window no longer weighed (windows).
-local function refund(s, q, now, units, snap)
-  if units <= 0 then
+local function refund(s, q, now, units, snap, stamp)
+  if units <= 0 or (q.algo == 1 and s[3] ~= stamp) then
     return
   end
   -- Any change ends exact restores of earlier reservations: restoring a state from
@@ -389,10 +394,13 @@ local function flush()
         ttl = max(ttl, horizon(s, q, q.nf))
       end
       local v = spack(FMT[#e.group], unpack(vals))
+      local ms = min(ceil(ttl / 1000) + 1000, 1099511627776)
       if e.other ~= '' then
+        -- Another configuration's records: never expire them sooner than they would.
         v = v .. e.other
+        ms = max(ms, rcall('PTTL', key))
       end
-      rcall('PSETEX', key, ceil(ttl / 1000) + 1000, v)
+      rcall('PSETEX', key, ms, v)
     end
   end
 end
@@ -414,9 +422,10 @@ end
 local RFMT = '<' .. string.rep('d', 5 + #Q)
 
 -- R kidx sidx part max_wait_us undo (c_i for each quota)
--- Admitted: {1, wait_us, then per quota snap (-1 when not covered), and with undo also
--- version and the prior packed state ('' when fresh)}. Refused: {0, quota, retry_us,
--- remaining, reset_us}.
+-- Admitted: {1, wait_us, then per quota snap and stamp (-1, 0 when not charged), and with
+-- undo also version and the prior packed state ('' when fresh)}. Refused: {0, quota,
+-- retry_us, remaining, reset_us}. A quota the call does not charge (c_i = 0) neither
+-- limits nor records it, as in the memory store.
 local function op_reserve()
   local charges = {sunpack(RFMT, op, 2)}
   local kkey, skey, part, maxw, undo = KEYS[charges[1]], KEYS[charges[2]], charges[3], charges[4], charges[5]
@@ -424,17 +433,20 @@ local function op_reserve()
     charges[i] = charges[i + 5]
   end
   local states = load(kkey, skey, part)
+  local covered = PART[part]
   local start_us, bind, ok = now_us, 0, true
-  for _, i in ipairs(PART[part]) do
-    local q = Q[i]
-    local e, sched = earliest(states[i], q, q.nf, charges[i])
-    local e_us = e * q.u
-    if not sched then
-      ok = false
-    end
-    if e_us > start_us or (not sched and bind == 0) then
-      start_us = max(start_us, e_us)
-      bind = i
+  for _, i in ipairs(covered) do
+    if charges[i] > 0 then
+      local q = Q[i]
+      local e, sched = earliest(states[i], q, q.nf, charges[i])
+      local e_us = e * q.u
+      if not sched then
+        ok = false
+      end
+      if e_us > start_us or (not sched and bind == 0) then
+        start_us = max(start_us, e_us)
+        bind = i
+      end
     end
   end
   if not ok or (maxw >= 0 and start_us - now_us > maxw) then
@@ -443,10 +455,10 @@ local function op_reserve()
     return {0, bind, start_us - now_us, rem, reset * q.u}
   end
   touch(kkey, skey, part)
-  local out = {1, start_us - now_us}
+  local out, n = {1, start_us - now_us}, 2
   for i, q in ipairs(Q) do
     local s = states[i]
-    if s then
+    if s and charges[i] > 0 and (part == 3 or (part == 2) == q.shared) then
       local prior = ''
       if undo == 1 and not s.fresh then
         prior = pack_state(s)
@@ -456,63 +468,74 @@ local function op_reserve()
       if q.algo == 1 then
         st = cdiv(start_us, q.u)
       end
-      out[#out + 1] = apply(s, q, st, charges[i], first)
+      out[n + 1] = apply(s, q, st, charges[i], first)
+      out[n + 2] = 0
+      if q.algo == 1 then
+        out[n + 2] = s[3]
+      end
+      n = n + 2
       if undo == 1 then
-        out[#out + 1] = s[6]
-        out[#out + 1] = prior
+        out[n + 1] = s[6]
+        out[n + 2] = prior
+        n = n + 2
       end
     else
-      out[#out + 1] = -1
+      out[n + 1] = -1
+      out[n + 2] = 0
+      n = n + 2
       if undo == 1 then
-        out[#out + 1] = 0
-        out[#out + 1] = ''
+        out[n + 1] = 0
+        out[n + 2] = ''
+        n = n + 2
       end
     end
   end
   return out
 end
 
--- C kidx sidx part (units_i snap_i version_i priorlen_i for each quota), priors
+-- C kidx sidx part (units_i snap_i version_i stamp_i priorlen_i for each quota), priors
 local function op_cancel()
   local kkey, skey, part = KEYS[num()], KEYS[num()], num()
   local args = {}
   for i = 1, #Q do
-    args[i] = {num(), num(), num(), num()}
+    args[i] = {num(), num(), num(), num(), num()}
   end
   for i = 1, #Q do
-    args[i][4] = str(args[i][4])
+    args[i][5] = str(args[i][5])
   end
   local states = load(kkey, skey, part)
   touch(kkey, skey, part)
   for _, i in ipairs(PART[part]) do
     local q, a, s = Q[i], args[i], states[i]
-    if a[3] > 0 and s[6] == a[3] then
+    if a[1] == 0 then
+      -- not charged by this call
+    elseif a[3] > 0 and s[6] == a[3] then
       local r
-      if a[4] == '' then
+      if a[5] == '' then
         r = fresh()
       else
-        r = unpack_state(a[4])
+        r = unpack_state(a[5])
       end
       replace(kkey, skey, i, r)
     else
-      refund(s, q, q.nc, a[1], a[2])
+      refund(s, q, q.nc, a[1], a[2], a[4])
     end
   end
   return 1
 end
 
--- S kidx sidx part (refund_i extra_i snap_i for each quota)
+-- S kidx sidx part (refund_i extra_i snap_i stamp_i for each quota)
 local function op_settle()
   local kkey, skey, part = KEYS[num()], KEYS[num()], num()
   local args = {}
   for i = 1, #Q do
-    args[i] = {num(), num(), num()}
+    args[i] = {num(), num(), num(), num()}
   end
   local states = load(kkey, skey, part)
   touch(kkey, skey, part)
   for _, i in ipairs(PART[part]) do
     local q, a, s = Q[i], args[i], states[i]
-    refund(s, q, q.nc, a[1], a[3])
+    refund(s, q, q.nc, a[1], a[3], a[4])
     if a[2] > 0 then
       local t = q.nf
       if q.algo == 1 then
@@ -543,6 +566,14 @@ local function op_status()
   return out
 end
 
+-- A lease set expires one second after its latest lease (whatever each process's lease).
+local function expire_leases(zkey)
+  local top = rcall('ZRANGE', zkey, -1, -1, 'WITHSCORES')
+  if top[2] then
+    rcall('PEXPIRE', zkey, max(1, ceil((tonumber(top[2]) - now_us) / 1000)) + 1000)
+  end
+end
+
 -- L zkey - limit lease_us idlen, id: take a concurrency slot (a lease expiring on Redis time)
 local function op_lease()
   local zkey = KEYS[num()]
@@ -558,7 +589,7 @@ local function op_lease()
     return {0, n}
   end
   rcall('ZADD', zkey, now_us + lease, id)
-  rcall('PEXPIRE', zkey, ceil(lease / 1000) + 1000)
+  expire_leases(zkey)
   return {1, n + 1}
 end
 
@@ -569,7 +600,7 @@ local function op_renew()
   local lease, idlen = num(), num()
   local id = str(idlen)
   local r = rcall('ZADD', zkey, 'XX', 'CH', now_us + lease, id)
-  rcall('PEXPIRE', zkey, ceil(lease / 1000) + 1000)
+  expire_leases(zkey)
   return r
 end
 
@@ -591,14 +622,23 @@ end
 
 local ops = {R = op_reserve, C = op_cancel, S = op_settle, T = op_status, L = op_lease,
   N = op_renew, D = op_release, F = op_free}
-local replies = {}
-for k = 1, #ARGV do
+local replies, from = {}, 1
+if sub(ARGV[1] or '', 1, 1) == '!' then
+  -- A cluster batch's id: claimed once, so a batch re-sent after a lost reply is refused
+  -- rather than applied twice.
+  op, pos = ARGV[1], 2
+  if not rcall('SET', KEYS[num()], '1', 'NX', 'PX', 60000) then
+    return redis.error_reply('ERR tollgate: this batch was already applied')
+  end
+  from = 2
+end
+for k = from, #ARGV do
   op, pos = ARGV[k], 2
   local f = ops[sub(op, 1, 1)]
   if not f then
     return redis.error_reply('tollgate: unknown operation')
   end
-  replies[k] = f()
+  replies[#replies + 1] = f()
 end
 flush()
 return replies

@@ -27,8 +27,11 @@ use crate::quota::{Accounting, Algorithm};
 
 /// Operations sent in one script call at most.
 const MAX_BATCH: usize = 64;
-/// Script calls in flight at once on the connection.
+/// Script calls in flight at once on the connection: two keeps Redis busy while the next
+/// batch fills (measured: batches of ~24 decisions against ~8 with four in flight).
 const MAX_IN_FLIGHT: usize = 2;
+/// On a cluster, batches are per slot (often one operation each): more in flight.
+const MAX_IN_FLIGHT_CLUSTER: usize = 16;
 /// Every number the script computes stays below 2^53; the store keeps capacity × period
 /// (in the quota's time unit) below 2^43, leaving room for 1,024 periods of reservations.
 const MAX_SPAN: u128 = 1 << 43;
@@ -155,6 +158,8 @@ pub(crate) struct Snap {
     /// Whether this reservation charged the quota.
     pub(crate) charged: bool,
     snap: u64,
+    /// Which lifetime of the state was charged (GCRA): refunds skip a newer one.
+    stamp: u64,
     version: u64,
     prior: Vec<u8>,
 }
@@ -178,16 +183,6 @@ impl RemoteReserved {
             }
         }
     }
-
-    fn part(&self, quotas: &[RemoteQuota]) -> i64 {
-        let mut part = 0;
-        for (s, q) in self.snaps.iter().zip(quotas) {
-            if s.charged {
-                part |= if q.shared { 2 } else { 1 };
-            }
-        }
-        part
-    }
 }
 
 /// A refusal from the script.
@@ -208,6 +203,105 @@ struct Job {
     keys: [Option<String>; 2],
     args: Vec<Arg>,
     reply: Option<oneshot::Sender<Outcome<Value>>>,
+    /// Run on the reply when the caller went away before it arrived (its future was
+    /// dropped mid-call): gives back what the operation took.
+    orphan: Option<Orphan>,
+}
+
+type Orphan = Box<dyn FnOnce(Value) + Send>;
+
+/// What giving a reservation back needs besides the reservation itself.
+struct CancelCtx {
+    kkey: Option<String>,
+    skey: Option<String>,
+    /// Per quota, whether it is shared.
+    shared: Vec<bool>,
+    /// On a cluster the identity's and the shared keys are cancelled separately.
+    split: bool,
+}
+
+/// The cancel operations for reservation `r` of `charges`.
+fn cancel_jobs(ctx: &CancelCtx, charges: &[u64], r: &RemoteReserved) -> Vec<Job> {
+    let mut part = 0;
+    for (s, shared) in r.snaps.iter().zip(&ctx.shared) {
+        if s.charged {
+            part |= if *shared { 2 } else { 1 };
+        }
+    }
+    let parts: &[i64] = match part {
+        0 => &[],
+        3 if ctx.split => &[1, 2],
+        1 => &[1],
+        2 => &[2],
+        _ => &[3],
+    };
+    parts
+        .iter()
+        .map(|&part| {
+            let mut args = vec![Arg::Int(part)];
+            for (i, s) in r.snaps.iter().enumerate() {
+                let units = if s.charged {
+                    charges.get(i).copied().unwrap_or(0)
+                } else {
+                    0
+                };
+                args.push(int(units));
+                args.push(int(s.snap));
+                args.push(int(s.version));
+                args.push(int(s.stamp));
+                args.push(Arg::Bytes(s.prior.clone()));
+            }
+            Job {
+                letter: "C",
+                keys: [
+                    ctx.kkey.clone().filter(|_| part & 1 != 0),
+                    ctx.skey.clone().filter(|_| part & 2 != 0),
+                ],
+                args,
+                reply: None,
+                orphan: None,
+            }
+        })
+        .collect()
+}
+
+/// A reserve reply: admitted (wait µs, reservation) or refused (quota position from 1,
+/// retry µs, remaining, reset µs).
+type Parsed = Result<(u64, RemoteReserved), (u64, u64, u64, u64)>;
+
+fn parse_reserved(v: &Value, quotas: usize, undo: bool) -> Outcome<Parsed> {
+    let v = as_array(v)?;
+    if num(v, 0)? == 0 {
+        return Ok(Err((num(v, 1)?, num(v, 2)?, num(v, 3)?, num(v, 4)?)));
+    }
+    let wait = num(v, 1)?;
+    let stride = if undo { 4 } else { 2 };
+    let mut snaps = Vec::with_capacity(quotas);
+    for i in 0..quotas {
+        let at = 2 + i * stride;
+        let snap = signed(v, at)?;
+        if snap < 0 {
+            snaps.push(Snap::default());
+            continue;
+        }
+        let (version, prior) = if undo {
+            let prior = match v.get(at + 3) {
+                Some(Value::BulkString(b)) => b.clone(),
+                _ => Vec::new(),
+            };
+            (num(v, at + 2)?, prior)
+        } else {
+            (0, Vec::new())
+        };
+        snaps.push(Snap {
+            charged: true,
+            snap: snap.unsigned_abs(),
+            stamp: num(v, at + 1)?,
+            version,
+            prior,
+        });
+    }
+    Ok(Ok((wait, RemoteReserved { snaps })))
 }
 
 enum Arg {
@@ -215,8 +309,11 @@ enum Arg {
     Bytes(Vec<u8>),
 }
 
+/// A number for the script: exact below 2^53; larger ones (absurd usage figures) are
+/// clamped there, which only ever over-counts.
 fn int(n: u64) -> Arg {
-    Arg::Int(i64::try_from(n).unwrap_or(i64::MAX))
+    const EXACT: u64 = (1 << 53) - 1;
+    Arg::Int(i64::try_from(n.min(EXACT)).unwrap_or(0))
 }
 
 /// Counters of what the store has been through, for logs and metrics.
@@ -269,17 +366,15 @@ impl Live {
             Live::Cluster(c) => inv.invoke_async(c).await,
         }
     }
-
-    async fn query(&mut self, cmd: &redis::Cmd) -> Result<Value, RedisError> {
-        match self {
-            Live::Single(c) => cmd.query_async(c).await,
-            Live::Cluster(c) => cmd.query_async(c).await,
-        }
-    }
 }
 
 struct Shared {
     client_label: String,
+    /// A key the probe writes to (a no-op write), so a read-only replica counts as down.
+    probe_key: String,
+    /// On a cluster, each batch first claims a one-minute id key on its slot, so a batch
+    /// the client re-sends after a lost reply is refused instead of applied twice.
+    dedupe: Option<(String, u64, AtomicU64)>,
     script: redis::Script,
     conn: Conn,
     timeout: Duration,
@@ -425,6 +520,14 @@ impl RedisStore {
         };
         let shared = Arc::new(Shared {
             client_label: label,
+            probe_key: format!("{}probe", settings.prefix),
+            dedupe: cluster.then(|| {
+                (
+                    settings.prefix.clone(),
+                    fastrand::u64(..),
+                    AtomicU64::new(0),
+                )
+            }),
             script: redis::Script::new(&script_source(&quotas)),
             conn,
             timeout,
@@ -537,6 +640,7 @@ impl RedisStore {
         letter: &'static str,
         keys: [Option<String>; 2],
         args: Vec<Arg>,
+        orphan: Option<Orphan>,
     ) -> Outcome<Value> {
         if !self.is_up() {
             return Err(StoreUnavailable::new(
@@ -549,9 +653,29 @@ impl RedisStore {
             keys,
             args,
             reply: Some(tx),
+            orphan,
         });
-        rx.await
-            .unwrap_or_else(|_| Err(StoreUnavailable::new("the Redis batcher stopped")))
+        // Queueing counts too: a call waits at most two timeouts in all.
+        match tokio::time::timeout(self.shared.timeout * 2, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(StoreUnavailable::new("the Redis batcher stopped")),
+            Err(_) => {
+                mark(&self.shared, false, "calls queued past the timeout");
+                Err(StoreUnavailable::new(&format!(
+                    "no answer from Redis within {:?}",
+                    self.shared.timeout * 2
+                )))
+            }
+        }
+    }
+
+    fn cancel_ctx(&self, key: &str) -> CancelCtx {
+        CancelCtx {
+            kkey: (self.key_count > 0).then(|| self.key_name("k", key)),
+            skey: self.has_shared().then(|| self.shared_name("s")),
+            shared: self.quotas.iter().map(|q| q.shared).collect(),
+            split: self.cluster,
+        }
     }
 
     /// Reserve `charges` (one per quota, per-key first) for `key` if the start is at most
@@ -570,29 +694,31 @@ impl RedisStore {
         if let [first, second] = self.parts(part)[..] {
             // A cluster: the identity's quotas, then the shared ones; a refusal of the
             // second gives the first back (reserve-then-refund, never over a limit).
-            let (w1, mut r1) = match self
+            let (w1, r1) = match self
                 .reserve_part(key, charges, first, max_wait_us, true)
                 .await?
             {
                 Ok(x) => x,
                 Err(refusal) => return Ok(Err(refusal)),
             };
-            return match self
+            // Given back if the second part refuses, fails, or the caller goes away.
+            let mut first = GiveBack {
+                store: self,
+                key,
+                charges,
+                reserved: Some(r1),
+            };
+            let second = self
                 .reserve_part(key, charges, second, max_wait_us, undo)
-                .await
-            {
+                .await;
+            return match second {
                 Ok(Ok((w2, r2))) => {
+                    let mut r1 = first.reserved.take().unwrap_or_default();
                     r1.merge(r2);
                     Ok(Ok((w1.max(w2), r1)))
                 }
-                Ok(Err(refusal)) => {
-                    self.cancel(key, charges, &r1);
-                    Ok(Err(refusal))
-                }
-                Err(e) => {
-                    self.cancel(key, charges, &r1);
-                    Err(e)
-                }
+                Ok(Err(refusal)) => Ok(Err(refusal)),
+                Err(e) => Err(e),
             };
         }
         self.reserve_part(key, charges, part, max_wait_us, undo)
@@ -622,72 +748,46 @@ impl RedisStore {
         args.push(max_wait_us.map_or(Arg::Int(-1), int));
         args.push(Arg::Int(i64::from(undo)));
         args.extend(charges.iter().map(|&c| int(c)));
-        let v = self.call("R", self.keys(key, part), args).await?;
-        let v = as_array(&v)?;
-        if num(v, 0)? == 0 {
-            let bind = usize::try_from(num(v, 1)?).unwrap_or(1).saturating_sub(1);
-            let index = self
-                .quotas
-                .get(bind)
-                .map(|q| q.rate.index)
-                .ok_or_else(|| StoreUnavailable::new("the script named no quota"))?;
-            return Ok(Err(RemoteRefusal {
-                index,
-                retry_us: num(v, 2)?,
-                remaining: num(v, 3)?,
-                reset_us: num(v, 4)?,
-            }));
-        }
-        let wait = num(v, 1)?;
-        let stride = if undo { 3 } else { 1 };
-        let mut snaps = Vec::with_capacity(self.quotas.len());
-        for i in 0..self.quotas.len() {
-            let at = 2 + i * stride;
-            let snap = signed(v, at)?;
-            if snap < 0 {
-                snaps.push(Snap::default());
-                continue;
+        // If the caller goes away mid-call, the reservation is given back when it lands.
+        let (ctx, tx, owned) = (self.cancel_ctx(key), self.tx.clone(), charges.to_vec());
+        let n = self.quotas.len();
+        let orphan: Orphan = Box::new(move |v| {
+            if let Ok(Ok((_, r))) = parse_reserved(&v, n, undo) {
+                for job in cancel_jobs(&ctx, &owned, &r) {
+                    let _ = tx.send(job);
+                }
             }
-            let (version, prior) = if undo {
-                let prior = match v.get(at + 2) {
-                    Some(Value::BulkString(b)) => b.clone(),
-                    _ => Vec::new(),
-                };
-                (num(v, at + 1)?, prior)
-            } else {
-                (0, Vec::new())
-            };
-            snaps.push(Snap {
-                charged: true,
-                snap: snap.unsigned_abs(),
-                version,
-                prior,
-            });
+        });
+        let v = self
+            .call("R", self.keys(key, part), args, Some(orphan))
+            .await?;
+        match parse_reserved(&v, n, undo)? {
+            Ok(admitted) => Ok(Ok(admitted)),
+            Err((bind, retry_us, remaining, reset_us)) => {
+                let bind = usize::try_from(bind).unwrap_or(1).saturating_sub(1);
+                let index = self
+                    .quotas
+                    .get(bind)
+                    .map(|q| q.rate.index)
+                    .ok_or_else(|| StoreUnavailable::new("the script named no quota"))?;
+                Ok(Err(RemoteRefusal {
+                    index,
+                    retry_us,
+                    remaining,
+                    reset_us,
+                }))
+            }
         }
-        Ok(Ok((wait, RemoteReserved { snaps })))
     }
 
     /// Give a waiter's reservation back (fire and forget: a lost cancel only
     /// over-counts).
     pub(crate) fn cancel(&self, key: &str, charges: &[u64], r: &RemoteReserved) {
-        let part = r.part(&self.quotas);
-        if part == 0 || !self.is_up() {
+        if !self.is_up() {
             return;
         }
-        for part in self.parts(part) {
-            let mut args = vec![Arg::Int(part)];
-            for (i, s) in r.snaps.iter().enumerate() {
-                args.push(int(charges.get(i).copied().unwrap_or(0)));
-                args.push(int(s.snap));
-                args.push(int(s.version));
-                args.push(Arg::Bytes(s.prior.clone()));
-            }
-            self.send(Job {
-                letter: "C",
-                keys: self.keys(key, part),
-                args,
-                reply: None,
-            });
+        for job in cancel_jobs(&self.cancel_ctx(key), charges, r) {
+            self.send(job);
         }
     }
 
@@ -706,11 +806,14 @@ impl RedisStore {
             let mut args = Vec::with_capacity(1 + 3 * self.quotas.len());
             args.push(Arg::Int(part));
             for (i, (refund, extra)) in deltas.iter().enumerate() {
-                args.push(int(*refund));
+                let snap = r.snaps.get(i).filter(|s| s.charged);
+                // Nothing to refund on a quota this call did not charge.
+                args.push(int(if snap.is_some() { *refund } else { 0 }));
                 args.push(int(*extra));
-                args.push(int(r.snaps.get(i).map_or(0, |s| s.snap)));
+                args.push(int(snap.map_or(0, |s| s.snap)));
+                args.push(int(snap.map_or(0, |s| s.stamp)));
             }
-            self.call("S", self.keys(key, part), args).await?;
+            self.call("S", self.keys(key, part), args, None).await?;
         }
         Ok(())
     }
@@ -720,7 +823,7 @@ impl RedisStore {
         let mut out = Vec::with_capacity(self.quotas.len());
         for part in self.parts(3) {
             let v = self
-                .call("T", self.keys(key, part), vec![Arg::Int(part)])
+                .call("T", self.keys(key, part), vec![Arg::Int(part)], None)
                 .await?;
             let v = as_array(&v)?;
             for (i, q) in self.quotas.iter().enumerate() {
@@ -751,7 +854,34 @@ impl RedisStore {
             int(self.lease_us),
             Arg::Bytes(id.clone().into_bytes()),
         ];
-        let v = self.call("L", [Some(zkey.clone()), None], args).await?;
+        let release = |zkey: String, id: String| Job {
+            letter: "D",
+            keys: [Some(zkey), None],
+            args: vec![Arg::Bytes(id.into_bytes())],
+            reply: None,
+            orphan: None,
+        };
+        // If the caller goes away mid-call, a lease taken meanwhile is released.
+        let (tx, z, i) = (self.tx.clone(), zkey.clone(), id.clone());
+        let orphan: Orphan = Box::new(move |v| {
+            if let Value::Array(a) = v
+                && num(&a, 0).is_ok_and(|ok| ok == 1)
+            {
+                let _ = tx.send(release(z, i));
+            }
+        });
+        let v = match self
+            .call("L", [Some(zkey.clone()), None], args, Some(orphan))
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                // The lease may have been taken before the failure: give it back (it
+                // expires by itself if this is lost too).
+                self.send(release(zkey, id));
+                return Err(e);
+            }
+        };
         if num(as_array(&v)?, 0)? == 0 {
             return Ok(None);
         }
@@ -767,7 +897,7 @@ impl RedisStore {
             Some(k) => self.key_name("c", k),
             None => self.shared_name("sc"),
         };
-        let v = self.call("F", [Some(zkey), None], Vec::new()).await?;
+        let v = self.call("F", [Some(zkey), None], Vec::new(), None).await?;
         let used = match v {
             Value::Int(n) => u64::try_from(n).unwrap_or(0),
             _ => return Err(StoreUnavailable::new("malformed slots reply")),
@@ -784,6 +914,7 @@ impl RedisStore {
                 keys: [Some(zkey), None],
                 args: vec![Arg::Bytes(id.into_bytes())],
                 reply: None,
+                orphan: None,
             });
         }
     }
@@ -803,6 +934,7 @@ impl RedisStore {
                 keys: [Some(zkey), None],
                 args: vec![int(self.lease_us), Arg::Bytes(id.into_bytes())],
                 reply: None,
+                orphan: None,
             });
         }
     }
@@ -835,6 +967,22 @@ impl RedisStore {
             }
         }
         out
+    }
+}
+
+/// A reservation given back when dropped unless taken.
+struct GiveBack<'a> {
+    store: &'a RedisStore,
+    key: &'a str,
+    charges: &'a [u64],
+    reserved: Option<RemoteReserved>,
+}
+
+impl Drop for GiveBack<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.reserved.take() {
+            self.store.cancel(self.key, self.charges, &r);
+        }
     }
 }
 
@@ -889,10 +1037,17 @@ fn mark(shared: &Shared, up: bool, why: &str) {
 }
 
 async fn ping(shared: &Shared) -> Outcome<()> {
-    let cmd = redis::cmd("PING");
+    // The script itself, with one no-op write: proves Redis answers, has (or reloads) the
+    // script, and accepts writes (a replica left read-only by a failover does not).
+    let mut inv = shared.script.prepare_invoke();
+    inv.key(shared.probe_key.as_str());
+    let mut op = b"F".to_vec();
+    op.extend_from_slice(&1f64.to_le_bytes());
+    op.extend_from_slice(&0f64.to_le_bytes());
+    inv.arg(op);
     let call = async {
         let mut conn = shared.conn.live().await?;
-        conn.query(&cmd).await
+        conn.invoke(&inv).await
     };
     match tokio::time::timeout(shared.timeout, call).await {
         Ok(Ok(_)) => Ok(()),
@@ -926,7 +1081,11 @@ async fn batcher(
     shared: std::sync::Weak<Shared>,
     cluster: bool,
 ) {
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let in_flight = Arc::new(Semaphore::new(if cluster {
+        MAX_IN_FLIGHT_CLUSTER
+    } else {
+        MAX_IN_FLIGHT
+    }));
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     loop {
         // A free slot first, then everything that queued meanwhile: while calls are in
@@ -1002,6 +1161,25 @@ fn key_slot(key: &[u8]) -> u16 {
 async fn run_batch(shared: &Shared, batch: Vec<Job>) {
     let mut inv = shared.script.prepare_invoke();
     let mut nkeys = 0usize;
+    if let Some((prefix, salt, ids)) = &shared.dedupe {
+        let first = batch
+            .first()
+            .and_then(|j| j.keys[0].as_deref().or(j.keys[1].as_deref()))
+            .unwrap_or("{}");
+        let tag = first
+            .find('{')
+            .and_then(|open| {
+                let rest = &first[open..];
+                rest.find('}').map(|close| &rest[..=close])
+            })
+            .unwrap_or("{}");
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        inv.key(format!("{prefix}b{tag}:{salt:x}.{id:x}"));
+        nkeys += 1;
+        let mut op = b"!".to_vec();
+        op.extend_from_slice(&1f64.to_le_bytes());
+        inv.arg(op);
+    }
     let mut op = Vec::with_capacity(128);
     let mut tail = Vec::new();
     for job in &batch {
@@ -1061,8 +1239,11 @@ async fn run_batch(shared: &Shared, batch: Vec<Job>) {
     match result {
         Ok(Value::Array(replies)) if replies.len() == batch.len() => {
             for (job, v) in batch.into_iter().zip(replies) {
-                if let Some(tx) = job.reply {
-                    let _ = tx.send(Ok(v));
+                if let Some(tx) = job.reply
+                    && let Err(Ok(v)) = tx.send(Ok(v))
+                    && let Some(orphan) = job.orphan
+                {
+                    orphan(v);
                 }
             }
         }
