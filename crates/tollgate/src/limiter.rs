@@ -413,12 +413,15 @@ impl Limiter {
     ///
     /// [`Error::Limited`] when a quota has no room now (with when to retry),
     /// [`Error::TooLarge`] when the cost exceeds a quota's capacity,
-    /// [`Error::InvalidKey`] for an empty or over-long key.
+    /// [`Error::InvalidKey`] for an empty or over-long key; on Redis,
+    /// [`Error::Unavailable`] while Redis cannot be reached and the limiter fails closed.
     ///
     /// # Cancel safety
     ///
-    /// Decided in one step without awaiting; dropping the future before it is polled
-    /// does nothing.
+    /// In memory, decided in one step without awaiting; dropping the future before it is
+    /// polled does nothing. On Redis, a future dropped while its decision is in flight
+    /// gives back what the decision took (its reservation, its concurrency lease) when
+    /// Redis's answer arrives.
     ///
     /// ```
     /// use tollgate::{Cost, Error, Limiter, Quota};
@@ -446,12 +449,16 @@ impl Limiter {
     ///
     /// # Errors
     ///
-    /// [`Error::TooLarge`] and [`Error::InvalidKey`], as for [`Limiter::try_acquire`].
+    /// [`Error::TooLarge`] and [`Error::InvalidKey`], as for [`Limiter::try_acquire`]; on
+    /// Redis, [`Error::Unavailable`] as for [`Limiter::try_acquire`], and
+    /// [`Error::Limited`] for a start so far out (over 1,024 periods of queued calls) that
+    /// Redis cannot count it exactly.
     ///
     /// # Cancel safety
     ///
     /// Dropping the future while it waits gives back everything it reserved (and any
-    /// concurrency slot), so the capacity goes to the next caller.
+    /// concurrency slot), so the capacity goes to the next caller. On Redis this includes
+    /// a decision still in flight: it is given back when Redis's answer arrives.
     ///
     /// ```
     /// use tollgate::{Cost, Limiter, Quota};

@@ -351,3 +351,43 @@ async fn tls_and_unix_socket_urls() {
         "one budget"
     );
 }
+
+/// Redis restarts empty while a permit holds a concurrency slot: the next renewal takes
+/// the slot again, so another process still cannot exceed the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_in_a_restart_is_taken_again() {
+    let mut server = RedisServer::start();
+    let build = || {
+        Limiter::builder()
+            .redis(server.url())
+            .timeout(Duration::from_millis(100))
+            .lease(Duration::from_millis(300))
+            .quota(Quota::concurrent(1))
+            .build()
+    };
+    let a = build().await.expect("limiter a");
+    let b = build().await.expect("limiter b");
+    let permit = a.try_acquire("u", Cost::request()).await.expect("the slot");
+    server.kill();
+    server.restart();
+    // Both notice the restart and return; a's next renewal (every 100 ms) takes the slot
+    // again. Until then b may get it (a's call then runs over the limit, and Redis logs
+    // it); from then on b is refused.
+    let t = Instant::now();
+    let mut refused_in_a_row = 0;
+    while refused_in_a_row < 5 {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the slot was not taken again"
+        );
+        match b.try_acquire("u", Cost::request()).await {
+            Err(Error::Limited(_)) => refused_in_a_row += 1,
+            _ => refused_in_a_row = 0,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("slot held again {:?} after the restart", t.elapsed());
+    drop(permit);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.try_acquire("u", Cost::request()).await.expect("released");
+}

@@ -8,8 +8,8 @@
 --
 -- Numbers are Lua doubles: every integer the math produces stays below 2^53 (the store
 -- picks each quota's time unit so capacity x period fits with room for reservations), so
--- the arithmetic is exact. Each identity's states live in one hash, one field per quota,
--- each a packed 6-double state: {a, b, c, max_start, charged, version}.
+-- the arithmetic is exact. Each identity's states live in one string, one 56-byte record
+-- per quota (its fingerprint, then six doubles: {a, b, c, max_start, charged, version}).
 --   GCRA:    a = tat's whole units, b = tat's fraction x A (0 <= b < A), c = a stamp
 --            naming this state's lifetime (refunds apply only to the state they were
 --            charged on, never to one created after the key expired)
@@ -593,13 +593,26 @@ local function op_lease()
   return {1, n + 1}
 end
 
--- N zkey - lease_us idlen, id: renew a held lease (0 when it had expired and was lost)
+-- N zkey - lease_us limit idlen, id: renew a held lease. One lost meanwhile (expired
+-- during an outage, or Redis restarted) is taken again if a slot is free: 1 renewed,
+-- 2 taken again, 0 lost with every slot held (the call goes on over the limit; logged).
 local function op_renew()
   local zkey = KEYS[num()]
   num()
-  local lease, idlen = num(), num()
+  local lease, limit, idlen = num(), num(), num()
   local id = str(idlen)
-  local r = rcall('ZADD', zkey, 'XX', 'CH', now_us + lease, id)
+  local r = 1
+  if rcall('ZADD', zkey, 'XX', 'CH', now_us + lease, id) == 0 then
+    rcall('ZREMRANGEBYSCORE', zkey, '-inf', now_us)
+    if rcall('ZCARD', zkey) < limit then
+      rcall('ZADD', zkey, now_us + lease, id)
+      r = 2
+    else
+      redis.log(redis.LOG_WARNING, 'tollgate: a concurrency lease in ' .. zkey ..
+        ' was lost (expired) while its call ran, and every slot is now held')
+      r = 0
+    end
+  end
   expire_leases(zkey)
   return r
 end

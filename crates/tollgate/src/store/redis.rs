@@ -4,8 +4,8 @@
 //! call of one Lua script (`redis.lua`), which reads the time from Redis itself, so
 //! client clocks never matter. Concurrent calls from one process are coalesced: a single
 //! task gathers whatever operations are waiting and sends them as one `EVALSHA` over a
-//! multiplexed connection, with several such batches in flight. Each identity's states
-//! live in one hash; each call's Redis work is O(number of quotas), whatever the traffic.
+//! multiplexed connection, with two such batches in flight. Each identity's states live
+//! in one string; each call's Redis work is O(number of quotas), whatever the traffic.
 //!
 //! This module knows nothing of HTTP, never sleeps on behalf of a caller (the limiter
 //! does), and never re-does the algorithms' decisions outside the script.
@@ -48,9 +48,12 @@ pub enum StorePolicy {
     /// Refuse every call with [`crate::Error::Unavailable`] until Redis is back.
     #[default]
     FailClosed,
-    /// Decide locally, in memory, with each quota's amount and burst multiplied by
-    /// `share` (at least one unit), until Redis is back. With `n` processes sharing an
-    /// account, `share = 1/n` keeps the account within its limits during an outage.
+    /// Decide locally, in memory, with each quota's amount, burst and concurrency slots
+    /// multiplied by `share` (at least one unit), until Redis is back. With `n` processes
+    /// sharing an account, `share = 1/n` keeps the account within its limits during an
+    /// outage, apart from the switch itself: the local buckets start full, so up to one
+    /// more burst may pass in the moment Redis goes down. A call larger than the local
+    /// share fails with [`crate::Error::Unavailable`].
     FailOpen {
         /// The fraction of each quota this process may use on its own, in `(0, 1]`.
         share: f64,
@@ -121,7 +124,7 @@ pub(crate) fn remote_quota(
     }
 }
 
-/// FNV-1a, 48 bits: a stable name for a quota's hash field across processes and versions.
+/// FNV-1a, 48 bits: a stable name for a quota's record across processes and versions.
 fn fingerprint(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
@@ -393,7 +396,7 @@ pub(crate) struct RedisStore {
     prefix: String,
     tx: mpsc::UnboundedSender<Job>,
     shared: Arc<Shared>,
-    leases: Mutex<std::collections::HashMap<u64, (String, String)>>,
+    leases: Mutex<std::collections::HashMap<u64, (String, String, u64)>>,
     lease_ids: AtomicU64,
     lease_salt: u64,
     pub(crate) lease_us: u64,
@@ -601,7 +604,7 @@ impl RedisStore {
         self.key_count < self.quotas.len()
     }
 
-    /// The identity's hash: `{prefix}k{<key>}`, with `%` and `}` escaped so the whole key
+    /// An identity's key: `{prefix}{kind}{<key>}`, with `%` and `}` escaped so the whole key
     /// is the Redis Cluster hash tag and every key of one identity shares a slot.
     pub(crate) fn key_name(&self, kind: &str, key: &str) -> String {
         let mut s = String::with_capacity(self.prefix.len() + key.len() + 4);
@@ -886,7 +889,7 @@ impl RedisStore {
             return Ok(None);
         }
         if let Ok(mut held) = self.leases.lock() {
-            held.insert(n, (zkey, id));
+            held.insert(n, (zkey, id, limit));
         }
         Ok(Some(Lease(n)))
     }
@@ -908,7 +911,7 @@ impl RedisStore {
     /// Give a slot back (fire and forget: a lost release expires with its lease).
     pub(crate) fn release(&self, lease: &Lease) {
         let held = self.leases.lock().ok().and_then(|mut m| m.remove(&lease.0));
-        if let Some((zkey, id)) = held {
+        if let Some((zkey, id, _)) = held {
             self.send(Job {
                 letter: "D",
                 keys: [Some(zkey), None],
@@ -924,15 +927,15 @@ impl RedisStore {
         if !self.is_up() {
             return;
         }
-        let held: Vec<(String, String)> = match self.leases.lock() {
+        let held: Vec<(String, String, u64)> = match self.leases.lock() {
             Ok(m) => m.values().cloned().collect(),
             Err(_) => return,
         };
-        for (zkey, id) in held {
+        for (zkey, id, limit) in held {
             self.send(Job {
                 letter: "N",
                 keys: [Some(zkey), None],
-                args: vec![int(self.lease_us), Arg::Bytes(id.into_bytes())],
+                args: vec![int(self.lease_us), int(limit), Arg::Bytes(id.into_bytes())],
                 reply: None,
                 orphan: None,
             });
