@@ -24,7 +24,7 @@ pub use remote::RedisBuilder;
 use remote::{Held, Remote};
 
 use crate::store::memory::{
-    MAX_RATE_QUOTAS, MAX_SETTLED, MemoryStore, Part, RateQuota, Refusal, Reserved, Undo,
+    Charged, MAX_RATE_QUOTAS, MAX_SETTLED, MemoryStore, Part, RateQuota, Refusal, Reserved, Undo,
 };
 use crate::store::redis::Target;
 
@@ -644,7 +644,7 @@ impl Limiter {
             limiter: self,
             key,
             cost,
-            reserved,
+            reserved: Charged::from(&reserved),
             waited_ns: 0,
             _slots: slots,
             remote: None,
@@ -816,7 +816,7 @@ pub struct Permit<'a> {
     limiter: &'a Limiter,
     key: &'a str,
     cost: Cost,
-    reserved: Reserved,
+    reserved: Charged,
     waited_ns: u64,
     _slots: Slots,
     /// The reservation and leases of a call admitted on Redis.

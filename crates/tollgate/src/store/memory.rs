@@ -89,6 +89,25 @@ pub(crate) struct Reserved {
     pub(crate) settle: [u64; MAX_SETTLED],
 }
 
+/// What a permit keeps of its reservation: enough to settle it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Charged {
+    /// Identity of the key's entry, so a refund never lands on a newer entry.
+    pub(crate) epoch: u64,
+    /// Snapshots of the quotas charging actual usage, by `settle_slot`.
+    pub(crate) settle: [u64; MAX_SETTLED],
+}
+
+impl From<&Reserved> for Charged {
+    #[inline]
+    fn from(r: &Reserved) -> Charged {
+        Charged {
+            epoch: r.epoch,
+            settle: r.settle,
+        }
+    }
+}
+
 /// Why a reservation was refused.
 #[derive(Debug)]
 pub(crate) enum Refusal {
@@ -444,7 +463,7 @@ impl MemoryStore {
         key: &str,
         cost: &Cost,
         usage: &Usage,
-        reserved: &Reserved,
+        reserved: &Charged,
         now: u64,
     ) {
         let actual = Cost {
