@@ -1103,8 +1103,7 @@ async fn batcher(
         let batch = std::mem::replace(&mut jobs, Vec::with_capacity(MAX_BATCH));
         if !cluster {
             tokio::spawn(async move {
-                run_batch(&s, batch).await;
-                drop(permit);
+                run_batch(&s, batch, permit).await;
             });
             continue;
         }
@@ -1131,8 +1130,7 @@ async fn batcher(
             };
             let s = s.clone();
             tokio::spawn(async move {
-                run_batch(&s, group).await;
-                drop(p);
+                run_batch(&s, group, p).await;
             });
         }
     }
@@ -1161,7 +1159,9 @@ fn key_slot(key: &[u8]) -> u16 {
     crc % 16_384
 }
 
-async fn run_batch(shared: &Shared, batch: Vec<Job>) {
+/// Send one batch; `slot` (its in-flight permit) is freed as soon as Redis answers, so
+/// the next batch goes out while this one's replies are handed out.
+async fn run_batch(shared: &Shared, batch: Vec<Job>, slot: tokio::sync::OwnedSemaphorePermit) {
     let mut inv = shared.script.prepare_invoke();
     let mut nkeys = 0usize;
     if let Some((prefix, salt, ids)) = &shared.dedupe {
@@ -1219,7 +1219,9 @@ async fn run_batch(shared: &Shared, batch: Vec<Job>) {
         let mut conn = shared.conn.live().await?;
         conn.invoke(&inv).await
     };
-    let result = match tokio::time::timeout(shared.timeout, call).await {
+    let answer = tokio::time::timeout(shared.timeout, call).await;
+    drop(slot);
+    let result = match answer {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             shared.health.failures.fetch_add(1, Ordering::Relaxed);
