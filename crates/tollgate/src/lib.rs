@@ -61,9 +61,7 @@ pub mod tokens;
 pub use clock::{Clock, ManualClock};
 pub use cost::{Cost, Usage};
 pub use error::{Error, KeyError, QuotaId, Rejected, StoreUnavailable, TooLarge};
-pub use limiter::{
-    Limiter, LimiterBuilder, MAX_KEY_LEN, Permit, QuotaStatus, RedisBuilder, TryAcquire,
-};
+pub use limiter::{Limiter, LimiterBuilder, MAX_KEY_LEN, Permit, QuotaStatus, RedisBuilder};
 pub use quota::{Accounting, Algorithm, ConfigError, Dimension, Quota, Scope};
 /// The Redis client tollgate is built on, for [`LimiterBuilder::redis_client`] and
 /// [`LimiterBuilder::redis_connection`].

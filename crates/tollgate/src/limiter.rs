@@ -7,10 +7,7 @@
 //! or a concurrency slot behind when a caller goes away.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
@@ -435,21 +432,11 @@ impl Limiter {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
-    pub fn try_acquire<'a>(&'a self, key: &'a str, cost: Cost) -> TryAcquire<'a> {
-        let state = match &self.inner.remote {
-            None => TryState::Local {
-                limiter: self,
-                key,
-                cost,
-            },
-            Some(r) => TryState::Remote(Box::pin(self.remote_acquire(
-                r,
-                key,
-                cost,
-                Some(Duration::ZERO),
-            ))),
-        };
-        TryAcquire { state }
+    pub async fn try_acquire<'a>(&'a self, key: &'a str, cost: Cost) -> Result<Permit<'a>, Error> {
+        if let Some(r) = &self.inner.remote {
+            return Box::pin(self.remote_acquire(r, key, cost, Some(Duration::ZERO))).await;
+        }
+        self.try_acquire_now(key, cost)
     }
 
     /// Admit a call, waiting (FIFO) as long as needed for every quota to have room.
@@ -802,72 +789,6 @@ fn check_key(key: &str) -> Result<(), Error> {
         Err(Error::InvalidKey(KeyError::TooLong(key.len())))
     } else {
         Ok(())
-    }
-}
-
-/// The future [`Limiter::try_acquire`] returns: `.await` it for the permit or the
-/// refusal. Nothing is decided until it is first polled.
-///
-/// A named type rather than an `async fn` so that the in-memory decision, which never
-/// waits, is made in a single poll with nothing else in the future.
-///
-/// ```
-/// use tollgate::{Cost, Limiter, Quota, TryAcquire};
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let limiter = Limiter::builder().quota(Quota::requests(1).per_minute()).build()?;
-/// let pending: TryAcquire<'_> = limiter.try_acquire("u", Cost::request());
-/// drop(pending); // never polled: nothing was taken
-/// assert!(limiter.try_acquire("u", Cost::request()).await.is_ok());
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// # }).unwrap();
-/// ```
-#[must_use = "futures do nothing unless polled"]
-pub struct TryAcquire<'a> {
-    state: TryState<'a>,
-}
-
-/// A boxed decision on Redis.
-type RemoteDecision<'a> = Pin<Box<dyn Future<Output = Result<Permit<'a>, Error>> + Send + 'a>>;
-
-enum TryState<'a> {
-    Local {
-        limiter: &'a Limiter,
-        key: &'a str,
-        cost: Cost,
-    },
-    Remote(RemoteDecision<'a>),
-    Done,
-}
-
-impl fmt::Debug for TryAcquire<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            TryState::Local { .. } => "in memory",
-            TryState::Remote(_) => "on Redis",
-            TryState::Done => "done",
-        };
-        f.debug_struct("TryAcquire").field("state", &state).finish()
-    }
-}
-
-impl<'a> Future for TryAcquire<'a> {
-    type Output = Result<Permit<'a>, Error>;
-
-    #[inline]
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match std::mem::replace(&mut self.state, TryState::Done) {
-            TryState::Local { limiter, key, cost } => {
-                Poll::Ready(limiter.try_acquire_now(key, cost))
-            }
-            TryState::Remote(mut decision) => match decision.as_mut().poll(cx) {
-                Poll::Ready(out) => Poll::Ready(out),
-                Poll::Pending => {
-                    self.state = TryState::Remote(decision);
-                    Poll::Pending
-                }
-            },
-            TryState::Done => panic!("`TryAcquire` polled after it completed"),
-        }
     }
 }
 
