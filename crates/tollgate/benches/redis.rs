@@ -23,8 +23,6 @@
 //! in docs/BENCHMARKS.md.
 
 use std::hint::black_box;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
@@ -43,70 +41,10 @@ const LATENCY_RUN: Duration = Duration::from_secs(2);
 /// Untimed calls before each latency run (connection, script load, first batches).
 const WARM_UP: Duration = Duration::from_millis(300);
 
-/// A private `redis-server` on a free port, killed when dropped.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("bind an ephemeral port")
-            .local_addr()
-            .expect("local address of the ephemeral port")
-            .port();
-        let dir = std::env::temp_dir().join(format!(
-            "tollgate-bench-redis-{port}-{}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("create a directory for redis-server");
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                dir.to_str().expect("utf-8 temp dir"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "the redis bench needs redis-server on the PATH and could not start it ({e}): \
-                     install it (apt-get install -y redis-server) or run ./scripts/test.sh, which does"
-                )
-            });
-        let server = RedisServer { child, port, dir };
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(10) {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("redis-server did not listen on port {port} within 10 s");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// The tests' private `redis-server` (a free port, killed when dropped).
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::RedisServer;
 
 /// One kind of call the tasks repeat.
 #[derive(Clone)]
