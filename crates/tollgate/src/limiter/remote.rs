@@ -195,6 +195,14 @@ impl RedisBuilder {
     /// # Ok(()) }
     /// ```
     pub async fn build(self) -> Result<Limiter, Error> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ConfigError::Store {
+                detail: "build the Redis limiter inside a Tokio runtime: its store runs \
+                         background tasks (batching, probing, lease renewal)"
+                    .into(),
+            }
+            .into());
+        }
         let share = match self.policy {
             StorePolicy::FailClosed => 1.0,
             StorePolicy::FailOpen { share } => share,
@@ -309,7 +317,7 @@ impl Limiter {
         self.inner.remote.as_ref().map_or(0, |r| r.store.switches())
     }
 
-    /// An outage under the policy: fail closed, or `None` to go local.
+    /// An outage under the policy: fail closed, or `Ok` to decide locally.
     fn outage(&self, r: &Remote, e: StoreUnavailable) -> Result<(), Error> {
         match r.policy {
             StorePolicy::FailClosed => Err(Error::Unavailable(e)),
