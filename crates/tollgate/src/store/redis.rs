@@ -324,8 +324,6 @@ fn int(n: u64) -> Arg {
 struct Health {
     up: AtomicBool,
     switches: AtomicU64,
-    calls: AtomicU64,
-    failures: AtomicU64,
 }
 
 /// A connection to one Redis (multiplexed, reconnecting) or to a Redis Cluster.
@@ -1214,7 +1212,6 @@ async fn run_batch(shared: &Shared, batch: Vec<Job>, slot: tokio::sync::OwnedSem
         op.extend_from_slice(&tail);
         inv.arg(op.as_slice());
     }
-    shared.health.calls.fetch_add(1, Ordering::Relaxed);
     let call = async {
         let mut conn = shared.conn.live().await?;
         conn.invoke(&inv).await
@@ -1224,7 +1221,6 @@ async fn run_batch(shared: &Shared, batch: Vec<Job>, slot: tokio::sync::OwnedSem
     let result = match answer {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            shared.health.failures.fetch_add(1, Ordering::Relaxed);
             if is_outage(&e) {
                 mark(shared, false, &e.to_string());
             } else {
@@ -1233,7 +1229,6 @@ async fn run_batch(shared: &Shared, batch: Vec<Job>, slot: tokio::sync::OwnedSem
             Err(StoreUnavailable::new(&e.to_string()))
         }
         Err(_) => {
-            shared.health.failures.fetch_add(1, Ordering::Relaxed);
             mark(shared, false, "timed out");
             Err(StoreUnavailable::new(&format!(
                 "Redis did not answer within {:?}",
