@@ -314,10 +314,13 @@ async fn cluster_many_identities_one_shared_budget() {
         charged >= 100,
         "every admitted call is charged to its identity"
     );
+    // Without give-backs every identity would hold its 3 (240 in all): most of the 140
+    // reservations the account refused must have come back.
     assert!(
-        charged <= 120,
+        charged <= 160,
         "refused calls were given back: {charged} charged for 100 admitted"
     );
+    println!("cluster: {charged} charged to identities for 100 admitted (240 without give-backs)");
     let s = limiter.status("anyone").await.expect("status");
     assert_eq!(s[1].remaining, 0);
 }

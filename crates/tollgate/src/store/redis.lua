@@ -262,7 +262,8 @@ end
 
 -- The quotas an operation covers: part 1 per key, 2 shared, 3 both.
 local KQ, SQ, ALL, BYFP = {}, {}, {}, {}
-for i, q in ipairs(Q) do
+for i = 1, #Q do
+  local q = Q[i]
   if q.shared then
     SQ[#SQ + 1] = i
   else
@@ -300,7 +301,8 @@ local function entry(key, group)
   if v and #v == 56 * n then
     -- The usual case: exactly this configuration's records, in order.
     local r = {sunpack(FMT[n], v)}
-    for j, i in ipairs(group) do
+    for j = 1, #group do
+      local i = group[j]
       local b = 7 * (j - 1)
       if r[b + 1] ~= Q[i].fp then
         r = nil
@@ -329,7 +331,8 @@ local function entry(key, group)
     end
     e.other = table.concat(others)
   end
-  for _, i in ipairs(group) do
+  for g = 1, #group do
+    local i = group[g]
     if not st[i] then
       st[i] = fresh()
     end
@@ -382,11 +385,14 @@ end
 
 -- Write every changed entry back once, expiring when all its states are idle.
 local function flush()
-  for _, key in ipairs(order) do
+  for k = 1, #order do
+    local key = order[k]
     local e = cache[key]
     if e.dirty then
       local vals, ttl = {}, 1
-      for _, i in ipairs(e.group) do
+      local group = e.group
+      for g = 1, #group do
+        local i = group[g]
         local q, s = Q[i], e.st[i]
         local b = #vals
         vals[b + 1], vals[b + 2], vals[b + 3], vals[b + 4] = q.fp, s[1], s[2], s[3]
@@ -435,7 +441,8 @@ local function op_reserve()
   local states = load(kkey, skey, part)
   local covered = PART[part]
   local start_us, bind, ok = now_us, 0, true
-  for _, i in ipairs(covered) do
+  for c = 1, #covered do
+    local i = covered[c]
     if charges[i] > 0 then
       local q = Q[i]
       local e, sched = earliest(states[i], q, q.nf, charges[i])
@@ -456,7 +463,8 @@ local function op_reserve()
   end
   touch(kkey, skey, part)
   local out, n = {1, start_us - now_us}, 2
-  for i, q in ipairs(Q) do
+  for i = 1, #Q do
+    local q = Q[i]
     local s = states[i]
     if s and charges[i] > 0 and (part == 3 or (part == 2) == q.shared) then
       local prior = ''
@@ -505,7 +513,9 @@ local function op_cancel()
   end
   local states = load(kkey, skey, part)
   touch(kkey, skey, part)
-  for _, i in ipairs(PART[part]) do
+  local covered = PART[part]
+  for c = 1, #covered do
+    local i = covered[c]
     local q, a, s = Q[i], args[i], states[i]
     if a[1] == 0 then
       -- not charged by this call
@@ -533,7 +543,9 @@ local function op_settle()
   end
   local states = load(kkey, skey, part)
   touch(kkey, skey, part)
-  for _, i in ipairs(PART[part]) do
+  local covered = PART[part]
+  for c = 1, #covered do
+    local i = covered[c]
     local q, a, s = Q[i], args[i], states[i]
     refund(s, q, q.nc, a[1], a[3], a[4])
     if a[2] > 0 then
@@ -552,7 +564,8 @@ local function op_status()
   local kkey, skey, part = KEYS[num()], KEYS[num()], num()
   local states = load(kkey, skey, part)
   local out = {}
-  for i, q in ipairs(Q) do
+  for i = 1, #Q do
+    local q = Q[i]
     local s = states[i]
     if s then
       local rem, reset = status(s, q, q.nf)
