@@ -394,3 +394,52 @@ async fn a_lease_lost_in_a_restart_is_taken_again() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     b.try_acquire("u", Cost::request()).await.expect("released");
 }
+
+/// A foreign key of another type under the prefix fails the calls that touch it, with a
+/// clear error, and nobody else's: the other operations of the same batch go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_key_fails_only_its_own_calls() {
+    let server = RedisServer::start();
+    let limiter = Limiter::builder()
+        .redis(server.url())
+        .quota(Quota::requests(1_000).per_minute())
+        .build()
+        .await
+        .expect("limiter");
+    let mut c = conn(&server).await;
+    let _: () = c
+        .hset("tollgate:k{squatter}", "f", "v")
+        .await
+        .expect("hset");
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let l = limiter.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = if i % 8 == 0 {
+                "squatter".to_string()
+            } else {
+                format!("user-{i}")
+            };
+            (
+                i % 8 == 0,
+                l.try_acquire(&key, Cost::request()).await.map(|_| ()),
+            )
+        }));
+    }
+    for t in tasks {
+        let (squatter, r) = t.await.expect("task");
+        if squatter {
+            let Err(Error::Unavailable(e)) = r else {
+                panic!("the foreign key's calls fail: {r:?}");
+            };
+            assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+        } else {
+            r.expect("everyone else is decided as usual");
+        }
+    }
+    assert_eq!(
+        limiter.redis_up(),
+        Some(true),
+        "a refused operation is not an outage"
+    );
+}

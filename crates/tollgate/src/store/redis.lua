@@ -664,7 +664,15 @@ for k = from, #ARGV do
   if not f then
     return redis.error_reply('tollgate: unknown operation')
   end
-  replies[#replies + 1] = f()
+  -- One operation's error (a foreign key of another type under the prefix) fails that
+  -- operation only; it fails before changing anything, so the others go on.
+  local ok, r = pcall(f)
+  if ok then
+    replies[#replies + 1] = r
+  else
+    -- A plain string marks it (an error reply inside the array would fail the batch).
+    replies[#replies + 1] = 'tollgate error: ' .. tostring(r)
+  end
 end
 flush()
 return replies

@@ -658,6 +658,11 @@ impl RedisStore {
         });
         // Queueing counts too: a call waits at most two timeouts in all.
         match tokio::time::timeout(self.shared.timeout * 2, rx).await {
+            // The script marks an operation that failed on its own with a string.
+            Ok(Ok(Ok(Value::BulkString(e)))) => Err(StoreUnavailable::new(&format!(
+                "Redis refused this operation ({})",
+                String::from_utf8_lossy(&e)
+            ))),
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Err(StoreUnavailable::new("the Redis batcher stopped")),
             Err(_) => {
