@@ -52,6 +52,7 @@ mod clock;
 mod cost;
 mod error;
 mod limiter;
+pub mod estimate;
 pub mod provider;
 mod quota;
 pub mod retry;

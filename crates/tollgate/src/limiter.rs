@@ -582,6 +582,88 @@ impl Limiter {
         Ok(out)
     }
 
+    /// Pulls `key`'s view down to what a provider's rate-limit headers say is left, so
+    /// traffic the limiter did not see (another app on the same API key, a provider that
+    /// counts differently) stops causing 429s. Never raises anything.
+    ///
+    /// For each quota with a period whose dimension the headers report (`requests`,
+    /// `tokens`, `input_tokens`, `output_tokens`), the provider's `remaining` plus what
+    /// the quota refills during `age` (how old the headers may be: the time since the
+    /// request was sent) is the most the provider can have left now; when the limiter
+    /// thinks more is left, the difference is charged. A charge for tokens also lowers
+    /// quotas that count the same tokens (`input_tokens` with `tokens`). Returns the
+    /// units charged per quota, in the order of [`Limiter::quotas`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`]; on Redis, [`Error::Unavailable`] while Redis cannot be
+    /// reached and the limiter fails closed. A charge that no longer fits is skipped.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tollgate::{Limiter, Quota, provider};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let limiter = Limiter::builder().quota(Quota::tokens(90_000).per_minute()).build()?;
+    /// let mut headers = http::HeaderMap::new();
+    /// headers.insert("x-ratelimit-remaining-tokens", "30000".parse()?);
+    /// let seen = provider::parse(&headers, SystemTime::now());
+    /// let charged = limiter.absorb("account", &seen, Duration::ZERO).await?;
+    /// assert_eq!(charged, vec![60_000]);
+    /// assert_eq!(limiter.status("account").await?[0].remaining, 30_000);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn absorb(
+        &self,
+        key: &str,
+        headers: &crate::provider::RateLimitHeaders,
+        age: Duration,
+    ) -> Result<Vec<u64>, Error> {
+        let mut charged = vec![0; self.inner.quotas.len()];
+        for index in 0..self.inner.quotas.len() {
+            let quota = &self.inner.quotas[index].quota;
+            let budget = match quota.dimension {
+                Dimension::Requests => headers.requests,
+                Dimension::Tokens => headers.tokens,
+                Dimension::InputTokens => headers.input_tokens,
+                Dimension::OutputTokens => headers.output_tokens,
+                Dimension::Concurrency => None,
+            };
+            let (Some(remaining), Some(period)) = (budget.and_then(|b| b.remaining), quota.period)
+            else {
+                continue;
+            };
+            let refill = u128::from(quota.amount).saturating_mul(age.as_nanos()) / period.as_nanos().max(1);
+            let allowance = remaining.saturating_add(u64::try_from(refill).unwrap_or(u64::MAX));
+            let Some(ours) = self
+                .status(key)
+                .await?
+                .into_iter()
+                .find(|s| s.quota.index == index)
+                .map(|s| s.remaining)
+            else {
+                continue;
+            };
+            let Some(excess) = ours.checked_sub(allowance).filter(|&e| e > 0) else {
+                continue;
+            };
+            let cost = match quota.dimension {
+                Dimension::Requests => Cost::request().requests(excess),
+                Dimension::Tokens | Dimension::InputTokens => Cost::input(excess).requests(0),
+                _ => Cost::request().requests(0).output(excess),
+            };
+            match self.try_acquire(key, cost).await {
+                Ok(permit) => {
+                    charged[index] = quota.charge(&cost);
+                    drop(permit);
+                }
+                Err(Error::Limited(_) | Error::TooLarge(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(charged)
+    }
+
     /// Capacity checks before waiting for a concurrency slot, so a call that can never
     /// fit fails at once. (The store checks capacity in every decision too.)
     fn check_capacity(&self, cost: &Cost) -> Result<(), Error> {

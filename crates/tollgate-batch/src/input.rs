@@ -1,0 +1,185 @@
+//! Reading the input file: one request per line, in the cookbook's format (a request
+//! body, with an optional `metadata` field carried to the output) or the OpenAI Batch
+//! API's (`custom_id`, `method`, `url`, `body`).
+
+use serde_json::{Map, Value};
+
+/// Which input format a line is in; its output line uses the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// A request body per line; output `[request, response(, metadata)]`.
+    Cookbook,
+    /// The Batch API's `{"custom_id", "method", "url", "body"}`; output as the Batch API writes it.
+    BatchApi,
+}
+
+/// One request to send.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    /// 1-based line number in the input.
+    pub(crate) line: u64,
+    pub(crate) format: Format,
+    /// The body to send.
+    pub(crate) body: Value,
+    pub(crate) metadata: Option<Value>,
+    pub(crate) custom_id: Option<String>,
+    /// The Batch API line's `url` (a path such as `/v1/chat/completions`).
+    pub(crate) url: Option<String>,
+    /// What identifies this line's output line when resuming.
+    pub(crate) identity: u64,
+}
+
+/// A line that cannot be sent, with why.
+#[derive(Debug, Clone)]
+pub(crate) struct Malformed {
+    pub(crate) line: u64,
+    pub(crate) error: String,
+    pub(crate) custom_id: Option<String>,
+}
+
+/// FNV-1a, 64 bits: stable across runs and builds, which resuming needs.
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The identity of a cookbook request: the hash of its canonical JSON (keys sorted), the
+/// form in which it is written to the output.
+pub(crate) fn request_identity(request: &Value) -> u64 {
+    fnv(request.to_string().as_bytes())
+}
+
+/// The identity of a Batch API line: the hash of its `custom_id`.
+pub(crate) fn custom_id_identity(custom_id: &str) -> u64 {
+    fnv(custom_id.as_bytes()) ^ 0x9e37_79b9_7f4a_7c15
+}
+
+/// Parses one input line (without its line terminator).
+pub(crate) fn parse(line: u64, bytes: &[u8]) -> Result<Job, Malformed> {
+    let malformed = |error: String| Malformed {
+        line,
+        error,
+        custom_id: None,
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        malformed(format!(
+            "line {line} is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Err(malformed(format!("line {line} is empty")));
+    }
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| malformed(format!("line {line} is not valid JSON: {e}")))?;
+    let Value::Object(mut object) = value else {
+        return Err(malformed(format!(
+            "line {line} is not a JSON object (each line is one request body, or a Batch API request)"
+        )));
+    };
+    if object.contains_key("custom_id") {
+        return batch_api(line, object);
+    }
+    let metadata = object.remove("metadata");
+    let body = Value::Object(object);
+    Ok(Job {
+        line,
+        format: Format::Cookbook,
+        identity: request_identity(&body),
+        body,
+        metadata,
+        custom_id: None,
+        url: None,
+    })
+}
+
+fn batch_api(line: u64, mut object: Map<String, Value>) -> Result<Job, Malformed> {
+    let custom_id = match object.get("custom_id") {
+        Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        _ => {
+            return Err(Malformed {
+                line,
+                error: format!("line {line}: `custom_id` must be a non-empty string"),
+                custom_id: None,
+            });
+        }
+    };
+    let malformed = |error: String| Malformed {
+        line,
+        error,
+        custom_id: Some(custom_id.clone()),
+    };
+    if let Some(method) = object.get("method")
+        && method.as_str() != Some("POST")
+    {
+        return Err(malformed(format!(
+            "line {line}: `method` must be \"POST\", not {method}"
+        )));
+    }
+    let url = match object.remove("url") {
+        Some(Value::String(url)) if url.starts_with('/') => url,
+        Some(other) => {
+            return Err(malformed(format!(
+                "line {line}: `url` must be a path such as \"/v1/chat/completions\", not {other}"
+            )));
+        }
+        None => return Err(malformed(format!("line {line}: a Batch API request needs a `url`"))),
+    };
+    let body = match object.remove("body") {
+        Some(body @ Value::Object(_)) => body,
+        _ => {
+            return Err(malformed(format!(
+                "line {line}: a Batch API request needs a `body` object"
+            )));
+        }
+    };
+    Ok(Job {
+        line,
+        format: Format::BatchApi,
+        identity: custom_id_identity(&custom_id),
+        body,
+        metadata: None,
+        custom_id: Some(custom_id),
+        url: Some(url),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_formats_parse_and_metadata_is_set_apart() {
+        let job = parse(1, br#"{"model":"m","messages":[],"metadata":{"row":1}}"#).expect("cookbook");
+        assert_eq!(job.format, Format::Cookbook);
+        assert_eq!(job.metadata, Some(serde_json::json!({"row": 1})));
+        assert!(job.body.get("metadata").is_none());
+        let job = parse(
+            2,
+            br#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"input":"x"}}"#,
+        )
+        .expect("batch");
+        assert_eq!((job.format, job.custom_id.as_deref(), job.url.as_deref()), (Format::BatchApi, Some("a"), Some("/v1/embeddings")));
+    }
+
+    #[test]
+    fn bad_lines_say_which_line_and_why() {
+        let err = |bytes: &[u8]| parse(7, bytes).expect_err("malformed").error;
+        assert_eq!(err(b"\xff\xfe{}"), "line 7 is not valid UTF-8 (invalid byte at offset 0)");
+        assert!(err(b"{not json").starts_with("line 7 is not valid JSON"));
+        assert!(err(b"[1,2]").contains("not a JSON object"));
+        assert_eq!(err(b"  "), "line 7 is empty");
+        assert!(err(br#"{"custom_id":"a","url":"/v1/x"}"#).contains("`body`"));
+        assert!(err(br#"{"custom_id":"a","method":"GET","url":"/v1/x","body":{}}"#).contains("POST"));
+        assert!(err(br#"{"custom_id":5}"#).contains("custom_id"));
+    }
+
+    #[test]
+    fn identity_ignores_key_order_and_whitespace() {
+        let a = parse(1, br#"{"b":1,"a":[1, 2]}"#).expect("a");
+        let b = parse(2, br#"{ "a":[1,2], "b":1 }"#).expect("b");
+        assert_eq!(a.identity, b.identity);
+        assert_ne!(a.identity, parse(3, br#"{"a":[2,1],"b":1}"#).expect("c").identity);
+    }
+}

@@ -1,0 +1,851 @@
+//! `tollgate batch`: streams a JSONL file of API requests through a provider as fast as
+//! its rate limits allow, retries what fails, loses nothing and resumes after a crash.
+//!
+//! Each input line is a request body (the format of OpenAI's cookbook script
+//! `api_request_parallel_processor.py`, with an optional `metadata` field carried to the
+//! output) or a Batch API request (`custom_id`, `method`, `url`, `body`). For each line
+//! the runner estimates the tokens the provider will count ([`tollgate::estimate`]),
+//! waits its turn in a [`tollgate::Limiter`] (FIFO; in memory, or shared through Redis
+//! with other processes), sends it, settles with the usage the provider reports, and
+//! appends exactly one line to the results file (`[request, response(, metadata)]`, or
+//! the Batch API's output object) or to the failures file (with the input line number,
+//! the error and the attempt count).
+//!
+//! - Limits come from [`BatchConfig::rpm`] / [`BatchConfig::tpm`], or are learned from
+//!   the provider's `x-ratelimit-limit-*` headers on the first response.
+//! - A 429 pauses every request until the provider's `retry-after` / reset, and each
+//!   response's `x-ratelimit-remaining-*` pulls the limiter down when the provider has
+//!   less left than it thinks ([`tollgate::Limiter::absorb`]).
+//! - 429, 5xx, timeouts and dropped connections are retried with exponential backoff and
+//!   full jitter ([`tollgate::retry::Backoff`]); 400, 401, a prompt over the limit, or a
+//!   request that keeps failing goes to the failures file.
+//! - Running the same command again skips every line already in the results or failures
+//!   file, so a run killed at any point resumes without duplicates.
+//!
+//! ```no_run
+//! use tollgate_batch::{BatchConfig, run};
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = BatchConfig::new("requests.jsonl", "results.jsonl", "https://api.openai.com/v1/chat/completions");
+//! config.rpm = Some(500);
+//! config.tpm = Some(90_000);
+//! config.api_key = std::env::var("OPENAI_API_KEY").ok();
+//! let summary = run(config, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! println!("{} succeeded, {} failed", summary.succeeded, summary.failed);
+//! # Ok(()) }
+//! ```
+//!
+//! What this crate must never do: limit on its own. Every admission decision is the
+//! limiter's; this crate only turns provider answers into waits and retries.
+
+mod input;
+mod output;
+mod progress;
+
+use std::future::Future;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tollgate::estimate::{Endpoint, Estimate, estimate};
+use tollgate::provider::RateLimitHeaders;
+use tollgate::retry::Backoff;
+use tollgate::{Accounting, Error as LimitError, Limiter, Quota, Usage};
+
+pub use progress::Progress;
+
+use input::{Format, Job, Malformed};
+use output::Record;
+use progress::Counters;
+
+/// How a batch runs. Build it with [`BatchConfig::new`] and set the fields you need.
+///
+/// ```
+/// let mut config = tollgate_batch::BatchConfig::new("in.jsonl", "out.jsonl", "http://127.0.0.1:8089/v1/chat/completions");
+/// config.rpm = Some(600);
+/// assert_eq!(config.failures_path(), std::path::PathBuf::from("out.failures.jsonl"));
+/// assert_eq!(config.max_in_flight, 64);
+/// ```
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// The input file.
+    pub input: PathBuf,
+    /// The results file (appended to; created when missing).
+    pub output: PathBuf,
+    /// The failures file; default: the results file with `.failures.jsonl`.
+    pub failures: Option<PathBuf>,
+    /// Where cookbook-format lines are sent; Batch API lines go to their own `url` path
+    /// on this URL's origin.
+    pub url: String,
+    /// Requests per minute; learned from the provider's headers when `None`.
+    pub rpm: Option<u64>,
+    /// Tokens per minute (prompt + `max_tokens × n`, as OpenAI counts); learned when `None`.
+    pub tpm: Option<u64>,
+    /// Requests waiting or in flight at once.
+    pub max_in_flight: usize,
+    /// A Redis URL to share the limits with other processes using the same account.
+    pub redis: Option<String>,
+    /// The API key, sent as `Authorization: Bearer` (`x-api-key` to `/v1/messages`).
+    pub api_key: Option<String>,
+    /// The limiter key naming the provider account; default: a hash of the URL's origin
+    /// and the API key, so processes with the same both share one budget.
+    pub account: Option<String>,
+    /// Attempts per line before it goes to the failures file.
+    pub max_attempts: u32,
+    /// Time limit of one attempt.
+    pub timeout: Duration,
+    /// How much later than it leaves tollgate a request may be counted by the provider
+    /// (network and connection set-up). The limiter's burst is lowered by what the
+    /// limits refill in this time, so a schedule exact at tollgate stays inside the
+    /// limits at the provider.
+    pub jitter: Duration,
+    /// How progress is shown.
+    pub progress: Progress,
+}
+
+impl BatchConfig {
+    /// A configuration with the defaults: 64 in flight, 8 attempts, a 10-minute
+    /// timeout, a 250 ms jitter allowance, limits learned from the provider.
+    ///
+    /// See [`BatchConfig`] for an example.
+    pub fn new(input: impl Into<PathBuf>, output: impl Into<PathBuf>, url: impl Into<String>) -> BatchConfig {
+        BatchConfig {
+            input: input.into(),
+            output: output.into(),
+            failures: None,
+            url: url.into(),
+            rpm: None,
+            tpm: None,
+            max_in_flight: 64,
+            redis: None,
+            api_key: None,
+            account: None,
+            max_attempts: tollgate::retry::DEFAULT_MAX_ATTEMPTS,
+            timeout: Duration::from_secs(600),
+            jitter: Duration::from_millis(250),
+            progress: Progress::Auto,
+        }
+    }
+
+    /// Where failures go.
+    ///
+    /// See [`BatchConfig`] for an example.
+    pub fn failures_path(&self) -> PathBuf {
+        self.failures.clone().unwrap_or_else(|| {
+            let stem = self
+                .output
+                .file_stem()
+                .map_or_else(|| "results".into(), |s| s.to_string_lossy().into_owned());
+            self.output.with_file_name(format!("{stem}.failures.jsonl"))
+        })
+    }
+}
+
+/// Why a batch could not run (a line that fails is not an error: it goes to the
+/// failures file).
+///
+/// ```
+/// let err = tollgate_batch::BatchError::Config("--max-in-flight must be at least 1".into());
+/// assert_eq!(err.to_string(), "--max-in-flight must be at least 1");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchError {
+    /// A setting is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// The input file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Input {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An output file cannot be read or written.
+    #[error("cannot write {path}: {source}")]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An output file holds a line this runner did not write, so resuming cannot tell
+    /// what is done.
+    #[error("{path} line {line} is not a line tollgate batch writes; move the file away or fix that line, then run again")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        line: u64,
+    },
+    /// The limiter could not be built (bad limits, Redis unreachable).
+    #[error("cannot set up the limiter: {0}")]
+    Limiter(#[from] LimitError),
+}
+
+/// What a run did, printed at the end and written by `--summary-json`.
+///
+/// ```
+/// let s = tollgate_batch::Summary::default();
+/// assert_eq!(s.succeeded + s.failed, 0);
+/// ```
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Summary {
+    /// Lines in the input.
+    pub lines: u64,
+    /// Lines skipped because an earlier run finished them.
+    pub already_done: u64,
+    /// Lines written to the results file by this run.
+    pub succeeded: u64,
+    /// Lines written to the failures file by this run.
+    pub failed: u64,
+    /// Of those, lines that could not be read as a request.
+    pub malformed: u64,
+    /// Lines not finished because the run was interrupted (a rerun does them).
+    pub unfinished: u64,
+    /// HTTP requests sent, retries included.
+    pub requests_sent: u64,
+    /// Attempts after the first.
+    pub retries: u64,
+    /// 429 answers from the provider.
+    pub rate_limited: u64,
+    /// 5xx answers.
+    pub server_errors: u64,
+    /// Timeouts and dropped connections.
+    pub transport_errors: u64,
+    /// Tokens estimated for the requests sent (prompt + `max_tokens × n`).
+    pub tokens_estimated: u64,
+    /// Prompt tokens the provider reported.
+    pub prompt_tokens: u64,
+    /// Completion tokens the provider reported.
+    pub completion_tokens: u64,
+    /// The requests-per-minute limit used.
+    pub rpm: Option<u64>,
+    /// The tokens-per-minute limit used.
+    pub tpm: Option<u64>,
+    /// Wall time in seconds.
+    pub elapsed_secs: f64,
+    /// Whether the run was interrupted before every line was finished.
+    pub interrupted: bool,
+}
+
+/// Runs a batch until every line is finished or `shutdown` completes; on shutdown, no
+/// new request is sent, the requests in flight finish and are written, and the rest is
+/// left for a rerun.
+///
+/// # Errors
+///
+/// [`BatchError`] when the run cannot start or an output file cannot be written. Lines
+/// that fail are written to the failures file, not returned.
+///
+/// See the [crate docs](crate) for an example.
+pub async fn run(
+    config: BatchConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Summary, BatchError> {
+    let started = Instant::now();
+    let url = reqwest::Url::parse(&config.url)
+        .map_err(|e| BatchError::Config(format!("--url {:?} is not a URL: {e}", config.url)))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(BatchError::Config(format!("--url {:?} must be http:// or https://", config.url)));
+    }
+    if config.max_in_flight == 0 {
+        return Err(BatchError::Config("--max-in-flight must be at least 1".into()));
+    }
+    if config.max_attempts == 0 {
+        return Err(BatchError::Config("--max-attempts must be at least 1".into()));
+    }
+    for (name, v) in [("rpm", config.rpm), ("tpm", config.tpm)] {
+        if v == Some(0) {
+            return Err(BatchError::Config(format!("--{name} must be at least 1")));
+        }
+    }
+    let failures = config.failures_path();
+    let _ = tokio::task::spawn_blocking(|| {
+        tollgate::tokens::Encoding::O200kBase.warm_up();
+        tollgate::tokens::Encoding::Cl100kBase.warm_up();
+    })
+    .await;
+    let input_file = std::fs::File::open(&config.input).map_err(|source| BatchError::Input {
+        path: config.input.clone(),
+        source,
+    })?;
+    let mut done = {
+        let (results, failures) = (config.output.clone(), failures.clone());
+        tokio::task::spawn_blocking(move || output::scan(&results, &failures))
+            .await
+            .map_err(|e| BatchError::Config(format!("scanning the output files failed: {e}")))??
+    };
+    if !done.is_empty() {
+        tracing::info!(lines = done.count, "resuming: skipping lines already in the output files");
+    }
+
+    let counters = Arc::new(Counters::default());
+    {
+        let counters = counters.clone();
+        let path = config.input.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Ok(n) = count_lines(&path) {
+                counters.total.store(n, Relaxed);
+            }
+        });
+    }
+    let (stop_tx, stop) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+    }
+    let (records, writer_error) = spawn_writer(config.output.clone(), failures, stop_tx.clone());
+    let limits = Arc::new(Mutex::new((config.rpm, config.tpm)));
+    let (progress_stop, progress_rx) = watch::channel(false);
+    let progress = {
+        let (counters, limits, mode) = (counters.clone(), limits.clone(), config.progress);
+        tokio::spawn(async move { progress::show(mode, &counters, &limits, progress_rx).await })
+    };
+
+    let api_key = config.api_key.clone().filter(|k| !k.is_empty());
+    let account = config.account.clone().unwrap_or_else(|| {
+        let origin = url.origin().ascii_serialization();
+        let secret = api_key.as_deref().unwrap_or("");
+        format!("account-{:016x}", input::fnv(format!("{origin}\n{secret}").as_bytes()))
+    });
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(config.max_in_flight)
+        .build()
+        .map_err(|e| BatchError::Config(format!("cannot build the HTTP client: {e}")))?;
+    let mut ctx = Ctx {
+        client,
+        url,
+        api_key,
+        limiter: None,
+        account,
+        gate: Arc::new(Mutex::new(None)),
+        counters: counters.clone(),
+        records,
+        backoff: Backoff::default(),
+        max_attempts: config.max_attempts,
+        stop: stop.clone(),
+        timeout: config.timeout,
+    };
+    let mut learning = config.rpm.is_none() || config.tpm.is_none();
+    if !learning {
+        ctx.limiter = Some(build_limiter(&config, config.rpm, config.tpm).await?);
+    }
+    let mut ctx = Arc::new(ctx);
+    let slots = Arc::new(Semaphore::new(config.max_in_flight));
+
+    let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, tokio::fs::File::from_std(input_file));
+    let mut line_no = 0u64;
+    let mut buf = Vec::new();
+    let mut stopped = false;
+    loop {
+        if *stop.borrow() {
+            stopped = true;
+            break;
+        }
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .await
+            .map_err(|source| BatchError::Input {
+                path: config.input.clone(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            buf.pop();
+        }
+        let job = match input::parse(line_no, &buf) {
+            Ok(job) => job,
+            Err(bad) => {
+                if done.take(line_no, None) {
+                    counters.skipped.fetch_add(1, Relaxed);
+                } else {
+                    counters.malformed.fetch_add(1, Relaxed);
+                    ctx.fail_malformed(bad);
+                }
+                continue;
+            }
+        };
+        if done.take(line_no, Some(job.identity)) {
+            counters.skipped.fetch_add(1, Relaxed);
+            continue;
+        }
+        let mut stop_wait = stop.clone();
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stop_wait.wait_for(|s| *s) => { stopped = true; break; }
+        };
+        if learning {
+            // The first request goes alone; its answer's headers give the missing limits.
+            let seen = ctx.run_job(job).await;
+            drop(slot);
+            learning = false;
+            let rpm = config.rpm.or_else(|| seen.as_ref().and_then(|s| s.requests?.limit));
+            let tpm = config.tpm.or_else(|| seen.as_ref().and_then(|s| s.tokens?.limit));
+            *limits.lock().unwrap_or_else(PoisonError::into_inner) = (rpm, tpm);
+            if rpm.is_none() && tpm.is_none() {
+                tracing::warn!("the provider sent no rate-limit headers and no --rpm or --tpm was given: sending up to --max-in-flight at once, pausing only on 429s");
+            } else {
+                tracing::info!(?rpm, ?tpm, "limits learned from the provider's headers");
+                let limiter = build_limiter(&config, rpm, tpm).await?;
+                if let Some(seen) = &seen {
+                    let _ = limiter.absorb(&ctx.account, seen, Duration::from_secs(1)).await;
+                }
+                let mut next = Ctx::clone(&ctx);
+                next.limiter = Some(limiter);
+                ctx = Arc::new(next);
+            }
+            continue;
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            ctx.run_job(job).await;
+            drop(slot);
+        });
+    }
+    // Every task holds a slot until it has finished: taking them all waits for the last.
+    let all = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+    drop(ctx);
+    let writer_error = writer_error.await.unwrap_or(None);
+    let _ = progress_stop.send(true);
+    let _ = progress.await;
+    if let Some(e) = writer_error {
+        return Err(e);
+    }
+    let c = &counters;
+    let (rpm, tpm) = *limits.lock().unwrap_or_else(PoisonError::into_inner);
+    let finished = c.done();
+    let lines = if stopped {
+        c.total.load(Relaxed).max(line_no)
+    } else {
+        line_no
+    };
+    Ok(Summary {
+        lines,
+        already_done: c.skipped.load(Relaxed),
+        succeeded: c.succeeded.load(Relaxed),
+        failed: c.failed.load(Relaxed),
+        malformed: c.malformed.load(Relaxed),
+        unfinished: lines.saturating_sub(finished),
+        requests_sent: c.sent.load(Relaxed),
+        retries: c.retries.load(Relaxed),
+        rate_limited: c.rate_limited.load(Relaxed),
+        server_errors: c.server_errors.load(Relaxed),
+        transport_errors: c.transport_errors.load(Relaxed),
+        tokens_estimated: c.tokens_estimated.load(Relaxed),
+        prompt_tokens: c.prompt_tokens.load(Relaxed),
+        completion_tokens: c.completion_tokens.load(Relaxed),
+        rpm,
+        tpm,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        interrupted: lines > finished,
+    })
+}
+
+/// Counts the lines of a file (a last line without a newline counts).
+fn count_lines(path: &Path) -> std::io::Result<u64> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut lines, mut last) = (0u64, b'\n');
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        last = buf[n - 1];
+    }
+    Ok(lines + u64::from(last != b'\n'))
+}
+
+/// The quotas: requests and tokens per minute, each with its burst lowered by what it
+/// refills during the jitter allowance; tokens charged as estimated, as OpenAI does.
+async fn build_limiter(config: &BatchConfig, rpm: Option<u64>, tpm: Option<u64>) -> Result<Limiter, BatchError> {
+    let burst = |amount: u64| {
+        let slack = (u128::from(amount) * config.jitter.as_nanos()).div_ceil(60_000_000_000);
+        amount.saturating_sub(u64::try_from(slack).unwrap_or(u64::MAX)).max(1)
+    };
+    let mut builder = Limiter::builder();
+    if let Some(rpm) = rpm {
+        builder = builder.quota(Quota::requests(rpm).per_minute().burst(burst(rpm)));
+    }
+    if let Some(tpm) = tpm {
+        builder = builder.quota(
+            Quota::tokens(tpm)
+                .per_minute()
+                .burst(burst(tpm))
+                .accounting(Accounting::Estimate),
+        );
+    }
+    let limiter = match &config.redis {
+        None => builder.build().map_err(LimitError::from)?,
+        Some(url) => builder.redis(url.clone()).prefix("tollgate:batch:").build().await?,
+    };
+    Ok(limiter)
+}
+
+/// Sends records to a writer thread; returns its first error when it ends.
+fn spawn_writer(
+    results: PathBuf,
+    failures: PathBuf,
+    stop: Arc<watch::Sender<bool>>,
+) -> (
+    mpsc::UnboundedSender<Record>,
+    tokio::sync::oneshot::Receiver<Option<BatchError>>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut writer = output::Writer::new(results, failures);
+        let mut error = None;
+        while let Some(record) = rx.blocking_recv() {
+            if let Err(e) = writer.write(&record) {
+                tracing::error!("{e}; stopping");
+                let _ = stop.send(true);
+                error = Some(e);
+                break;
+            }
+        }
+        let _ = done_tx.send(error);
+    });
+    (tx, done_rx)
+}
+
+/// What every request task shares.
+#[derive(Clone)]
+struct Ctx {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    api_key: Option<String>,
+    limiter: Option<Limiter>,
+    account: String,
+    /// Until when the provider asked everyone to wait.
+    gate: Arc<Mutex<Option<Instant>>>,
+    counters: Arc<Counters>,
+    records: mpsc::UnboundedSender<Record>,
+    backoff: Backoff,
+    max_attempts: u32,
+    stop: watch::Receiver<bool>,
+    timeout: Duration,
+}
+
+/// Why a line failed.
+struct Failure {
+    message: String,
+    status: Option<u16>,
+    code: Option<String>,
+    attempts: u32,
+    response: Option<Value>,
+}
+
+impl Ctx {
+    fn fail_malformed(&self, bad: Malformed) {
+        self.counters.failed.fetch_add(1, Relaxed);
+        let mut record = json!({
+            "line": bad.line,
+            "error": {"message": bad.error, "code": "malformed_line", "status": null},
+            "attempts": 0,
+        });
+        if let Some(id) = bad.custom_id {
+            record["custom_id"] = json!(id);
+        }
+        let _ = self.records.send(Record::Failure(record));
+    }
+
+    fn fail(&self, job: Job, failure: Failure) {
+        self.counters.failed.fetch_add(1, Relaxed);
+        let mut record = json!({
+            "line": job.line,
+            "error": {"message": failure.message, "code": failure.code, "status": failure.status},
+            "attempts": failure.attempts,
+            "request": job.body,
+        });
+        if let Some(id) = job.custom_id {
+            record["custom_id"] = json!(id);
+        }
+        if let Some(metadata) = job.metadata {
+            record["metadata"] = metadata;
+        }
+        if let Some(response) = failure.response {
+            record["response"] = response;
+        }
+        let _ = self.records.send(Record::Failure(record));
+    }
+
+    fn succeed(&self, job: Job, status: u16, request_id: String, response: Value) {
+        self.counters.succeeded.fetch_add(1, Relaxed);
+        let record = match job.format {
+            Format::Cookbook => match job.metadata {
+                Some(metadata) => json!([job.body, response, metadata]),
+                None => json!([job.body, response]),
+            },
+            Format::BatchApi => json!({
+                "id": format!("batch_req_{}", job.line),
+                "custom_id": job.custom_id,
+                "response": {"status_code": status, "request_id": request_id, "body": response},
+                "error": null,
+            }),
+        };
+        let _ = self.records.send(Record::Result(record));
+    }
+
+    /// Waits while the provider asked everyone to pause; false when the run stops.
+    async fn wait_gate(&self) -> bool {
+        loop {
+            if *self.stop.borrow() {
+                return false;
+            }
+            let until = *self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+            match until {
+                Some(until) if until > Instant::now() => {
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until.into()) => {}
+                        _ = stop.wait_for(|s| *s) => return false,
+                    }
+                }
+                _ => return true,
+            }
+        }
+    }
+
+    fn pause_until(&self, until: Instant) {
+        let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        if gate.is_none_or(|g| g < until) {
+            *gate = Some(until);
+        }
+    }
+
+    /// Sleeps unless the run stops first; false when it stops.
+    async fn sleep(&self, d: Duration) -> bool {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            () = tokio::time::sleep(d) => true,
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
+
+    /// Runs one line to its end (a result or a failure) unless the run stops first.
+    /// Returns the rate-limit headers of the last answer.
+    async fn run_job(&self, job: Job) -> Option<RateLimitHeaders> {
+        let target = match &job.url {
+            None => self.url.clone(),
+            Some(path) => match self.url.join(path) {
+                Ok(url) => url,
+                Err(e) => {
+                    let message = format!("line {}: cannot send to {path:?}: {e}", job.line);
+                    self.fail(job, Failure { message, status: None, code: Some("bad_url".into()), attempts: 0, response: None });
+                    return None;
+                }
+            },
+        };
+        let endpoint = Endpoint::from_path(target.path());
+        let estimated = match endpoint.map(|e| estimate(e, &job.body)) {
+            None => Estimate::default(),
+            Some(Ok(e)) => e,
+            Some(Err(e)) => {
+                let message = format!("line {}: {e}", job.line);
+                self.fail(job, Failure { message, status: None, code: Some("invalid_request".into()), attempts: 0, response: None });
+                return None;
+            }
+        };
+        let body = bytes_of(&job.body);
+        let mut attempt = 0u32;
+        let mut seen = None;
+        loop {
+            if !self.wait_gate().await {
+                return seen;
+            }
+            let permit = match &self.limiter {
+                None => None,
+                Some(limiter) => {
+                    let mut stop = self.stop.clone();
+                    let acquired = tokio::select! {
+                        r = limiter.acquire(&self.account, estimated.cost()) => r,
+                        _ = stop.wait_for(|s| *s) => return seen,
+                    };
+                    match acquired {
+                        Ok(permit) => Some(permit),
+                        Err(LimitError::TooLarge(t)) => {
+                            let message = format!(
+                                "line {}: the request counts {} tokens, more than the limit {} can ever admit at once ({}): shorten the prompt or lower max_tokens",
+                                job.line, t.cost(), t.quota(), t.capacity()
+                            );
+                            self.fail(job, Failure { message, status: None, code: Some("request_too_large".into()), attempts: attempt, response: None });
+                            return seen;
+                        }
+                        Err(LimitError::Unavailable(u)) => {
+                            tracing::warn!("the shared limiter is unavailable ({u}); waiting");
+                            if !self.sleep(Duration::from_millis(500)).await {
+                                return seen;
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            let message = format!("line {}: {e}", job.line);
+                            self.fail(job, Failure { message, status: None, code: Some("limiter".into()), attempts: attempt, response: None });
+                            return seen;
+                        }
+                    }
+                }
+            };
+            // A 429 may have paused everyone while this request waited its turn.
+            if !self.wait_gate().await {
+                return seen;
+            }
+            attempt += 1;
+            self.counters.record_send(estimated.total());
+            let sent = Instant::now();
+            let answer = self.send(&target, endpoint, body.clone()).await;
+            let (hint, failure) = match answer {
+                Ok((status, headers, bytes)) => {
+                    let headers_seen = tollgate::provider::parse(&headers, SystemTime::now());
+                    if let Some(limiter) = &self.limiter
+                        && !headers_seen.is_empty()
+                    {
+                        let _ = limiter.absorb(&self.account, &headers_seen, sent.elapsed()).await;
+                    }
+                    let hint = headers_seen.wait_hint();
+                    seen = Some(headers_seen);
+                    let response: Value = serde_json::from_slice(&bytes)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+                    if status.is_success() {
+                        let (input, output) = usage(&response);
+                        self.counters.prompt_tokens.fetch_add(input, Relaxed);
+                        self.counters.completion_tokens.fetch_add(output, Relaxed);
+                        if let Some(permit) = permit {
+                            let _ = permit.settle(Usage::new(input, output)).await;
+                        }
+                        let request_id = headers
+                            .get("x-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        self.succeed(job, status.as_u16(), request_id, response);
+                        return seen;
+                    }
+                    drop(permit);
+                    let message = error_message(&response).unwrap_or_else(|| status.to_string());
+                    let code = response
+                        .pointer("/error/code")
+                        .or_else(|| response.pointer("/error/type"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                    let failure = Failure {
+                        message: format!("HTTP {}: {message}", status.as_u16()),
+                        status: Some(status.as_u16()),
+                        code,
+                        attempts: attempt,
+                        response: Some(response),
+                    };
+                    if status == http::StatusCode::TOO_MANY_REQUESTS {
+                        self.counters.rate_limited.fetch_add(1, Relaxed);
+                        if message.to_ascii_lowercase().contains("too large") {
+                            self.fail(job, failure);
+                            return seen;
+                        }
+                        if let Some(hint) = hint {
+                            self.pause_until(Instant::now() + hint);
+                        }
+                    } else if status.is_server_error() {
+                        self.counters.server_errors.fetch_add(1, Relaxed);
+                    }
+                    if !tollgate::retry::is_retryable(status) {
+                        self.fail(job, failure);
+                        return seen;
+                    }
+                    (hint, failure)
+                }
+                Err(e) => {
+                    drop(permit);
+                    self.counters.transport_errors.fetch_add(1, Relaxed);
+                    let failure = Failure {
+                        message: format!("request failed: {e}"),
+                        status: None,
+                        code: Some(if e.is_timeout() { "timeout" } else { "connection" }.into()),
+                        attempts: attempt,
+                        response: None,
+                    };
+                    (None, failure)
+                }
+            };
+            if attempt >= self.max_attempts {
+                let mut failure = failure;
+                failure.message = format!("gave up after {attempt} attempts; last: {}", failure.message);
+                self.fail(job, failure);
+                return seen;
+            }
+            self.counters.retries.fetch_add(1, Relaxed);
+            if !self.sleep(self.backoff.delay(attempt - 1, hint)).await {
+                return seen;
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        target: &reqwest::Url,
+        endpoint: Option<Endpoint>,
+        body: bytes::Bytes,
+    ) -> Result<(http::StatusCode, http::HeaderMap, bytes::Bytes), reqwest::Error> {
+        let mut request = self
+            .client
+            .post(target.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .timeout(self.timeout)
+            .body(body);
+        if let Some(key) = &self.api_key {
+            request = if endpoint == Some(Endpoint::Messages) {
+                request
+                    .header("x-api-key", key)
+                    .header("anthropic-version", "2023-06-01")
+            } else {
+                request.bearer_auth(key)
+            };
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await?;
+        Ok((status, headers, bytes))
+    }
+}
+
+fn bytes_of(v: &Value) -> bytes::Bytes {
+    bytes::Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// Prompt and completion tokens from an OpenAI or Anthropic response body.
+fn usage(response: &Value) -> (u64, u64) {
+    let get = |p: &str| response.pointer(p).and_then(Value::as_u64);
+    let input = get("/usage/prompt_tokens").or_else(|| get("/usage/input_tokens")).unwrap_or(0);
+    let output = get("/usage/completion_tokens")
+        .or_else(|| get("/usage/output_tokens"))
+        .unwrap_or(0);
+    (input, output)
+}
+
+fn error_message(response: &Value) -> Option<String> {
+    response
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}

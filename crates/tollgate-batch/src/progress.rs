@@ -1,0 +1,151 @@
+//! Counting what the run does, and showing it: a progress bar on a terminal, plain
+//! periodic lines otherwise.
+
+use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How progress is shown while a batch runs.
+///
+/// ```
+/// assert_eq!(tollgate_batch::Progress::default(), tollgate_batch::Progress::Auto);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Progress {
+    /// A bar when stderr is a terminal, else a line every 10 seconds.
+    #[default]
+    Auto,
+    /// Always the bar.
+    Bar,
+    /// A plain line on stderr at this interval.
+    Lines(Duration),
+    /// Nothing until the summary.
+    Off,
+}
+
+/// Live counters shared by every task.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) total: AtomicU64,
+    pub(crate) skipped: AtomicU64,
+    pub(crate) succeeded: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) malformed: AtomicU64,
+    pub(crate) sent: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) server_errors: AtomicU64,
+    pub(crate) transport_errors: AtomicU64,
+    pub(crate) tokens_estimated: AtomicU64,
+    pub(crate) prompt_tokens: AtomicU64,
+    pub(crate) completion_tokens: AtomicU64,
+    /// Sends in the trailing minute: (when, estimated tokens).
+    window: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+impl Counters {
+    pub(crate) fn record_send(&self, tokens: u64) {
+        self.sent.fetch_add(1, Relaxed);
+        self.tokens_estimated.fetch_add(tokens, Relaxed);
+        let now = Instant::now();
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        w.push_back((now, tokens));
+        while w
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            w.pop_front();
+        }
+    }
+
+    /// Requests and tokens sent in the trailing minute.
+    pub(crate) fn per_minute(&self) -> (u64, u64) {
+        let now = Instant::now();
+        let w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        w.iter()
+            .filter(|(t, _)| now.duration_since(*t) <= Duration::from_secs(60))
+            .fold((0, 0), |(r, t), (_, n)| (r + 1, t + n))
+    }
+
+    pub(crate) fn done(&self) -> u64 {
+        self.succeeded.load(Relaxed) + self.failed.load(Relaxed) + self.skipped.load(Relaxed)
+    }
+}
+
+fn limit(v: Option<u64>) -> String {
+    v.map_or_else(|| "?".to_owned(), |v| v.to_string())
+}
+
+/// One status line: done / total, rates against the limits, retries and 429s.
+pub(crate) fn line(c: &Counters, rpm: Option<u64>, tpm: Option<u64>) -> String {
+    let (r, t) = c.per_minute();
+    let total = c.total.load(Relaxed);
+    format!(
+        "{}/{} lines ({} failed) | {r}/{} requests/min | {t}/{} tokens/min | {} retries | {} 429s",
+        c.done(),
+        if total == 0 { "?".to_owned() } else { total.to_string() },
+        c.failed.load(Relaxed),
+        limit(rpm),
+        limit(tpm),
+        c.retries.load(Relaxed),
+        c.rate_limited.load(Relaxed),
+    )
+}
+
+/// Shows progress until `stop` is set; returns when it is.
+pub(crate) async fn show(
+    mode: Progress,
+    counters: &Counters,
+    limits: &Mutex<(Option<u64>, Option<u64>)>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mode = match mode {
+        Progress::Auto if std::io::stderr().is_terminal() => Progress::Bar,
+        Progress::Auto => Progress::Lines(Duration::from_secs(10)),
+        other => other,
+    };
+    let limits = || *limits.lock().unwrap_or_else(PoisonError::into_inner);
+    match mode {
+        Progress::Off | Progress::Auto => {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+        Progress::Lines(every) => loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(every) => {
+                    let (rpm, tpm) = limits();
+                    eprintln!("tollgate batch: {}", line(counters, rpm, tpm));
+                }
+            }
+        },
+        Progress::Bar => {
+            let bar = indicatif::ProgressBar::new(0);
+            let style = indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} eta {eta} | {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            loop {
+                let (rpm, tpm) = limits();
+                let (r, t) = counters.per_minute();
+                bar.set_length(counters.total.load(Relaxed).max(counters.done()));
+                bar.set_position(counters.done());
+                bar.set_message(format!(
+                    "{r}/{} rpm {t}/{} tpm | {} retries {} 429s {} failed",
+                    limit(rpm),
+                    limit(tpm),
+                    counters.retries.load(Relaxed),
+                    counters.rate_limited.load(Relaxed),
+                    counters.failed.load(Relaxed),
+                ));
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+            bar.finish_and_clear();
+        }
+    }
+}

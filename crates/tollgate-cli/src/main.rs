@@ -1,0 +1,293 @@
+//! `tollgate`: the command line.
+//!
+//! - `tollgate batch FILE -o RESULTS --url URL [--rpm N] [--tpm N] ...` sends a JSONL file
+//!   of requests at the provider's limits (see the `tollgate-batch` crate).
+//! - `tollgate sim [--port 8089] [--rpm 600] [--tpm 90000] ...` serves an
+//!   OpenAI/Anthropic-compatible API that enforces those limits (the `tollgate-sim` crate).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tollgate_batch::{BatchConfig, Progress};
+use tollgate_sim::{Sim, SimConfig};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Keeps LLM API traffic inside its rate limits.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send every request of a JSONL file as fast as the rate limits allow; retry what
+    /// fails; rerun the same command to resume after a crash.
+    Batch(BatchArgs),
+    /// Serve an OpenAI/Anthropic-compatible API that enforces rate limits, offline.
+    Sim(SimArgs),
+}
+
+/// Parses `250ms`, `1.5s`, `6m0s`, or plain seconds.
+fn duration(s: &str) -> Result<Duration, String> {
+    tollgate::provider::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (examples: 250ms, 1.5s, 2m, 10)"))
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProgressArg {
+    /// A bar on a terminal, else plain lines.
+    Auto,
+    /// Always the bar.
+    Bar,
+    /// Plain lines every --progress-interval.
+    Lines,
+    /// Only the final summary.
+    Off,
+}
+
+#[derive(clap::Args)]
+struct BatchArgs {
+    /// The input: one request body per line (the cookbook's format, with an optional
+    /// `metadata` field), or Batch API requests (`custom_id`, `method`, `url`, `body`).
+    input: PathBuf,
+    /// The results file; appended to, so a rerun resumes.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The failures file [default: the results file's name with .failures.jsonl].
+    #[arg(long)]
+    failures: Option<PathBuf>,
+    /// The endpoint, e.g. https://api.openai.com/v1/chat/completions (Batch API lines
+    /// are sent to their own `url` path on this origin).
+    #[arg(long)]
+    url: String,
+    /// Requests per minute [default: learned from the provider's headers].
+    #[arg(long)]
+    rpm: Option<u64>,
+    /// Tokens per minute, counted as prompt + max_tokens × n [default: learned].
+    #[arg(long)]
+    tpm: Option<u64>,
+    /// Requests waiting or in flight at once.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    /// Share the limits through this Redis with every process using the same account.
+    #[arg(long)]
+    redis: Option<String>,
+    /// The environment variable holding the API key.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    api_key_env: String,
+    /// Name of the shared budget [default: a hash of the URL's origin and the API key].
+    #[arg(long)]
+    account: Option<String>,
+    /// Attempts per line before it goes to the failures file.
+    #[arg(long, default_value_t = 8)]
+    max_attempts: u32,
+    /// Time limit of one attempt.
+    #[arg(long, value_parser = duration, default_value = "10m")]
+    timeout: Duration,
+    /// How much later a request may reach the provider than it leaves tollgate; the
+    /// burst is lowered by what the limits refill in that time.
+    #[arg(long, value_parser = duration, default_value = "250ms")]
+    jitter: Duration,
+    /// How progress is shown on stderr.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: ProgressArg,
+    /// Interval of the plain progress lines.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    progress_interval: Duration,
+    /// Also write the final summary as JSON to this file.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8089)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Requests per minute per API key.
+    #[arg(long, default_value_t = 600)]
+    rpm: u64,
+    /// Tokens per minute per API key (prompt + max_tokens × n at admission).
+    #[arg(long, default_value_t = 90_000)]
+    tpm: u64,
+    /// Time to first token.
+    #[arg(long, value_parser = duration, default_value = "50ms")]
+    latency: Duration,
+    /// Time per further generated token.
+    #[arg(long, value_parser = duration, default_value = "0ms")]
+    token_latency: Duration,
+    /// Tokens generated per choice when the request allows that many.
+    #[arg(long, default_value_t = 64)]
+    output_tokens: u64,
+    /// Share of requests answered 500 or 503 (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Share of responses delayed by --slow more.
+    #[arg(long, default_value_t = 0.0)]
+    slow_rate: f64,
+    /// Extra delay of a slow response.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    slow: Duration,
+    /// Share of admitted requests whose connection is dropped.
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
+    /// Seed of the fault draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Accept only these API keys (comma-separated); others get 401.
+    #[arg(long, value_delimiter = ',')]
+    keys: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,tollgate=info,tollgate_batch=info,tollgate_sim=info")
+            }),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Batch(args) => batch(args).await,
+            Command::Sim(args) => sim(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on the first Ctrl-C or SIGTERM; a second one exits at once.
+async fn interrupted(what: &'static str) {
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    eprintln!("tollgate: {what}; press Ctrl-C again to quit at once");
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
+}
+
+async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
+    let mut config = BatchConfig::new(args.input, args.output, args.url);
+    config.failures = args.failures;
+    config.rpm = args.rpm;
+    config.tpm = args.tpm;
+    config.max_in_flight = args.max_in_flight;
+    config.redis = args.redis;
+    config.api_key = std::env::var(&args.api_key_env).ok();
+    config.account = args.account;
+    config.max_attempts = args.max_attempts;
+    config.timeout = args.timeout;
+    config.jitter = args.jitter;
+    config.progress = match args.progress {
+        ProgressArg::Auto => Progress::Auto,
+        ProgressArg::Bar => Progress::Bar,
+        ProgressArg::Lines => Progress::Lines(args.progress_interval),
+        ProgressArg::Off => Progress::Off,
+    };
+    if let ProgressArg::Auto = args.progress {
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            config.progress = Progress::Lines(args.progress_interval);
+        }
+    }
+    let failures = config.failures_path();
+    let summary = tollgate_batch::run(
+        config,
+        interrupted("stopping: no new requests; finishing the ones in flight"),
+    )
+    .await?;
+    let s = &summary;
+    eprintln!(
+        "tollgate batch: {} lines: {} succeeded, {} failed ({} malformed), {} done before, {} left | {} requests sent, {} retries, {} 429s, {} 5xx, {} transport errors | {:.1}s",
+        s.lines,
+        s.succeeded,
+        s.failed,
+        s.malformed,
+        s.already_done,
+        s.unfinished,
+        s.requests_sent,
+        s.retries,
+        s.rate_limited,
+        s.server_errors,
+        s.transport_errors,
+        s.elapsed_secs,
+    );
+    if s.failed > 0 {
+        eprintln!("tollgate batch: failures are in {}", failures.display());
+    }
+    if let Some(path) = args.summary_json {
+        let json = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(&path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if summary.interrupted {
+        eprintln!("tollgate batch: interrupted; run the same command again to finish");
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
+    let config = SimConfig {
+        rpm: args.rpm,
+        tpm: args.tpm,
+        latency: args.latency,
+        token_latency: args.token_latency,
+        output_tokens: args.output_tokens,
+        error_rate: args.error_rate,
+        slow_rate: args.slow_rate,
+        slow: args.slow,
+        drop_rate: args.drop_rate,
+        seed: args.seed,
+        keys: args.keys,
+        ..SimConfig::default()
+    };
+    let sim = Sim::start(SocketAddr::new(args.host, args.port), config).await?;
+    eprintln!(
+        "tollgate sim: listening on http://{} ({} requests/min, {} tokens/min per API key); stats at /stats",
+        sim.addr(),
+        args.rpm,
+        args.tpm
+    );
+    tokio::select! {
+        () = interrupted("stopping the simulator") => {}
+    }
+    let stats = sim.stats();
+    sim.shutdown().await?;
+    eprintln!("tollgate sim: {}", serde_json::to_string(&stats)?);
+    Ok(ExitCode::SUCCESS)
+}

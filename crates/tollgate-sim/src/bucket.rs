@@ -1,0 +1,76 @@
+//! A plain token bucket: full at start, refilled continuously at capacity per minute.
+//! Kept deliberately independent of tollgate's GCRA so each checks the other.
+
+use std::time::{Duration, Instant};
+
+const MINUTE: f64 = 60.0;
+
+pub(crate) struct Bucket {
+    capacity: f64,
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    pub(crate) fn full(capacity: u64, now: Instant) -> Bucket {
+        Bucket {
+            capacity: capacity as f64,
+            level: capacity as f64,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + elapsed * self.capacity / MINUTE).min(self.capacity);
+        self.at = self.at.max(now);
+    }
+
+    fn exact(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.level + elapsed * self.capacity / MINUTE).min(self.capacity)
+    }
+
+    /// Whole units available now.
+    pub(crate) fn level(&self, now: Instant) -> u64 {
+        self.exact(now).floor() as u64
+    }
+
+    /// How long until `n` units are available (zero when they are now).
+    pub(crate) fn wait_for(&self, n: u64, now: Instant) -> Duration {
+        let missing = n as f64 - self.exact(now);
+        if missing <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(missing * MINUTE / self.capacity)
+    }
+
+    /// How long until the bucket is full again.
+    pub(crate) fn until_full(&self, now: Instant) -> Duration {
+        let missing = self.capacity - self.exact(now);
+        Duration::from_secs_f64(missing.max(0.0) * MINUTE / self.capacity)
+    }
+
+    pub(crate) fn take(&mut self, n: u64, now: Instant) {
+        self.refill(now);
+        self.level -= n as f64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refills_at_capacity_per_minute_and_never_past_full() {
+        let t0 = Instant::now();
+        let mut b = Bucket::full(60, t0);
+        b.take(60, t0);
+        assert_eq!(b.level(t0), 0);
+        assert_eq!(b.wait_for(1, t0), Duration::from_secs(1));
+        assert_eq!(b.level(t0 + Duration::from_millis(2_500)), 2);
+        assert_eq!(b.level(t0 + Duration::from_secs(600)), 60);
+        assert_eq!(b.until_full(t0), Duration::from_secs(60));
+        assert_eq!(b.wait_for(0, t0), Duration::ZERO);
+    }
+}
