@@ -124,7 +124,11 @@ fn batch_api(line: u64, mut object: Map<String, Value>) -> Result<Job, Malformed
                 "line {line}: `url` must be a path such as \"/v1/chat/completions\", not {other}"
             )));
         }
-        None => return Err(malformed(format!("line {line}: a Batch API request needs a `url`"))),
+        None => {
+            return Err(malformed(format!(
+                "line {line}: a Batch API request needs a `url`"
+            )));
+        }
     };
     let body = match object.remove("body") {
         Some(body @ Value::Object(_)) => body,
@@ -151,7 +155,8 @@ mod tests {
 
     #[test]
     fn both_formats_parse_and_metadata_is_set_apart() {
-        let job = parse(1, br#"{"model":"m","messages":[],"metadata":{"row":1}}"#).expect("cookbook");
+        let job =
+            parse(1, br#"{"model":"m","messages":[],"metadata":{"row":1}}"#).expect("cookbook");
         assert_eq!(job.format, Format::Cookbook);
         assert_eq!(job.metadata, Some(serde_json::json!({"row": 1})));
         assert!(job.body.get("metadata").is_none());
@@ -160,18 +165,26 @@ mod tests {
             br#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"input":"x"}}"#,
         )
         .expect("batch");
-        assert_eq!((job.format, job.custom_id.as_deref(), job.url.as_deref()), (Format::BatchApi, Some("a"), Some("/v1/embeddings")));
+        assert_eq!(
+            (job.format, job.custom_id.as_deref(), job.url.as_deref()),
+            (Format::BatchApi, Some("a"), Some("/v1/embeddings"))
+        );
     }
 
     #[test]
     fn bad_lines_say_which_line_and_why() {
         let err = |bytes: &[u8]| parse(7, bytes).expect_err("malformed").error;
-        assert_eq!(err(b"\xff\xfe{}"), "line 7 is not valid UTF-8 (invalid byte at offset 0)");
+        assert_eq!(
+            err(b"\xff\xfe{}"),
+            "line 7 is not valid UTF-8 (invalid byte at offset 0)"
+        );
         assert!(err(b"{not json").starts_with("line 7 is not valid JSON"));
         assert!(err(b"[1,2]").contains("not a JSON object"));
         assert_eq!(err(b"  "), "line 7 is empty");
         assert!(err(br#"{"custom_id":"a","url":"/v1/x"}"#).contains("`body`"));
-        assert!(err(br#"{"custom_id":"a","method":"GET","url":"/v1/x","body":{}}"#).contains("POST"));
+        assert!(
+            err(br#"{"custom_id":"a","method":"GET","url":"/v1/x","body":{}}"#).contains("POST")
+        );
         assert!(err(br#"{"custom_id":5}"#).contains("custom_id"));
     }
 
@@ -180,6 +193,9 @@ mod tests {
         let a = parse(1, br#"{"b":1,"a":[1, 2]}"#).expect("a");
         let b = parse(2, br#"{ "a":[1,2], "b":1 }"#).expect("b");
         assert_eq!(a.identity, b.identity);
-        assert_ne!(a.identity, parse(3, br#"{"a":[2,1],"b":1}"#).expect("c").identity);
+        assert_ne!(
+            a.identity,
+            parse(3, br#"{"a":[2,1],"b":1}"#).expect("c").identity
+        );
     }
 }

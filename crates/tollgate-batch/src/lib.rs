@@ -113,7 +113,11 @@ impl BatchConfig {
     /// timeout, a 250 ms jitter allowance, limits learned from the provider.
     ///
     /// See [`BatchConfig`] for an example.
-    pub fn new(input: impl Into<PathBuf>, output: impl Into<PathBuf>, url: impl Into<String>) -> BatchConfig {
+    pub fn new(
+        input: impl Into<PathBuf>,
+        output: impl Into<PathBuf>,
+        url: impl Into<String>,
+    ) -> BatchConfig {
         BatchConfig {
             input: input.into(),
             output: output.into(),
@@ -177,7 +181,9 @@ pub enum BatchError {
     },
     /// An output file holds a line this runner did not write, so resuming cannot tell
     /// what is done.
-    #[error("{path} line {line} is not a line tollgate batch writes; move the file away or fix that line, then run again")]
+    #[error(
+        "{path} line {line} is not a line tollgate batch writes; move the file away or fix that line, then run again"
+    )]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -253,13 +259,20 @@ pub async fn run(
     let url = reqwest::Url::parse(&config.url)
         .map_err(|e| BatchError::Config(format!("--url {:?} is not a URL: {e}", config.url)))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(BatchError::Config(format!("--url {:?} must be http:// or https://", config.url)));
+        return Err(BatchError::Config(format!(
+            "--url {:?} must be http:// or https://",
+            config.url
+        )));
     }
     if config.max_in_flight == 0 {
-        return Err(BatchError::Config("--max-in-flight must be at least 1".into()));
+        return Err(BatchError::Config(
+            "--max-in-flight must be at least 1".into(),
+        ));
     }
     if config.max_attempts == 0 {
-        return Err(BatchError::Config("--max-attempts must be at least 1".into()));
+        return Err(BatchError::Config(
+            "--max-attempts must be at least 1".into(),
+        ));
     }
     for (name, v) in [("rpm", config.rpm), ("tpm", config.tpm)] {
         if v == Some(0) {
@@ -283,7 +296,10 @@ pub async fn run(
             .map_err(|e| BatchError::Config(format!("scanning the output files failed: {e}")))??
     };
     if !done.is_empty() {
-        tracing::info!(lines = done.count, "resuming: skipping lines already in the output files");
+        tracing::info!(
+            lines = done.count,
+            "resuming: skipping lines already in the output files"
+        );
     }
 
     let counters = Arc::new(Counters::default());
@@ -317,7 +333,10 @@ pub async fn run(
     let account = config.account.clone().unwrap_or_else(|| {
         let origin = url.origin().ascii_serialization();
         let secret = api_key.as_deref().unwrap_or("");
-        format!("account-{:016x}", input::fnv(format!("{origin}\n{secret}").as_bytes()))
+        format!(
+            "account-{:016x}",
+            input::fnv(format!("{origin}\n{secret}").as_bytes())
+        )
     });
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(config.max_in_flight)
@@ -344,7 +363,8 @@ pub async fn run(
     let mut ctx = Arc::new(ctx);
     let slots = Arc::new(Semaphore::new(config.max_in_flight));
 
-    let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, tokio::fs::File::from_std(input_file));
+    let mut reader =
+        tokio::io::BufReader::with_capacity(256 * 1024, tokio::fs::File::from_std(input_file));
     let mut line_no = 0u64;
     let mut buf = Vec::new();
     let mut stopped = false;
@@ -397,16 +417,24 @@ pub async fn run(
             let seen = ctx.run_job(job).await;
             drop(slot);
             learning = false;
-            let rpm = config.rpm.or_else(|| seen.as_ref().and_then(|s| s.requests?.limit));
-            let tpm = config.tpm.or_else(|| seen.as_ref().and_then(|s| s.tokens?.limit));
+            let rpm = config
+                .rpm
+                .or_else(|| seen.as_ref().and_then(|s| s.requests?.limit));
+            let tpm = config
+                .tpm
+                .or_else(|| seen.as_ref().and_then(|s| s.tokens?.limit));
             *limits.lock().unwrap_or_else(PoisonError::into_inner) = (rpm, tpm);
             if rpm.is_none() && tpm.is_none() {
-                tracing::warn!("the provider sent no rate-limit headers and no --rpm or --tpm was given: sending up to --max-in-flight at once, pausing only on 429s");
+                tracing::warn!(
+                    "the provider sent no rate-limit headers and no --rpm or --tpm was given: sending up to --max-in-flight at once, pausing only on 429s"
+                );
             } else {
                 tracing::info!(?rpm, ?tpm, "limits learned from the provider's headers");
                 let limiter = build_limiter(&config, rpm, tpm).await?;
                 if let Some(seen) = &seen {
-                    let _ = limiter.absorb(&ctx.account, seen, Duration::from_secs(1)).await;
+                    let _ = limiter
+                        .absorb(&ctx.account, seen, Duration::from_secs(1))
+                        .await;
                 }
                 let mut next = Ctx::clone(&ctx);
                 next.limiter = Some(limiter);
@@ -478,10 +506,16 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
 
 /// The quotas: requests and tokens per minute, each with its burst lowered by what it
 /// refills during the jitter allowance; tokens charged as estimated, as OpenAI does.
-async fn build_limiter(config: &BatchConfig, rpm: Option<u64>, tpm: Option<u64>) -> Result<Limiter, BatchError> {
+async fn build_limiter(
+    config: &BatchConfig,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+) -> Result<Limiter, BatchError> {
     let burst = |amount: u64| {
         let slack = (u128::from(amount) * config.jitter.as_nanos()).div_ceil(60_000_000_000);
-        amount.saturating_sub(u64::try_from(slack).unwrap_or(u64::MAX)).max(1)
+        amount
+            .saturating_sub(u64::try_from(slack).unwrap_or(u64::MAX))
+            .max(1)
     };
     let mut builder = Limiter::builder();
     if let Some(rpm) = rpm {
@@ -497,7 +531,13 @@ async fn build_limiter(config: &BatchConfig, rpm: Option<u64>, tpm: Option<u64>)
     }
     let limiter = match &config.redis {
         None => builder.build().map_err(LimitError::from)?,
-        Some(url) => builder.redis(url.clone()).prefix("tollgate:batch:").build().await?,
+        Some(url) => {
+            builder
+                .redis(url.clone())
+                .prefix("tollgate:batch:")
+                .build()
+                .await?
+        }
     };
     Ok(limiter)
 }
@@ -652,7 +692,16 @@ impl Ctx {
                 Ok(url) => url,
                 Err(e) => {
                     let message = format!("line {}: cannot send to {path:?}: {e}", job.line);
-                    self.fail(job, Failure { message, status: None, code: Some("bad_url".into()), attempts: 0, response: None });
+                    self.fail(
+                        job,
+                        Failure {
+                            message,
+                            status: None,
+                            code: Some("bad_url".into()),
+                            attempts: 0,
+                            response: None,
+                        },
+                    );
                     return None;
                 }
             },
@@ -663,7 +712,16 @@ impl Ctx {
             Some(Ok(e)) => e,
             Some(Err(e)) => {
                 let message = format!("line {}: {e}", job.line);
-                self.fail(job, Failure { message, status: None, code: Some("invalid_request".into()), attempts: 0, response: None });
+                self.fail(
+                    job,
+                    Failure {
+                        message,
+                        status: None,
+                        code: Some("invalid_request".into()),
+                        attempts: 0,
+                        response: None,
+                    },
+                );
                 return None;
             }
         };
@@ -687,9 +745,21 @@ impl Ctx {
                         Err(LimitError::TooLarge(t)) => {
                             let message = format!(
                                 "line {}: the request counts {} tokens, more than the limit {} can ever admit at once ({}): shorten the prompt or lower max_tokens",
-                                job.line, t.cost(), t.quota(), t.capacity()
+                                job.line,
+                                t.cost(),
+                                t.quota(),
+                                t.capacity()
                             );
-                            self.fail(job, Failure { message, status: None, code: Some("request_too_large".into()), attempts: attempt, response: None });
+                            self.fail(
+                                job,
+                                Failure {
+                                    message,
+                                    status: None,
+                                    code: Some("request_too_large".into()),
+                                    attempts: attempt,
+                                    response: None,
+                                },
+                            );
                             return seen;
                         }
                         Err(LimitError::Unavailable(u)) => {
@@ -701,7 +771,16 @@ impl Ctx {
                         }
                         Err(e) => {
                             let message = format!("line {}: {e}", job.line);
-                            self.fail(job, Failure { message, status: None, code: Some("limiter".into()), attempts: attempt, response: None });
+                            self.fail(
+                                job,
+                                Failure {
+                                    message,
+                                    status: None,
+                                    code: Some("limiter".into()),
+                                    attempts: attempt,
+                                    response: None,
+                                },
+                            );
                             return seen;
                         }
                     }
@@ -721,12 +800,15 @@ impl Ctx {
                     if let Some(limiter) = &self.limiter
                         && !headers_seen.is_empty()
                     {
-                        let _ = limiter.absorb(&self.account, &headers_seen, sent.elapsed()).await;
+                        let _ = limiter
+                            .absorb(&self.account, &headers_seen, sent.elapsed())
+                            .await;
                     }
                     let hint = headers_seen.wait_hint();
                     seen = Some(headers_seen);
-                    let response: Value = serde_json::from_slice(&bytes)
-                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+                    let response: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                    });
                     if status.is_success() {
                         let (input, output) = usage(&response);
                         self.counters.prompt_tokens.fetch_add(input, Relaxed);
@@ -780,7 +862,14 @@ impl Ctx {
                     let failure = Failure {
                         message: format!("request failed: {e}"),
                         status: None,
-                        code: Some(if e.is_timeout() { "timeout" } else { "connection" }.into()),
+                        code: Some(
+                            if e.is_timeout() {
+                                "timeout"
+                            } else {
+                                "connection"
+                            }
+                            .into(),
+                        ),
                         attempts: attempt,
                         response: None,
                     };
@@ -789,7 +878,10 @@ impl Ctx {
             };
             if attempt >= self.max_attempts {
                 let mut failure = failure;
-                failure.message = format!("gave up after {attempt} attempts; last: {}", failure.message);
+                failure.message = format!(
+                    "gave up after {attempt} attempts; last: {}",
+                    failure.message
+                );
                 self.fail(job, failure);
                 return seen;
             }
@@ -836,7 +928,9 @@ fn bytes_of(v: &Value) -> bytes::Bytes {
 /// Prompt and completion tokens from an OpenAI or Anthropic response body.
 fn usage(response: &Value) -> (u64, u64) {
     let get = |p: &str| response.pointer(p).and_then(Value::as_u64);
-    let input = get("/usage/prompt_tokens").or_else(|| get("/usage/input_tokens")).unwrap_or(0);
+    let input = get("/usage/prompt_tokens")
+        .or_else(|| get("/usage/input_tokens"))
+        .unwrap_or(0);
     let output = get("/usage/completion_tokens")
         .or_else(|| get("/usage/output_tokens"))
         .unwrap_or(0);

@@ -56,7 +56,11 @@ fn truncate_partial(path: &Path) -> Result<(), BatchError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(e)),
@@ -125,7 +129,10 @@ pub(crate) fn scan(results: &Path, failures: &Path) -> Result<Done, BatchError> 
             }
             let identity = match &value {
                 Value::Array(items) => items.first().map(request_identity),
-                Value::Object(o) => o.get("custom_id").and_then(Value::as_str).map(custom_id_identity),
+                Value::Object(o) => o
+                    .get("custom_id")
+                    .and_then(Value::as_str)
+                    .map(custom_id_identity),
                 _ => None,
             };
             let Some(identity) = identity else {
@@ -217,7 +224,9 @@ mod tests {
         let req = serde_json::json!({"a": 1});
         std::fs::write(
             &results,
-            format!("[{req},{{}}]\n[{req},{{}}]\n{{\"custom_id\":\"x\",\"response\":{{}}}}\n[{{\"torn"),
+            format!(
+                "[{req},{{}}]\n[{req},{{}}]\n{{\"custom_id\":\"x\",\"response\":{{}}}}\n[{{\"torn"
+            ),
         )
         .expect("write");
         std::fs::write(&failures, "{\"line\":4,\"error\":{}}\n").expect("write");
@@ -226,7 +235,10 @@ mod tests {
         let id = request_identity(&req);
         assert!(done.take(1, Some(id)));
         assert!(done.take(2, Some(id)));
-        assert!(!done.take(3, Some(id)), "only two identical requests were done");
+        assert!(
+            !done.take(3, Some(id)),
+            "only two identical requests were done"
+        );
         assert!(done.take(4, None));
         assert!(done.take(5, Some(custom_id_identity("x"))));
         assert!(!done.take(6, Some(custom_id_identity("y"))));

@@ -85,7 +85,11 @@ pub(crate) fn line(c: &Counters, rpm: Option<u64>, tpm: Option<u64>) -> String {
     format!(
         "{}/{} lines ({} failed) | {r}/{} requests/min | {t}/{} tokens/min | {} retries | {} 429s",
         c.done(),
-        if total == 0 { "?".to_owned() } else { total.to_string() },
+        if total == 0 {
+            "?".to_owned()
+        } else {
+            total.to_string()
+        },
         c.failed.load(Relaxed),
         limit(rpm),
         limit(tpm),
@@ -122,10 +126,9 @@ pub(crate) async fn show(
         },
         Progress::Bar => {
             let bar = indicatif::ProgressBar::new(0);
-            let style = indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} eta {eta} | {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let style =
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} eta {eta} | {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
             loop {
                 let (rpm, tpm) = limits();

@@ -16,7 +16,11 @@ use tollgate_batch::{BatchConfig, Progress};
 use tollgate_sim::{Sim, SimConfig};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "Keeps LLM API traffic inside its rate limits.")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Keeps LLM API traffic inside its rate limits."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -152,7 +156,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,tollgate=info,tollgate_batch=info,tollgate_sim=info")
+                tracing_subscriber::EnvFilter::new(
+                    "warn,tollgate=info,tollgate_batch=info,tollgate_sim=info",
+                )
             }),
         )
         .init();
@@ -220,10 +226,10 @@ async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
         ProgressArg::Lines => Progress::Lines(args.progress_interval),
         ProgressArg::Off => Progress::Off,
     };
-    if let ProgressArg::Auto = args.progress {
-        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            config.progress = Progress::Lines(args.progress_interval);
-        }
+    if let ProgressArg::Auto = args.progress
+        && !std::io::IsTerminal::is_terminal(&std::io::stderr())
+    {
+        config.progress = Progress::Lines(args.progress_interval);
     }
     let failures = config.failures_path();
     let summary = tollgate_batch::run(
@@ -252,7 +258,8 @@ async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(path) = args.summary_json {
         let json = serde_json::to_string_pretty(&summary)?;
-        std::fs::write(&path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, json + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if summary.interrupted {
         eprintln!("tollgate batch: interrupted; run the same command again to finish");

@@ -223,7 +223,10 @@ impl Shared {
     }
 
     fn roll(&self) -> f64 {
-        self.rng.lock().unwrap_or_else(PoisonError::into_inner).f64()
+        self.rng
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .f64()
     }
 }
 
@@ -368,7 +371,10 @@ fn api_key(headers: &HeaderMap) -> String {
     let bearer = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
     bearer
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))
@@ -384,14 +390,21 @@ async fn api(
     body: Bytes,
 ) -> Response {
     let endpoint = match Endpoint::from_path(&format!("/v1/{path}")) {
-        Some(e @ (Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings | Endpoint::Messages)) => e,
+        Some(
+            e @ (Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Messages),
+        ) => e,
         _ => {
             return respond::error(
                 Endpoint::ChatCompletions,
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "unknown_url",
-                &format!("Unknown request URL: POST /v1/{path}. The simulator serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/messages."),
+                &format!(
+                    "Unknown request URL: POST /v1/{path}. The simulator serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/messages."
+                ),
             );
         }
     };
@@ -411,8 +424,11 @@ async fn api(
     let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&body);
     let (request, estimated) = match parsed
         .map_err(|e| format!("We could not parse the JSON body of your request: {e}"))
-        .and_then(|v| estimate(endpoint, &v).map(|e| (v, e)).map_err(|e| e.to_string()))
-    {
+        .and_then(|v| {
+            estimate(endpoint, &v)
+                .map(|e| (v, e))
+                .map_err(|e| e.to_string())
+        }) {
         Ok(ok) => ok,
         Err(message) => {
             shared.stats().0.invalid += 1;
@@ -443,7 +459,7 @@ async fn api(
     }
     let limits = match admit(&shared, endpoint, &key, estimated) {
         Ok(limits) => limits,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let dropped = config.drop_rate > 0.0 && shared.roll() < config.drop_rate;
     let slow = config.slow_rate > 0.0 && shared.roll() < config.slow_rate;
@@ -488,7 +504,12 @@ impl Limits {
 }
 
 /// Counts the request against its key's buckets, or answers 429.
-fn admit(shared: &Shared, endpoint: Endpoint, key: &str, estimated: Estimate) -> Result<Limits, Response> {
+fn admit(
+    shared: &Shared,
+    endpoint: Endpoint,
+    key: &str,
+    estimated: Estimate,
+) -> Result<Limits, Box<Response>> {
     let config = &shared.config;
     let now = Instant::now();
     let tokens = estimated.total();
@@ -540,7 +561,7 @@ fn admit(shared: &Shared, endpoint: Endpoint, key: &str, estimated: Estimate) ->
         };
         drop(keys);
         shared.stats().0.rate_limited += 1;
-        return Err(respond::too_many(endpoint, &limited));
+        return Err(Box::new(respond::too_many(endpoint, &limited)));
     }
     state.requests.take(1, now);
     state.tokens.take(tokens, now);
@@ -564,6 +585,7 @@ fn admit(shared: &Shared, endpoint: Endpoint, key: &str, estimated: Estimate) ->
     stats.max_requests_per_minute = stats.max_requests_per_minute.max(window_requests);
     stats.max_tokens_per_minute = stats.max_tokens_per_minute.max(window_tokens);
     let first = *first.get_or_insert(now);
-    stats.admission_span_ms = u64::try_from(now.duration_since(first).as_millis()).unwrap_or(u64::MAX);
+    stats.admission_span_ms =
+        u64::try_from(now.duration_since(first).as_millis()).unwrap_or(u64::MAX);
     Ok(limits)
 }

@@ -47,11 +47,19 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    pub(crate) fn new(endpoint: Endpoint, request: &Value, estimated: Estimate, config: &SimConfig, id: u64) -> Answer {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        request: &Value,
+        estimated: Estimate,
+        config: &SimConfig,
+        id: u64,
+    ) -> Answer {
         let u = |field: &str| request.get(field).and_then(Value::as_u64);
         let cap = match endpoint {
             Endpoint::ChatCompletions => u("max_completion_tokens").or_else(|| u("max_tokens")),
-            Endpoint::Completions => Some(u("max_tokens").unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS)),
+            Endpoint::Completions => {
+                Some(u("max_tokens").unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS))
+            }
             Endpoint::Messages => u("max_tokens"),
             Endpoint::Responses => u("max_output_tokens"),
             Endpoint::Embeddings => Some(0),
@@ -161,27 +169,44 @@ impl Answer {
         match self.endpoint {
             Endpoint::Messages | Endpoint::Responses => {
                 let event = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
-                events.push(event("message_start", json!({"type": "message_start", "message": {
-                    "id": self.id, "type": "message", "role": "assistant", "model": self.model,
-                    "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": {"input_tokens": self.prompt, "output_tokens": 1},
-                }})));
-                events.push(event("content_block_start", json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "text", "text": ""}})));
+                events.push(event(
+                    "message_start",
+                    json!({"type": "message_start", "message": {
+                        "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                        "content": [], "stop_reason": null, "stop_sequence": null,
+                        "usage": {"input_tokens": self.prompt, "output_tokens": 1},
+                    }}),
+                ));
+                events.push(event(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "text", "text": ""}}),
+                ));
                 for i in 0..self.per_choice {
-                    events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0,
-                        "delta": {"type": "text_delta", "text": piece(i)}})));
+                    events.push(event(
+                        "content_block_delta",
+                        json!({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": piece(i)}}),
+                    ));
                 }
-                events.push(event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
-                events.push(event("message_delta", json!({"type": "message_delta",
+                events.push(event(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}),
+                ));
+                events.push(event(
+                    "message_delta",
+                    json!({"type": "message_delta",
                     "delta": {"stop_reason": self.finish(), "stop_sequence": null},
-                    "usage": {"output_tokens": self.per_choice}})));
+                    "usage": {"output_tokens": self.per_choice}}),
+                ));
                 events.push(event("message_stop", json!({"type": "message_stop"})));
                 return events;
             }
             Endpoint::ChatCompletions => {
-                let chunk = |choices: Value| json!({"id": self.id, "object": "chat.completion.chunk",
-                    "created": created, "model": self.model, "choices": choices});
+                let chunk = |choices: Value| {
+                    json!({"id": self.id, "object": "chat.completion.chunk",
+                    "created": created, "model": self.model, "choices": choices})
+                };
                 let first: Vec<Value> = (0..self.choices)
                     .map(|c| json!({"index": c, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}))
                     .collect();
@@ -192,7 +217,9 @@ impl Answer {
                     }
                 }
                 for c in 0..self.choices {
-                    events.push(data(chunk(json!([{"index": c, "delta": {}, "finish_reason": self.finish()}]))));
+                    events.push(data(chunk(
+                        json!([{"index": c, "delta": {}, "finish_reason": self.finish()}]),
+                    )));
                 }
                 if self.include_usage {
                     let mut last = chunk(json!([]));
@@ -201,15 +228,21 @@ impl Answer {
                 }
             }
             Endpoint::Completions | Endpoint::Embeddings => {
-                let chunk = |choices: Value| json!({"id": self.id, "object": "text_completion",
-                    "created": created, "model": self.model, "choices": choices});
+                let chunk = |choices: Value| {
+                    json!({"id": self.id, "object": "text_completion",
+                    "created": created, "model": self.model, "choices": choices})
+                };
                 for i in 0..self.per_choice {
                     for c in 0..self.choices {
-                        events.push(data(chunk(json!([{"index": c, "text": piece(i), "finish_reason": null}]))));
+                        events.push(data(chunk(
+                            json!([{"index": c, "text": piece(i), "finish_reason": null}]),
+                        )));
                     }
                 }
                 for c in 0..self.choices {
-                    events.push(data(chunk(json!([{"index": c, "text": "", "finish_reason": self.finish()}]))));
+                    events.push(data(chunk(
+                        json!([{"index": c, "text": "", "finish_reason": self.finish()}]),
+                    )));
                 }
                 if self.include_usage {
                     let mut last = chunk(json!([]));
@@ -242,7 +275,10 @@ impl Answer {
             move |(mut events, first)| async move {
                 let event = events.next()?;
                 tokio::time::sleep(if first { delay } else { per_event }).await;
-                Some((Ok::<Bytes, std::io::Error>(Bytes::from(event)), (events, false)))
+                Some((
+                    Ok::<Bytes, std::io::Error>(Bytes::from(event)),
+                    (events, false),
+                ))
             },
         );
         let mut response = Response::new(Body::from_stream(stream));
@@ -250,16 +286,23 @@ impl Answer {
             axum::http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream"),
         );
-        response
-            .headers_mut()
-            .insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        response.headers_mut().insert(
+            axum::http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
         response
     }
 }
 
 /// An error in the provider's format: OpenAI's `{"error": {...}}`, or Anthropic's
 /// `{"type": "error", "error": {...}}` on `/v1/messages`.
-pub(crate) fn error(endpoint: Endpoint, status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
+pub(crate) fn error(
+    endpoint: Endpoint,
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: &str,
+) -> Response {
     let body = if endpoint == Endpoint::Messages {
         let kind = match status.as_u16() {
             429 => "rate_limit_error",
@@ -318,7 +361,11 @@ pub(crate) fn too_many(endpoint: Endpoint, limited: &Limited) -> Response {
     if let Some(wait) = limited.wait {
         let millis = wait.as_nanos().div_ceil(1_000_000);
         insert(headers, "retry-after-ms", &millis.to_string());
-        insert(headers, "retry-after", &wait.as_nanos().div_ceil(1_000_000_000).to_string());
+        insert(
+            headers,
+            "retry-after",
+            &wait.as_nanos().div_ceil(1_000_000_000).to_string(),
+        );
     }
     response
 }
@@ -330,20 +377,64 @@ fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
 }
 
 pub(crate) fn rate_limit_headers(endpoint: Endpoint, limits: &Limits, headers: &mut HeaderMap) {
-    insert(headers, "x-ratelimit-limit-requests", &limits.rpm.to_string());
+    insert(
+        headers,
+        "x-ratelimit-limit-requests",
+        &limits.rpm.to_string(),
+    );
     insert(headers, "x-ratelimit-limit-tokens", &limits.tpm.to_string());
-    insert(headers, "x-ratelimit-remaining-requests", &limits.requests_left.to_string());
-    insert(headers, "x-ratelimit-remaining-tokens", &limits.tokens_left.to_string());
-    insert(headers, "x-ratelimit-reset-requests", &go_duration(limits.requests_reset));
-    insert(headers, "x-ratelimit-reset-tokens", &go_duration(limits.tokens_reset));
+    insert(
+        headers,
+        "x-ratelimit-remaining-requests",
+        &limits.requests_left.to_string(),
+    );
+    insert(
+        headers,
+        "x-ratelimit-remaining-tokens",
+        &limits.tokens_left.to_string(),
+    );
+    insert(
+        headers,
+        "x-ratelimit-reset-requests",
+        &go_duration(limits.requests_reset),
+    );
+    insert(
+        headers,
+        "x-ratelimit-reset-tokens",
+        &go_duration(limits.tokens_reset),
+    );
     if endpoint == Endpoint::Messages {
         let now = SystemTime::now();
-        insert(headers, "anthropic-ratelimit-requests-limit", &limits.rpm.to_string());
-        insert(headers, "anthropic-ratelimit-requests-remaining", &limits.requests_left.to_string());
-        insert(headers, "anthropic-ratelimit-requests-reset", &rfc3339(now + limits.requests_reset));
-        insert(headers, "anthropic-ratelimit-tokens-limit", &limits.tpm.to_string());
-        insert(headers, "anthropic-ratelimit-tokens-remaining", &limits.tokens_left.to_string());
-        insert(headers, "anthropic-ratelimit-tokens-reset", &rfc3339(now + limits.tokens_reset));
+        insert(
+            headers,
+            "anthropic-ratelimit-requests-limit",
+            &limits.rpm.to_string(),
+        );
+        insert(
+            headers,
+            "anthropic-ratelimit-requests-remaining",
+            &limits.requests_left.to_string(),
+        );
+        insert(
+            headers,
+            "anthropic-ratelimit-requests-reset",
+            &rfc3339(now + limits.requests_reset),
+        );
+        insert(
+            headers,
+            "anthropic-ratelimit-tokens-limit",
+            &limits.tpm.to_string(),
+        );
+        insert(
+            headers,
+            "anthropic-ratelimit-tokens-remaining",
+            &limits.tokens_left.to_string(),
+        );
+        insert(
+            headers,
+            "anthropic-ratelimit-tokens-reset",
+            &rfc3339(now + limits.tokens_reset),
+        );
     }
 }
 
@@ -397,7 +488,9 @@ mod tests {
 
     #[test]
     fn durations_read_back_with_tollgates_parser() {
-        for ms in [1u64, 120, 999, 1_000, 1_500, 17_250, 60_000, 360_000, 3_723_004] {
+        for ms in [
+            1u64, 120, 999, 1_000, 1_500, 17_250, 60_000, 360_000, 3_723_004,
+        ] {
             let d = Duration::from_millis(ms);
             let text = go_duration(d);
             assert_eq!(tollgate::provider::parse_duration(&text), Some(d), "{text}");
@@ -411,6 +504,9 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_724_268_665);
         assert_eq!(rfc3339(t), "2024-08-21T19:31:05Z");
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(1)), "1970-01-01T00:00:01Z");
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(1)),
+            "1970-01-01T00:00:01Z"
+        );
     }
 }

@@ -213,7 +213,9 @@ pub fn estimate(endpoint: Endpoint, body: &Value) -> Result<Estimate, EstimateEr
             })
         }
         Endpoint::Completions => {
-            let prompt = object.get("prompt").ok_or(EstimateError::Missing("prompt"))?;
+            let prompt = object
+                .get("prompt")
+                .ok_or(EstimateError::Missing("prompt"))?;
             let input = texts_or_tokens(enc, prompt, "prompt")?;
             let max = optional_u64(body, "max_tokens")?.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
             let best_of = optional_u64(body, "best_of")?.unwrap_or(1);
@@ -233,14 +235,15 @@ pub fn estimate(endpoint: Endpoint, body: &Value) -> Result<Estimate, EstimateEr
             let messages = required_array(body, "messages", "an array of messages")?;
             let mut input = REPLY_PRIMING_TOKENS;
             if let Some(system) = object.get("system") {
-                input = input.saturating_add(TOKENS_PER_MESSAGE).saturating_add(
-                    content_text(enc, system, "system")?,
-                );
+                input = input
+                    .saturating_add(TOKENS_PER_MESSAGE)
+                    .saturating_add(content_text(enc, system, "system")?);
             }
             for message in messages {
                 input = input.saturating_add(chat_message(enc, message)?);
             }
-            let max = optional_u64(body, "max_tokens")?.ok_or(EstimateError::Missing("max_tokens"))?;
+            let max =
+                optional_u64(body, "max_tokens")?.ok_or(EstimateError::Missing("max_tokens"))?;
             Ok(Estimate { input, output: max })
         }
         Endpoint::Responses => {
@@ -339,7 +342,11 @@ fn content_text(enc: Encoding, content: &Value, field: &'static str) -> Result<u
 }
 
 /// A `prompt` / `input` field: text, texts, token ids, or arrays of token ids.
-fn texts_or_tokens(enc: Encoding, value: &Value, field: &'static str) -> Result<u64, EstimateError> {
+fn texts_or_tokens(
+    enc: Encoding,
+    value: &Value,
+    field: &'static str,
+) -> Result<u64, EstimateError> {
     let invalid = EstimateError::Invalid {
         field,
         expected: "a string, an array of strings, or token arrays",
@@ -378,34 +385,67 @@ mod tests {
                 {"role": "user", "content": [{"type": "text", "text": "hello world"}, {"type": "image_url"}]}
             ], "max_tokens": 10}),
         );
-        assert_eq!(chat, Estimate { input: 17, output: 10 });
-        let completions = e(Endpoint::Completions, json!({"prompt": ["a", [1, 2, 3]], "n": 2}));
+        assert_eq!(
+            chat,
+            Estimate {
+                input: 17,
+                output: 10
+            }
+        );
+        let completions = e(
+            Endpoint::Completions,
+            json!({"prompt": ["a", [1, 2, 3]], "n": 2}),
+        );
         assert_eq!(completions.input, 4);
         assert_eq!(completions.output, 32);
         let embeddings = e(Endpoint::Embeddings, json!({"input": [[1, 2], [3]]}));
-        assert_eq!(embeddings, Estimate { input: 3, output: 0 });
+        assert_eq!(
+            embeddings,
+            Estimate {
+                input: 3,
+                output: 0
+            }
+        );
         let messages = e(
             Endpoint::Messages,
             json!({"system": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7}),
         );
         assert_eq!(messages.output, 7);
         assert!(messages.input > 3 + 3);
-        let responses = e(Endpoint::Responses, json!({"input": "hello world", "max_output_tokens": 5}));
-        assert_eq!(responses, Estimate { input: 2, output: 5 });
+        let responses = e(
+            Endpoint::Responses,
+            json!({"input": "hello world", "max_output_tokens": 5}),
+        );
+        assert_eq!(
+            responses,
+            Estimate {
+                input: 2,
+                output: 5
+            }
+        );
     }
 
     #[test]
     fn bad_bodies_name_the_field_and_never_panic() {
         let err = |ep, body: Value| estimate(ep, &body).expect_err("invalid body");
-        assert_eq!(err(Endpoint::Embeddings, json!([1])), EstimateError::NotAnObject);
-        assert_eq!(err(Endpoint::Messages, json!({"messages": []})), EstimateError::Missing("max_tokens"));
+        assert_eq!(
+            err(Endpoint::Embeddings, json!([1])),
+            EstimateError::NotAnObject
+        );
+        assert_eq!(
+            err(Endpoint::Messages, json!({"messages": []})),
+            EstimateError::Missing("max_tokens")
+        );
         assert!(matches!(
             err(Endpoint::ChatCompletions, json!({"messages": [], "n": -1})),
             EstimateError::Invalid { field: "n", .. }
         ));
         assert!(matches!(
             err(Endpoint::ChatCompletions, json!({"messages": ["x"]})),
-            EstimateError::Invalid { field: "messages", .. }
+            EstimateError::Invalid {
+                field: "messages",
+                ..
+            }
         ));
         assert!(matches!(
             err(Endpoint::Embeddings, json!({"input": {"a": 1}})),

@@ -620,8 +620,8 @@ impl Limiter {
         age: Duration,
     ) -> Result<Vec<u64>, Error> {
         let mut charged = vec![0; self.inner.quotas.len()];
-        for index in 0..self.inner.quotas.len() {
-            let quota = &self.inner.quotas[index].quota;
+        for (index, checked) in self.inner.quotas.iter().enumerate() {
+            let quota = &checked.quota;
             let budget = match quota.dimension {
                 Dimension::Requests => headers.requests,
                 Dimension::Tokens => headers.tokens,
@@ -633,7 +633,8 @@ impl Limiter {
             else {
                 continue;
             };
-            let refill = u128::from(quota.amount).saturating_mul(age.as_nanos()) / period.as_nanos().max(1);
+            let refill =
+                u128::from(quota.amount).saturating_mul(age.as_nanos()) / period.as_nanos().max(1);
             let allowance = remaining.saturating_add(u64::try_from(refill).unwrap_or(u64::MAX));
             let Some(ours) = self
                 .status(key)

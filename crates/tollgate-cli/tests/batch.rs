@@ -1,0 +1,508 @@
+//! End to end: `tollgate batch` against `tollgate sim`, each a real process.
+//!
+//! The scenarios run one at a time (a lock), because each measures timing against the
+//! simulator's limits and two at once on a 2-core machine would disturb each other.
+
+#[path = "../../tollgate/tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// A `tollgate sim` process, killed on drop.
+struct SimProcess {
+    child: Child,
+    addr: String,
+}
+
+impl SimProcess {
+    fn start(args: &[&str]) -> SimProcess {
+        let mut child = Command::new(BIN)
+            .args(["sim", "--port", "0"])
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tollgate sim");
+        let stderr = child.stderr.take().expect("sim stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("tollgate sim exited before listening")
+                .expect("read sim stderr");
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.split_whitespace().next().expect("address").to_owned();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        SimProcess { child, addr }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn stats(&self) -> Value {
+        let mut stream = TcpStream::connect(&self.addr).expect("connect to sim");
+        write!(stream, "GET /stats HTTP/1.0\r\nHost: sim\r\n\r\n").expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        let body = response.split("\r\n\r\n").nth(1).expect("body");
+        serde_json::from_str(body).expect("stats JSON")
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn batch(input: &Path, output: &Path, url: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("batch")
+        .arg(input)
+        .arg("-o")
+        .arg(output)
+        .args(["--url", url, "--progress", "off"])
+        .args(extra)
+        .env("OPENAI_API_KEY", "sk-test")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn run(mut cmd: Command) -> (ExitStatus, String) {
+    let out = cmd.output().expect("run tollgate batch");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `n` chat requests of 75 to 150 tokens each, counted as the simulator counts them,
+/// with `metadata.row` = their line number; plus the given malformed lines at the end.
+fn write_input(path: &Path, n: usize, seed: u64, malformed: &[&[u8]]) {
+    let mut rng = fastrand_lite(seed);
+    let mut f = std::fs::File::create(path).expect("create input");
+    for row in 1..=n {
+        let words = 20 + rng() % 30;
+        let text: Vec<&str> = (0..words)
+            .map(|i| ["alpha", "beta", "gamma", "delta"][(i + rng()) % 4])
+            .collect();
+        let line = json!({
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": text.join(" ")}],
+            "max_tokens": 48 + rng() % 48,
+            "metadata": {"row": row},
+        });
+        writeln!(f, "{line}").expect("write");
+    }
+    for bad in malformed {
+        f.write_all(bad).expect("write");
+        f.write_all(b"\n").expect("write");
+    }
+}
+
+/// A tiny deterministic generator, so the workload is the same on every run.
+fn fastrand_lite(seed: u64) -> impl FnMut() -> usize {
+    let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) as usize
+    }
+}
+
+fn read_lines(path: &Path) -> Vec<Value> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every output line is JSON"))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// How many times each input line appears in the results (by `metadata.row` or
+/// `custom_id`) and failures (by `line`) files together.
+fn accounted(results: &Path, failures: &Path) -> HashMap<u64, u32> {
+    let mut seen = HashMap::new();
+    for r in read_lines(results) {
+        let row = r
+            .pointer("/2/row")
+            .and_then(Value::as_u64)
+            .or_else(|| {
+                r["custom_id"]
+                    .as_str()
+                    .and_then(|id| id.strip_prefix("row-")?.parse().ok())
+            })
+            .expect("a result names its row");
+        *seen.entry(row).or_insert(0) += 1;
+    }
+    for f in read_lines(failures) {
+        *seen
+            .entry(f["line"].as_u64().expect("a failure names its line"))
+            .or_insert(0) += 1;
+    }
+    seen
+}
+
+fn assert_each_once(seen: &HashMap<u64, u32>, lines: u64) {
+    for line in 1..=lines {
+        assert_eq!(
+            seen.get(&line),
+            Some(&1),
+            "line {line} must be in the output exactly once"
+        );
+    }
+    assert_eq!(
+        seen.len() as u64,
+        lines,
+        "no output line for a line that is not in the input"
+    );
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[test]
+fn at_the_simulators_limits_nothing_is_refused_and_every_line_is_accounted_for() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    // About 600 × 112 tokens against 60,000 per minute: the burst, then a few seconds
+    // at the refill rate, so the limit binds without making CI slow.
+    write_input(
+        &input,
+        600,
+        1,
+        &[b"{not json", b"\xff\xfe", b"{\"model\": \"x\"}", b""],
+    );
+    let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "60000", "--latency", "20ms"]);
+    let summary = dir.path().join("summary.json");
+    let started = Instant::now();
+    let (status, stderr) = run(batch(
+        &input,
+        &output,
+        &sim.url("/v1/chat/completions"),
+        &[
+            "--rpm",
+            "6000",
+            "--tpm",
+            "60000",
+            "--summary-json",
+            summary.to_str().expect("utf-8"),
+        ],
+    ));
+    let elapsed = started.elapsed();
+    assert!(status.success(), "batch failed: {stderr}");
+    let stats = sim.stats();
+    assert_eq!(
+        stats["rate_limited"], 0,
+        "the simulator refused a request: {stats}"
+    );
+    assert_eq!(stats["admitted"], 600, "{stats}");
+    let failures = dir.path().join("out.failures.jsonl");
+    assert_each_once(&accounted(&output, &failures), 604);
+    let mut failed = read_lines(&failures);
+    failed.sort_by_key(|f| f["line"].as_u64());
+    let messages: Vec<&str> = failed
+        .iter()
+        .map(|f| f["error"]["message"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        messages[0].starts_with("line 601 is not valid JSON"),
+        "{messages:?}"
+    );
+    assert_eq!(
+        messages[1],
+        "line 602 is not valid UTF-8 (invalid byte at offset 0)"
+    );
+    assert_eq!(messages[2], "line 603: the request has no `messages` field");
+    assert_eq!(messages[3], "line 604 is empty");
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(&summary).expect("summary")).expect("JSON");
+    assert_eq!(
+        (summary["succeeded"].as_u64(), summary["failed"].as_u64()),
+        (Some(600), Some(4))
+    );
+    // The limits bound: the run cannot be faster than what they allow after the burst.
+    let tokens = stats["tokens_admitted"].as_u64().expect("tokens");
+    let ideal = Duration::from_secs_f64(tokens.saturating_sub(60_000) as f64 / 1_000.0);
+    assert!(
+        tokens > 60_000 && elapsed >= ideal,
+        "{tokens} tokens in {elapsed:?}"
+    );
+    // Results carry the request, the response with usage, and the metadata.
+    let first = &read_lines(&output)[0];
+    assert!(
+        first[1]["usage"]["completion_tokens"].as_u64().is_some(),
+        "{first}"
+    );
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_and_writes_each_line_exactly_once() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    // Batch API format: custom_id, method, url, body.
+    let mut f = std::fs::File::create(&input).expect("create");
+    for row in 1..=300u64 {
+        let line = json!({"custom_id": format!("row-{row}"), "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 90}});
+        writeln!(f, "{line}").expect("write");
+    }
+    drop(f);
+    // 10 in flight of 200 ms each: about 6 s for the whole file.
+    let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "600000", "--latency", "200ms"]);
+    let url = sim.url("/v1/chat/completions");
+    let slow = ["--rpm", "6000", "--tpm", "600000", "--max-in-flight", "10"];
+    let mut first = batch(&input, &output, &url, &slow).spawn().expect("spawn");
+    std::thread::sleep(Duration::from_millis(1_200));
+    first.kill().expect("kill -9");
+    let _ = first.wait();
+    let before = read_lines(&output).len();
+    assert!(
+        before > 0 && before < 300,
+        "the kill landed mid-run: {before} lines done"
+    );
+    let (status, stderr) = run(batch(&input, &output, &url, &slow));
+    assert!(status.success(), "rerun failed: {stderr}");
+    let failures = dir.path().join("out.failures.jsonl");
+    assert_each_once(&accounted(&output, &failures), 300);
+    let results = read_lines(&output);
+    assert!(
+        results
+            .iter()
+            .all(|r| r["response"]["status_code"] == 200 && r["error"].is_null())
+    );
+    // A third run has nothing left to do and sends nothing.
+    let sent_before = sim.stats()["admitted"].as_u64();
+    let (status, stderr) = run(batch(
+        &input,
+        &output,
+        &url,
+        &["--rpm", "6000", "--tpm", "600000"],
+    ));
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("300 done before"), "{stderr}");
+    assert_eq!(sim.stats()["admitted"].as_u64(), sent_before);
+}
+
+#[test]
+fn ctrl_c_drains_in_flight_requests_and_a_rerun_finishes() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 200, 2, &[]);
+    let sim = SimProcess::start(&["--rpm", "3000", "--tpm", "1000000", "--latency", "300ms"]);
+    let url = sim.url("/v1/chat/completions");
+    let child = batch(
+        &input,
+        &output,
+        &url,
+        &["--rpm", "3000", "--tpm", "1000000", "--max-in-flight", "8"],
+    )
+    .spawn()
+    .expect("spawn");
+    std::thread::sleep(Duration::from_millis(1_500));
+    let sigint = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(sigint.success());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "interrupted runs exit 130: {stderr}"
+    );
+    // Drained: every request the simulator admitted has its result line.
+    let admitted = sim.stats()["admitted"].as_u64().expect("admitted");
+    assert_eq!(read_lines(&output).len() as u64, admitted, "{stderr}");
+    let (status, stderr) = run(batch(
+        &input,
+        &output,
+        &url,
+        &["--rpm", "3000", "--tpm", "1000000"],
+    ));
+    assert!(status.success(), "{stderr}");
+    assert_each_once(
+        &accounted(&output, &dir.path().join("out.failures.jsonl")),
+        200,
+    );
+}
+
+#[test]
+fn faults_are_retried_and_refusals_go_to_the_failures_file() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 150, 3, &[]);
+    let sim = SimProcess::start(&[
+        "--rpm",
+        "100000",
+        "--tpm",
+        "10000000",
+        "--latency",
+        "10ms",
+        "--error-rate",
+        "0.2",
+        "--drop-rate",
+        "0.1",
+        "--seed",
+        "7",
+        "--keys",
+        "sk-test",
+    ]);
+    let url = sim.url("/v1/chat/completions");
+    let summary = dir.path().join("summary.json");
+    let (status, stderr) = run(batch(
+        &input,
+        &output,
+        &url,
+        &[
+            "--rpm",
+            "100000",
+            "--tpm",
+            "10000000",
+            "--summary-json",
+            summary.to_str().expect("utf-8"),
+        ],
+    ));
+    assert!(status.success(), "{stderr}");
+    let stats = sim.stats();
+    assert!(
+        stats["errors_injected"].as_u64() > Some(0) && stats["dropped"].as_u64() > Some(0),
+        "{stats}"
+    );
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(&summary).expect("summary")).expect("JSON");
+    assert_eq!(
+        summary["succeeded"], 150,
+        "every line got through its faults: {summary}"
+    );
+    assert!(
+        summary["retries"].as_u64() > Some(0) && summary["transport_errors"].as_u64() > Some(0),
+        "{summary}"
+    );
+    assert_each_once(
+        &accounted(&output, &dir.path().join("out.failures.jsonl")),
+        150,
+    );
+
+    // A wrong key is refused (401) and not retried.
+    let (output, failures) = (
+        dir.path().join("bad.jsonl"),
+        dir.path().join("bad.failures.jsonl"),
+    );
+    let mut cmd = batch(
+        &input,
+        &output,
+        &url,
+        &["--rpm", "100000", "--tpm", "10000000"],
+    );
+    cmd.env("OPENAI_API_KEY", "sk-wrong");
+    let (status, stderr) = run(cmd);
+    assert!(status.success(), "{stderr}");
+    let failed = read_lines(&failures);
+    assert_eq!(failed.len(), 150);
+    assert!(
+        failed
+            .iter()
+            .all(|f| f["error"]["status"] == 401 && f["attempts"] == 1),
+        "{}",
+        failed[0]
+    );
+}
+
+#[test]
+fn limits_are_learned_from_the_providers_headers() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 620, 4, &[]);
+    let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "60000", "--latency", "20ms"]);
+    let summary = dir.path().join("summary.json");
+    let (status, stderr) = run(batch(
+        &input,
+        &output,
+        &sim.url("/v1/chat/completions"),
+        &["--summary-json", summary.to_str().expect("utf-8")],
+    ));
+    assert!(status.success(), "{stderr}");
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(&summary).expect("summary")).expect("JSON");
+    assert_eq!(
+        (summary["rpm"].as_u64(), summary["tpm"].as_u64()),
+        (Some(6000), Some(60000)),
+        "{summary}"
+    );
+    let stats = sim.stats();
+    assert_eq!(stats["rate_limited"], 0, "{stats}");
+    assert_each_once(
+        &accounted(&output, &dir.path().join("out.failures.jsonl")),
+        620,
+    );
+}
+
+#[test]
+fn two_batch_processes_sharing_redis_stay_inside_one_budget() {
+    let _serial = serial();
+    let redis = support::RedisServer::start();
+    let dir = tmp();
+    let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "60000", "--latency", "20ms"]);
+    let url = sim.url("/v1/chat/completions");
+    let flags = ["--rpm", "6000", "--tpm", "60000", "--redis", &redis.url()];
+    let mut children = Vec::new();
+    let mut outputs = Vec::new();
+    for i in 0..2u64 {
+        let input: PathBuf = dir.path().join(format!("in{i}.jsonl"));
+        let output = dir.path().join(format!("out{i}.jsonl"));
+        write_input(&input, 300, 10 + i, &[]);
+        children.push(batch(&input, &output, &url, &flags).spawn().expect("spawn"));
+        outputs.push(output);
+    }
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stats = sim.stats();
+    // Each process alone would take the whole burst: together they would be refused.
+    assert_eq!(stats["rate_limited"], 0, "{stats}");
+    assert_eq!(stats["admitted"], 600, "{stats}");
+    assert!(
+        stats["tokens_admitted"].as_u64() > Some(60_000),
+        "the shared limit bound: {stats}"
+    );
+    for output in outputs {
+        assert_eq!(read_lines(&output).len(), 300);
+    }
+}
