@@ -571,3 +571,38 @@ proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn provider_headers_pull_the_view_down_but_never_up() {
+    let (limiter, _clock) = manual(vec![
+        Quota::requests(60).per_minute(),
+        Quota::tokens(6_000).per_minute(),
+    ]);
+    let headers = |requests: &str, tokens: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-ratelimit-remaining-requests", requests.parse().expect("value"));
+        h.insert("x-ratelimit-remaining-tokens", tokens.parse().expect("value"));
+        tollgate::provider::parse(&h, std::time::SystemTime::now())
+    };
+    // The provider has less left than the limiter thinks: another app uses the key.
+    let charged = limiter
+        .absorb("acct", &headers("50", "1000"), Duration::ZERO)
+        .await
+        .expect("absorb");
+    assert_eq!(charged, vec![10, 5_000]);
+    let status = limiter.status("acct").await.expect("status");
+    assert_eq!((status[0].remaining, status[1].remaining), (50, 1_000));
+    // Headers two seconds old: what refilled since (2 requests, 200 tokens) is allowed for.
+    let charged = limiter
+        .absorb("acct", &headers("45", "900"), Duration::from_secs(2))
+        .await
+        .expect("absorb");
+    assert_eq!(charged, vec![3, 0]);
+    // More left at the provider than here: nothing is given back.
+    let charged = limiter
+        .absorb("acct", &headers("60", "6000"), Duration::ZERO)
+        .await
+        .expect("absorb");
+    assert_eq!(charged, vec![0, 0]);
+    assert_eq!(limiter.status("acct").await.expect("status")[0].remaining, 47);
+}
