@@ -27,9 +27,12 @@ echo "tollgate sim at $ADDR: $RPM requests/min, $TPM tokens/min"
 
 echo "first result line (request, response, metadata):"
 head -c 400 "$WORK/results.jsonl"; echo " ..."
-STATS=$(curl -s "$ADDR/stats" 2>/dev/null || python3 -c "import urllib.request;print(urllib.request.urlopen('$ADDR/stats').read().decode())")
+# Stopping the simulator makes it print what it saw.
+kill -INT "$SIM"
+wait "$SIM" || true
+STATS=$(grep -o '{.*}' "$WORK/sim.log" | tail -1)
 echo "the simulator saw: $STATS"
 case "$STATS" in
-  *'"rate_limited":0,'*) echo "OK: no request was refused, and no trailing minute went over the limits" ;;
+  *'"rate_limited":0,'*) echo "OK: the simulator refused nothing: no minute went over its limits" ;;
   *) echo "the simulator refused requests"; exit 1 ;;
 esac

@@ -38,4 +38,6 @@ for example in crates/tollgate/examples/*.rs; do
   echo "-- $name"
   timeout 120 cargo run --quiet -p tollgate --example "$name" >/dev/null
 done
+echo "== the README's first command: tollgate batch against tollgate sim"
+./scripts/demo.sh >/dev/null
 echo "all checks passed"

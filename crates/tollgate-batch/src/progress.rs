@@ -41,7 +41,7 @@ pub(crate) struct Counters {
     pub(crate) tokens_estimated: AtomicU64,
     pub(crate) prompt_tokens: AtomicU64,
     pub(crate) completion_tokens: AtomicU64,
-    /// Sends in the trailing minute: (when, estimated tokens).
+    /// Recent sends: (when, estimated tokens).
     window: Mutex<VecDeque<(Instant, u64)>>,
 }
 
@@ -54,19 +54,22 @@ impl Counters {
         w.push_back((now, tokens));
         while w
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(60))
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(10))
         {
             w.pop_front();
         }
     }
 
-    /// Requests and tokens sent in the trailing minute.
+    /// Requests and tokens per minute at the rate of the last 10 seconds (the initial
+    /// burst shows for 10 seconds, then the paced rate).
     pub(crate) fn per_minute(&self) -> (u64, u64) {
         let now = Instant::now();
         let w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
-        w.iter()
-            .filter(|(t, _)| now.duration_since(*t) <= Duration::from_secs(60))
-            .fold((0, 0), |(r, t), (_, n)| (r + 1, t + n))
+        let (r, t) = w
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= Duration::from_secs(10))
+            .fold((0, 0), |(r, t), (_, n)| (r + 1, t + n));
+        (r * 6, t * 6)
     }
 
     pub(crate) fn done(&self) -> u64 {
