@@ -506,3 +506,52 @@ fn two_batch_processes_sharing_redis_stay_inside_one_budget() {
         assert_eq!(read_lines(&output).len(), 300);
     }
 }
+
+#[test]
+fn limits_set_too_high_meet_429s_that_pause_until_the_reset_and_pull_the_limiter_down() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 600, 5, &[]);
+    let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "60000", "--latency", "20ms"]);
+    let summary = dir.path().join("summary.json");
+    let started = Instant::now();
+    // The flags claim twice the simulator's token limit.
+    let (status, stderr) = run(batch(
+        &input,
+        &output,
+        &sim.url("/v1/chat/completions"),
+        &[
+            "--rpm",
+            "6000",
+            "--tpm",
+            "120000",
+            "--summary-json",
+            summary.to_str().expect("utf-8"),
+        ],
+    ));
+    let elapsed = started.elapsed();
+    assert!(status.success(), "{stderr}");
+    assert_each_once(
+        &accounted(&output, &dir.path().join("out.failures.jsonl")),
+        600,
+    );
+    let stats = sim.stats();
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(&summary).expect("summary")).expect("JSON");
+    assert_eq!(summary["succeeded"], 600, "{summary}");
+    let refused = stats["rate_limited"].as_u64().expect("429s");
+    assert!(refused > 0, "limits set too high meet 429s: {stats}");
+    // The answers' remaining-tokens headers pull the limiter down to the provider's view,
+    // and each 429 pauses everyone until the reset: the limiter still refills twice too
+    // fast between answers (observed: about 75 refusals), where a client trusting the
+    // flags alone would see about half its requests refused.
+    assert!(refused < 150, "{refused} 429s for 600 requests: {stats}");
+    // And no fixed long pause: the run takes about the time the real limit allows.
+    let tokens = stats["tokens_admitted"].as_u64().expect("tokens");
+    let ideal = tokens.saturating_sub(60_000) as f64 / 1_000.0;
+    assert!(
+        elapsed.as_secs_f64() < ideal + 5.0,
+        "{elapsed:?} against an ideal of {ideal:.1} s"
+    );
+}

@@ -63,8 +63,15 @@ async fn counts_prompt_plus_max_tokens_and_refuses_with_openais_429() {
     let h = r.headers().clone();
     // 50 tokens missing at 250 per minute: 12 s.
     assert_eq!(h["retry-after"], "12");
-    let ms: u64 = h["retry-after-ms"].to_str().expect("ascii").parse().expect("number");
-    assert!((11_900..=12_000).contains(&ms), "{ms} ms (less what refilled since)");
+    let ms: u64 = h["retry-after-ms"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("number");
+    assert!(
+        (11_900..=12_000).contains(&ms),
+        "{ms} ms (less what refilled since)"
+    );
     assert_eq!(h["x-ratelimit-remaining-tokens"], "50");
     let parsed = tollgate::provider::parse(&h, std::time::SystemTime::now());
     assert_eq!(parsed.wait_hint(), Some(Duration::from_millis(ms)));

@@ -580,8 +580,14 @@ async fn provider_headers_pull_the_view_down_but_never_up() {
     ]);
     let headers = |requests: &str, tokens: &str| {
         let mut h = http::HeaderMap::new();
-        h.insert("x-ratelimit-remaining-requests", requests.parse().expect("value"));
-        h.insert("x-ratelimit-remaining-tokens", tokens.parse().expect("value"));
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            requests.parse().expect("value"),
+        );
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            tokens.parse().expect("value"),
+        );
         tollgate::provider::parse(&h, std::time::SystemTime::now())
     };
     // The provider has less left than the limiter thinks: another app uses the key.
@@ -604,5 +610,8 @@ async fn provider_headers_pull_the_view_down_but_never_up() {
         .await
         .expect("absorb");
     assert_eq!(charged, vec![0, 0]);
-    assert_eq!(limiter.status("acct").await.expect("status")[0].remaining, 47);
+    assert_eq!(
+        limiter.status("acct").await.expect("status")[0].remaining,
+        47
+    );
 }
