@@ -44,10 +44,12 @@ pub(crate) fn fnv(bytes: &[u8]) -> u64 {
     })
 }
 
-/// The identity of a cookbook request: the hash of its canonical JSON (keys sorted), the
-/// form in which it is written to the output.
-pub(crate) fn request_identity(request: &Value) -> u64 {
-    fnv(request.to_string().as_bytes())
+/// The identity of a cookbook line: the hash of its request's and its metadata's
+/// canonical JSON (keys sorted), the form in which both are written to the output; so
+/// equal requests with different metadata are told apart.
+pub(crate) fn request_identity(request: &Value, metadata: Option<&Value>) -> u64 {
+    let metadata = metadata.map_or_else(|| "null".to_owned(), Value::to_string);
+    fnv(format!("{request}\n{metadata}").as_bytes())
 }
 
 /// The identity of a Batch API line: the hash of its `custom_id`.
@@ -86,7 +88,7 @@ pub(crate) fn parse(line: u64, bytes: &[u8]) -> Result<Job, Malformed> {
     Ok(Job {
         line,
         format: Format::Cookbook,
-        identity: request_identity(&body),
+        identity: request_identity(&body, metadata.as_ref()),
         body,
         metadata,
         custom_id: None,

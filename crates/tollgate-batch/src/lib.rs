@@ -12,7 +12,7 @@
 //! the error and the attempt count).
 //!
 //! - Limits come from [`BatchConfig::rpm`] / [`BatchConfig::tpm`], or are learned from
-//!   the provider's `x-ratelimit-limit-*` headers on the first response.
+//!   the provider's `x-ratelimit-limit-*` headers of the first answers (sent one at a time).
 //! - A 429 pauses every request until the provider's `retry-after` / reset, and each
 //!   response's `x-ratelimit-remaining-*` pulls the limiter down when the provider has
 //!   less left than it thinks ([`tollgate::Limiter::absorb`]).
@@ -55,13 +55,24 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tollgate::estimate::{Endpoint, Estimate, estimate};
 use tollgate::provider::RateLimitHeaders;
 use tollgate::retry::Backoff;
-use tollgate::{Accounting, Error as LimitError, Limiter, Quota, Usage};
+use tollgate::{Accounting, Cost, Error as LimitError, Limiter, Quota, Usage};
 
 pub use progress::Progress;
 
 use input::{Format, Job, Malformed};
 use output::Record;
 use progress::Counters;
+
+/// The most requests [`BatchConfig::max_in_flight`] allows.
+///
+/// ```
+/// assert_eq!(tollgate_batch::MAX_IN_FLIGHT, 10_000);
+/// ```
+pub const MAX_IN_FLIGHT: usize = 10_000;
+
+/// How many first answers may be read for rate-limit headers before the runner gives up
+/// learning the limits.
+const PROBES: u32 = 3;
 
 /// How a batch runs. Build it with [`BatchConfig::new`] and set the fields you need.
 ///
@@ -303,7 +314,9 @@ pub async fn run(
     }
 
     let counters = Arc::new(Counters::default());
-    {
+    // Count the lines for the progress bar, unless the input is a pipe: a second reader
+    // would take lines away from the first.
+    if input_file.metadata().is_ok_and(|m| m.is_file()) {
         let counters = counters.clone();
         let path = config.input.clone();
         tokio::task::spawn_blocking(move || {
@@ -347,6 +360,9 @@ pub async fn run(
         url,
         api_key,
         limiter: None,
+        rpm: config.rpm,
+        tpm: config.tpm,
+        warned: Arc::default(),
         account,
         gate: Arc::new(Mutex::new(None)),
         counters: counters.clone(),
@@ -356,8 +372,12 @@ pub async fn run(
         stop: stop.clone(),
         timeout: config.timeout,
     };
-    let mut learning = config.rpm.is_none() || config.tpm.is_none();
-    if !learning {
+    let mut probes = if config.rpm.is_none() || config.tpm.is_none() {
+        PROBES
+    } else {
+        0
+    };
+    if probes == 0 {
         ctx.limiter = Some(build_limiter(&config, config.rpm, config.tpm).await?);
     }
     let mut ctx = Arc::new(ctx);
@@ -374,13 +394,14 @@ pub async fn run(
             break;
         }
         buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .await
-            .map_err(|source| BatchError::Input {
+        let mut stop_read = stop.clone();
+        let n = tokio::select! {
+            n = reader.read_until(b'\n', &mut buf) => n.map_err(|source| BatchError::Input {
                 path: config.input.clone(),
                 source,
-            })?;
+            })?,
+            _ = stop_read.wait_for(|s| *s) => { stopped = true; break; }
+        };
         if n == 0 {
             break;
         }
@@ -412,17 +433,21 @@ pub async fn run(
             },
             _ = stop_wait.wait_for(|s| *s) => { stopped = true; break; }
         };
-        if learning {
-            // The first request goes alone; its answer's headers give the missing limits.
+        if probes > 0 {
+            // The first requests go alone until an answer's headers give the missing limits.
             let seen = ctx.run_job(job).await;
             drop(slot);
-            learning = false;
-            let rpm = config
-                .rpm
-                .or_else(|| seen.as_ref().and_then(|s| s.requests?.limit));
-            let tpm = config
-                .tpm
-                .or_else(|| seen.as_ref().and_then(|s| s.tokens?.limit));
+            probes -= 1;
+            let learned = |b: Option<tollgate::provider::Budget>| b.and_then(|b| b.limit);
+            let heard = seen
+                .as_ref()
+                .map(|s| (learned(s.requests), learned(s.tokens)));
+            let rpm = config.rpm.or(heard.and_then(|h| h.0));
+            let tpm = config.tpm.or(heard.and_then(|h| h.1));
+            if (rpm.is_none() || tpm.is_none()) && probes > 0 {
+                continue;
+            }
+            probes = 0;
             *limits.lock().unwrap_or_else(PoisonError::into_inner) = (rpm, tpm);
             if rpm.is_none() && tpm.is_none() {
                 tracing::warn!(
@@ -438,6 +463,7 @@ pub async fn run(
                 }
                 let mut next = Ctx::clone(&ctx);
                 next.limiter = Some(limiter);
+                (next.rpm, next.tpm) = (rpm, tpm);
                 ctx = Arc::new(next);
             }
             continue;
@@ -484,7 +510,7 @@ pub async fn run(
         rpm,
         tpm,
         elapsed_secs: started.elapsed().as_secs_f64(),
-        interrupted: lines > finished,
+        interrupted: stopped || lines > finished,
     })
 }
 
@@ -576,6 +602,11 @@ struct Ctx {
     url: reqwest::Url,
     api_key: Option<String>,
     limiter: Option<Limiter>,
+    /// The limits the limiter holds.
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    /// Whether the provider's limits were found lower than the flags (warned once).
+    warned: Arc<std::sync::atomic::AtomicBool>,
     account: String,
     /// Until when the provider asked everyone to wait.
     gate: Arc<Mutex<Option<Instant>>>,
@@ -612,21 +643,36 @@ impl Ctx {
 
     fn fail(&self, job: Job, failure: Failure) {
         self.counters.failed.fetch_add(1, Relaxed);
-        let mut record = json!({
-            "line": job.line,
-            "error": {"message": failure.message, "code": failure.code, "status": failure.status},
-            "attempts": failure.attempts,
-            "request": job.body,
-        });
-        if let Some(id) = job.custom_id {
-            record["custom_id"] = json!(id);
-        }
-        if let Some(metadata) = job.metadata {
-            record["metadata"] = metadata;
-        }
-        if let Some(response) = failure.response {
-            record["response"] = response;
-        }
+        let error =
+            json!({"message": failure.message, "code": failure.code, "status": failure.status});
+        let record = match job.format {
+            // The Batch API's error-file shape, plus the line and the attempt count.
+            Format::BatchApi => json!({
+                "id": format!("batch_req_{}", job.line),
+                "custom_id": job.custom_id,
+                "response": failure.response.map(|body| json!({
+                    "status_code": failure.status, "request_id": "", "body": body,
+                })),
+                "error": error,
+                "line": job.line,
+                "attempts": failure.attempts,
+            }),
+            Format::Cookbook => {
+                let mut record = json!({
+                    "line": job.line,
+                    "error": error,
+                    "attempts": failure.attempts,
+                    "request": job.body,
+                });
+                if let Some(metadata) = job.metadata {
+                    record["metadata"] = metadata;
+                }
+                if let Some(response) = failure.response {
+                    record["response"] = response;
+                }
+                record
+            }
+        };
         let _ = self.records.send(Record::Failure(record));
     }
 
@@ -645,6 +691,27 @@ impl Ctx {
             }),
         };
         let _ = self.records.send(Record::Result(record));
+    }
+
+    /// Warns once when the provider reports a limit below the one the limiter holds: the
+    /// run then leans on 429s, and the flag should be lowered.
+    fn check_limits(&self, seen: &RateLimitHeaders) {
+        let lower = |flag: Option<u64>, budget: Option<tollgate::provider::Budget>| {
+            flag.zip(budget.and_then(|b| b.limit))
+                .filter(|(flag, limit)| limit < flag)
+        };
+        for (name, found) in [
+            ("--rpm", lower(self.rpm, seen.requests)),
+            ("--tpm", lower(self.tpm, seen.tokens)),
+        ] {
+            if let Some((flag, limit)) = found
+                && !self.warned.swap(true, Relaxed)
+            {
+                tracing::warn!(
+                    "the provider reports a limit of {limit}, below {name} {flag}: requests will meet 429s; rerun with {name} {limit}"
+                );
+            }
+        }
     }
 
     /// Waits while the provider asked everyone to pause; false when the run stops.
@@ -726,6 +793,7 @@ impl Ctx {
             }
         };
         let body = bytes_of(&job.body);
+        let mut cost = estimated.cost();
         let mut attempt = 0u32;
         let mut seen = None;
         loop {
@@ -737,11 +805,23 @@ impl Ctx {
                 Some(limiter) => {
                     let mut stop = self.stop.clone();
                     let acquired = tokio::select! {
-                        r = limiter.acquire(&self.account, estimated.cost()) => r,
+                        r = limiter.acquire(&self.account, cost) => r,
                         _ = stop.wait_for(|s| *s) => return seen,
                     };
                     match acquired {
                         Ok(permit) => Some(permit),
+                        // Over the burst (the limit less the jitter allowance) but within
+                        // the limit itself: the provider admits it from a full bucket, so
+                        // wait for a full burst rather than fail it.
+                        Err(LimitError::TooLarge(t))
+                            if self.tpm.is_some_and(|tpm| t.cost() <= tpm)
+                                && t.quota().name().starts_with("tokens")
+                                && cost == estimated.cost() =>
+                        {
+                            let input = estimated.input.min(t.capacity());
+                            cost = Cost::input(input).output(t.capacity() - input);
+                            continue;
+                        }
                         Err(LimitError::TooLarge(t)) => {
                             let message = format!(
                                 "line {}: the request counts {} tokens, more than the limit {} can ever admit at once ({}): shorten the prompt or lower max_tokens",
@@ -804,6 +884,7 @@ impl Ctx {
                             .absorb(&self.account, &headers_seen, sent.elapsed())
                             .await;
                     }
+                    self.check_limits(&headers_seen);
                     let hint = headers_seen.wait_hint();
                     seen = Some(headers_seen);
                     let response: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {

@@ -128,7 +128,7 @@ pub(crate) fn scan(results: &Path, failures: &Path) -> Result<Done, BatchError> 
                 continue;
             }
             let identity = match &value {
-                Value::Array(items) => items.first().map(request_identity),
+                Value::Array(items) => items.first().map(|r| request_identity(r, items.get(2))),
                 Value::Object(o) => o
                     .get("custom_id")
                     .and_then(Value::as_str)
@@ -232,7 +232,7 @@ mod tests {
         std::fs::write(&failures, "{\"line\":4,\"error\":{}}\n").expect("write");
         let mut done = scan(&results, &failures).expect("scan");
         assert_eq!(done.count, 4);
-        let id = request_identity(&req);
+        let id = request_identity(&req, None);
         assert!(done.take(1, Some(id)));
         assert!(done.take(2, Some(id)));
         assert!(

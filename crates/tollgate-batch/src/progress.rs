@@ -81,12 +81,21 @@ fn limit(v: Option<u64>) -> String {
     v.map_or_else(|| "?".to_owned(), |v| v.to_string())
 }
 
-/// One status line: done / total, rates against the limits, retries and 429s.
-pub(crate) fn line(c: &Counters, rpm: Option<u64>, tpm: Option<u64>) -> String {
+/// One status line: done / total, rates against the limits, retries, 429s and an ETA.
+pub(crate) fn line(c: &Counters, rpm: Option<u64>, tpm: Option<u64>, started: Instant) -> String {
     let (r, t) = c.per_minute();
     let total = c.total.load(Relaxed);
+    let this_run = c.succeeded.load(Relaxed) + c.failed.load(Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let eta = match total.checked_sub(c.done()) {
+        Some(left) if total > 0 && this_run > 0 && elapsed > 0.0 => {
+            let secs = left as f64 * elapsed / this_run as f64;
+            format!("eta {}s", secs.ceil() as u64)
+        }
+        _ => "eta ?".to_owned(),
+    };
     format!(
-        "{}/{} lines ({} failed) | {r}/{} requests/min | {t}/{} tokens/min | {} retries | {} 429s",
+        "{}/{} lines ({} failed) | {r}/{} requests/min | {t}/{} tokens/min | {} retries | {} 429s | {eta}",
         c.done(),
         if total == 0 {
             "?".to_owned()
@@ -114,6 +123,7 @@ pub(crate) async fn show(
         other => other,
     };
     let limits = || *limits.lock().unwrap_or_else(PoisonError::into_inner);
+    let started = Instant::now();
     match mode {
         Progress::Off | Progress::Auto => {
             let _ = stop.wait_for(|s| *s).await;
@@ -123,7 +133,7 @@ pub(crate) async fn show(
                 _ = stop.wait_for(|s| *s) => return,
                 () = tokio::time::sleep(every) => {
                     let (rpm, tpm) = limits();
-                    eprintln!("tollgate batch: {}", line(counters, rpm, tpm));
+                    eprintln!("tollgate batch: {}", line(counters, rpm, tpm, started));
                 }
             }
         },
@@ -136,8 +146,12 @@ pub(crate) async fn show(
             loop {
                 let (rpm, tpm) = limits();
                 let (r, t) = counters.per_minute();
-                bar.set_length(counters.total.load(Relaxed).max(counters.done()));
-                bar.set_position(counters.done());
+                // This run's lines only, so the ETA is this run's pace after a resume.
+                let skipped = counters.skipped.load(Relaxed);
+                let this_run = counters.done() - skipped;
+                let total = counters.total.load(Relaxed).saturating_sub(skipped);
+                bar.set_length(total.max(this_run));
+                bar.set_position(this_run);
                 bar.set_message(format!(
                     "{r}/{} rpm {t}/{} tpm | {} retries {} 429s {} failed",
                     limit(rpm),

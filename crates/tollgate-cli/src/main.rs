@@ -64,7 +64,7 @@ struct BatchArgs {
     /// The failures file [default: the results file's name with .failures.jsonl].
     #[arg(long)]
     failures: Option<PathBuf>,
-    /// The endpoint, e.g. https://api.openai.com/v1/chat/completions (Batch API lines
+    /// The endpoint, e.g. `https://api.openai.com/v1/chat/completions` (Batch API lines
     /// are sent to their own `url` path on this origin).
     #[arg(long)]
     url: String,
@@ -99,7 +99,7 @@ struct BatchArgs {
     /// How progress is shown on stderr.
     #[arg(long, value_enum, default_value = "auto")]
     progress: ProgressArg,
-    /// Interval of the plain progress lines.
+    /// Interval of the plain progress lines (at least 100ms).
     #[arg(long, value_parser = duration, default_value = "10s")]
     progress_interval: Duration,
     /// Also write the final summary as JSON to this file.
@@ -220,16 +220,17 @@ async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
     config.max_attempts = args.max_attempts;
     config.timeout = args.timeout;
     config.jitter = args.jitter;
+    let interval = args.progress_interval.max(Duration::from_millis(100));
     config.progress = match args.progress {
         ProgressArg::Auto => Progress::Auto,
         ProgressArg::Bar => Progress::Bar,
-        ProgressArg::Lines => Progress::Lines(args.progress_interval),
+        ProgressArg::Lines => Progress::Lines(interval),
         ProgressArg::Off => Progress::Off,
     };
     if let ProgressArg::Auto = args.progress
         && !std::io::IsTerminal::is_terminal(&std::io::stderr())
     {
-        config.progress = Progress::Lines(args.progress_interval);
+        config.progress = Progress::Lines(interval);
     }
     let failures = config.failures_path();
     let summary = tollgate_batch::run(

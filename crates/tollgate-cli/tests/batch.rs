@@ -122,6 +122,21 @@ fn write_input(path: &Path, n: usize, seed: u64, malformed: &[&[u8]]) {
     }
 }
 
+/// `n` chat requests where line `row` repeats the request of line `row % distinct + 1`,
+/// each with its own `metadata.row`: equal requests that resuming must tell apart.
+fn write_repeating_input(path: &Path, n: usize, distinct: usize) {
+    let mut f = std::fs::File::create(path).expect("create input");
+    for row in 1..=n {
+        let line = json!({
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": format!("question {}", row % distinct)}],
+            "max_tokens": 64,
+            "metadata": {"row": row},
+        });
+        writeln!(f, "{line}").expect("write");
+    }
+}
+
 /// A tiny deterministic generator, so the workload is the same on every run.
 fn fastrand_lite(seed: u64) -> impl FnMut() -> usize {
     let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -265,16 +280,25 @@ fn at_the_simulators_limits_nothing_is_refused_and_every_line_is_accounted_for()
 #[test]
 fn a_run_killed_with_sigkill_resumes_and_writes_each_line_exactly_once() {
     let _serial = serial();
+    kill_and_resume(false);
+    kill_and_resume(true);
+}
+
+fn kill_and_resume(batch_api: bool) {
     let dir = tmp();
     let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
-    // Batch API format: custom_id, method, url, body.
-    let mut f = std::fs::File::create(&input).expect("create");
-    for row in 1..=300u64 {
-        let line = json!({"custom_id": format!("row-{row}"), "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 90}});
-        writeln!(f, "{line}").expect("write");
+    if batch_api {
+        // Batch API format: custom_id, method, url, body.
+        let mut f = std::fs::File::create(&input).expect("create");
+        for row in 1..=300u64 {
+            let line = json!({"custom_id": format!("row-{row}"), "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 90}});
+            writeln!(f, "{line}").expect("write");
+        }
+    } else {
+        // Cookbook format, each request three times under different metadata.
+        write_repeating_input(&input, 300, 100);
     }
-    drop(f);
     // 10 in flight of 200 ms each: about 6 s for the whole file.
     let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "600000", "--latency", "200ms"]);
     let url = sim.url("/v1/chat/completions");
@@ -293,11 +317,11 @@ fn a_run_killed_with_sigkill_resumes_and_writes_each_line_exactly_once() {
     let failures = dir.path().join("out.failures.jsonl");
     assert_each_once(&accounted(&output, &failures), 300);
     let results = read_lines(&output);
-    assert!(
-        results
-            .iter()
-            .all(|r| r["response"]["status_code"] == 200 && r["error"].is_null())
-    );
+    assert!(results.iter().all(|r| if batch_api {
+        r["response"]["status_code"] == 200 && r["error"].is_null()
+    } else {
+        r[1]["usage"]["total_tokens"].is_u64()
+    }));
     // A third run has nothing left to do and sends nothing.
     let sent_before = sim.stats()["admitted"].as_u64();
     let (status, stderr) = run(batch(
@@ -316,7 +340,8 @@ fn ctrl_c_drains_in_flight_requests_and_a_rerun_finishes() {
     let _serial = serial();
     let dir = tmp();
     let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
-    write_input(&input, 200, 2, &[]);
+    // Cookbook format, with each request ten times under different metadata.
+    write_repeating_input(&input, 200, 20);
     let sim = SimProcess::start(&["--rpm", "3000", "--tpm", "1000000", "--latency", "300ms"]);
     let url = sim.url("/v1/chat/completions");
     let child = batch(

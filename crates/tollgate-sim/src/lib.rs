@@ -467,7 +467,6 @@ async fn api(
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let answer = respond::Answer::new(endpoint, &request, estimated, config, id);
-    shared.stats().0.output_tokens += answer.output_tokens();
     let mut delay = config.latency;
     if slow {
         delay += config.slow;
@@ -482,6 +481,7 @@ async fn api(
         limits.apply(endpoint, response.headers_mut());
         return response;
     }
+    shared.stats().0.output_tokens += answer.output_tokens();
     let mut response = answer.into_response(delay, config.token_latency).await;
     limits.apply(endpoint, response.headers_mut());
     response

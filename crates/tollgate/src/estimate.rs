@@ -33,6 +33,13 @@ use crate::tokens::{Encoding, REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TOKENS_P
 /// ```
 pub const COMPLETIONS_DEFAULT_MAX_TOKENS: u64 = 16;
 
+/// The most choices (`n`) one request may ask for, as OpenAI allows.
+///
+/// ```
+/// assert_eq!(tollgate::estimate::MAX_CHOICES, 128);
+/// ```
+pub const MAX_CHOICES: u64 = 128;
+
 /// An API endpoint whose request bodies this module can read.
 ///
 /// ```
@@ -173,8 +180,8 @@ pub enum EstimateError {
 /// # Errors
 ///
 /// [`EstimateError`] when the body is not an object or lacks a field the endpoint needs
-/// (`messages`, `prompt`, `input`, Anthropic's `max_tokens`), or a counted field has the
-/// wrong type.
+/// (`messages`, `prompt`, `input`, Anthropic's `max_tokens`), a counted field has the
+/// wrong type, or `n` is outside 1 to [`MAX_CHOICES`].
 ///
 /// ```
 /// use serde_json::json;
@@ -196,6 +203,12 @@ pub fn estimate(endpoint: Endpoint, body: &Value) -> Result<Estimate, EstimateEr
     let model = object.get("model").and_then(Value::as_str).unwrap_or("");
     let enc = Encoding::for_model(model);
     let n = optional_u64(body, "n")?.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(EstimateError::Invalid {
+            field: "n",
+            expected: "an integer from 1 to 128",
+        });
+    }
     match endpoint {
         Endpoint::ChatCompletions => {
             let messages = required_array(body, "messages", "an array of messages")?;
@@ -438,6 +451,17 @@ mod tests {
         );
         assert!(matches!(
             err(Endpoint::ChatCompletions, json!({"messages": [], "n": -1})),
+            EstimateError::Invalid { field: "n", .. }
+        ));
+        assert!(matches!(
+            err(Endpoint::ChatCompletions, json!({"messages": [], "n": 0})),
+            EstimateError::Invalid { field: "n", .. }
+        ));
+        assert!(matches!(
+            err(
+                Endpoint::ChatCompletions,
+                json!({"messages": [], "n": 100_000_000})
+            ),
             EstimateError::Invalid { field: "n", .. }
         ));
         assert!(matches!(

@@ -107,6 +107,7 @@ impl LimiterBuilder {
                 store,
                 clock: self.clock.unwrap_or_default(),
                 remote: None,
+                absorbing: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -310,6 +311,9 @@ struct Inner {
     clock: Clock,
     /// The Redis store, when limits are shared.
     remote: Option<Box<Remote>>,
+    /// Serialises [`Limiter::absorb`]: reading what is left and charging the excess must
+    /// not interleave with another absorb, or both would charge the same excess.
+    absorbing: tokio::sync::Mutex<()>,
 }
 
 /// Keeps calls within every quota: per key (user, team, API key) and shared.
@@ -594,6 +598,11 @@ impl Limiter {
     /// quotas that count the same tokens (`input_tokens` with `tokens`). Returns the
     /// units charged per quota, in the order of [`Limiter::quotas`].
     ///
+    /// Calls on one limiter run one at a time, so two answers read together never charge
+    /// the same excess twice. Processes sharing Redis each absorb on their own: two that
+    /// absorb the same excess at the same moment both charge it, which only ever makes
+    /// the limit stricter until it refills.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidKey`]; on Redis, [`Error::Unavailable`] while Redis cannot be
@@ -619,6 +628,7 @@ impl Limiter {
         headers: &crate::provider::RateLimitHeaders,
         age: Duration,
     ) -> Result<Vec<u64>, Error> {
+        let _one_at_a_time = self.inner.absorbing.lock().await;
         let mut charged = vec![0; self.inner.quotas.len()];
         for (index, checked) in self.inner.quotas.iter().enumerate() {
             let quota = &checked.quota;

@@ -274,6 +274,7 @@ impl RedisBuilder {
             store: fallback,
             clock: self.base.clock.unwrap_or_default(),
             remote: Some(Box::new(remote)),
+            absorbing: tokio::sync::Mutex::new(()),
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         let remote = inner.remote.as_ref().map(|r| &r.store);
