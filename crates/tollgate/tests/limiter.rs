@@ -620,7 +620,10 @@ async fn provider_headers_pull_the_view_down_but_never_up() {
 async fn answers_absorbed_at_once_charge_the_excess_once() {
     let (limiter, _clock) = manual(vec![Quota::tokens(90_000).per_minute()]);
     let mut h = http::HeaderMap::new();
-    h.insert("x-ratelimit-remaining-tokens", "30000".parse().expect("value"));
+    h.insert(
+        "x-ratelimit-remaining-tokens",
+        "30000".parse().expect("value"),
+    );
     let seen = tollgate::provider::parse(&h, std::time::SystemTime::now());
     let tasks: Vec<_> = (0..16)
         .map(|_| {
@@ -633,5 +636,8 @@ async fn answers_absorbed_at_once_charge_the_excess_once() {
         total += t.await.expect("join").expect("absorb")[0];
     }
     assert_eq!(total, 60_000, "one excess, charged once");
-    assert_eq!(limiter.status("acct").await.expect("status")[0].remaining, 30_000);
+    assert_eq!(
+        limiter.status("acct").await.expect("status")[0].remaining,
+        30_000
+    );
 }
