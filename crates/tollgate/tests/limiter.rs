@@ -627,7 +627,7 @@ async fn answers_absorbed_at_once_charge_the_excess_once() {
     let seen = tollgate::provider::parse(&h, std::time::SystemTime::now());
     let tasks: Vec<_> = (0..16)
         .map(|_| {
-            let (limiter, seen) = (limiter.clone(), seen.clone());
+            let limiter = limiter.clone();
             tokio::spawn(async move { limiter.absorb("acct", &seen, Duration::ZERO).await })
         })
         .collect();
