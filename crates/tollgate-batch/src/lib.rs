@@ -437,7 +437,10 @@ pub async fn run(
             // The first requests go alone until an answer's headers give the missing limits.
             let seen = ctx.run_job(job).await;
             drop(slot);
-            probes -= 1;
+            // A line that failed before it was sent told nothing: it does not count.
+            if seen.is_some() {
+                probes -= 1;
+            }
             let learned = |b: Option<tollgate::provider::Budget>| b.and_then(|b| b.limit);
             let heard = seen
                 .as_ref()
