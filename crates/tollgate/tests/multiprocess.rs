@@ -25,8 +25,11 @@ const REQ_BURST: u64 = 20;
 const TOK_RATE: u64 = 3_000; // per second
 const TOK_BURST: u64 = 300;
 /// Timing tolerance: admission times are observed after Redis decided them (network,
-/// batching and wake-up delays), so intervals are checked with this much slack.
-const SLACK_US: u64 = 5_000;
+/// batching and wake-up delays), so intervals are checked with this much slack. 5 ms was
+/// too little once in CI on 2 cores (4 workers, redis-server and the test harness): a
+/// first admission observed about 6 ms late made a 329 ms interval look like 324 ms.
+/// At the tokens rate, 10 ms is 30 tokens, a tenth of the burst.
+const SLACK_US: u64 = 10_000;
 
 fn now_us() -> u64 {
     let d = SystemTime::now()
