@@ -630,6 +630,19 @@ struct Failure {
     response: Option<Value>,
 }
 
+impl Failure {
+    /// A failure with no answer from the provider behind it.
+    fn before_sending(message: String, code: &str, attempts: u32) -> Failure {
+        Failure {
+            message,
+            status: None,
+            code: Some(code.to_owned()),
+            attempts,
+            response: None,
+        }
+    }
+}
+
 impl Ctx {
     fn fail_malformed(&self, bad: Malformed) {
         self.counters.failed.fetch_add(1, Relaxed);
@@ -762,16 +775,7 @@ impl Ctx {
                 Ok(url) => url,
                 Err(e) => {
                     let message = format!("line {}: cannot send to {path:?}: {e}", job.line);
-                    self.fail(
-                        job,
-                        Failure {
-                            message,
-                            status: None,
-                            code: Some("bad_url".into()),
-                            attempts: 0,
-                            response: None,
-                        },
-                    );
+                    self.fail(job, Failure::before_sending(message, "bad_url", 0));
                     return None;
                 }
             },
@@ -782,16 +786,7 @@ impl Ctx {
             Some(Ok(e)) => e,
             Some(Err(e)) => {
                 let message = format!("line {}: {e}", job.line);
-                self.fail(
-                    job,
-                    Failure {
-                        message,
-                        status: None,
-                        code: Some("invalid_request".into()),
-                        attempts: 0,
-                        response: None,
-                    },
-                );
+                self.fail(job, Failure::before_sending(message, "invalid_request", 0));
                 return None;
             }
         };
@@ -835,13 +830,7 @@ impl Ctx {
                             );
                             self.fail(
                                 job,
-                                Failure {
-                                    message,
-                                    status: None,
-                                    code: Some("request_too_large".into()),
-                                    attempts: attempt,
-                                    response: None,
-                                },
+                                Failure::before_sending(message, "request_too_large", attempt),
                             );
                             return seen;
                         }
@@ -854,16 +843,7 @@ impl Ctx {
                         }
                         Err(e) => {
                             let message = format!("line {}: {e}", job.line);
-                            self.fail(
-                                job,
-                                Failure {
-                                    message,
-                                    status: None,
-                                    code: Some("limiter".into()),
-                                    attempts: attempt,
-                                    response: None,
-                                },
-                            );
+                            self.fail(job, Failure::before_sending(message, "limiter", attempt));
                             return seen;
                         }
                     }
