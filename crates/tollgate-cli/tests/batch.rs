@@ -90,6 +90,26 @@ fn batch(input: &Path, output: &Path, url: &str, extra: &[&str]) -> Command {
     cmd
 }
 
+/// Runs `tollgate batch` with `--summary-json` and returns the summary too (null when the
+/// run wrote none).
+fn run_with_summary(
+    input: &Path,
+    output: &Path,
+    url: &str,
+    flags: &[&str],
+) -> (ExitStatus, String, Value) {
+    let summary = output.with_extension("summary.json");
+    let path = summary.to_str().expect("utf-8 path");
+    let mut flags = flags.to_vec();
+    flags.extend(["--summary-json", path]);
+    let (status, stderr) = run(batch(input, output, url, &flags));
+    let parsed = std::fs::read(&summary)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    (status, stderr, parsed)
+}
+
 fn run(mut cmd: Command) -> (ExitStatus, String) {
     let out = cmd.output().expect("run tollgate batch");
     (
@@ -215,21 +235,13 @@ fn at_the_simulators_limits_nothing_is_refused_and_every_line_is_accounted_for()
         &[b"{not json", b"\xff\xfe", b"{\"model\": \"x\"}", b""],
     );
     let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "60000", "--latency", "20ms"]);
-    let summary = dir.path().join("summary.json");
     let started = Instant::now();
-    let (status, stderr) = run(batch(
+    let (status, stderr, summary) = run_with_summary(
         &input,
         &output,
         &sim.url("/v1/chat/completions"),
-        &[
-            "--rpm",
-            "6000",
-            "--tpm",
-            "60000",
-            "--summary-json",
-            summary.to_str().expect("utf-8"),
-        ],
-    ));
+        &["--rpm", "6000", "--tpm", "60000"],
+    );
     let elapsed = started.elapsed();
     assert!(status.success(), "batch failed: {stderr}");
     let stats = sim.stats();
@@ -256,8 +268,6 @@ fn at_the_simulators_limits_nothing_is_refused_and_every_line_is_accounted_for()
     );
     assert_eq!(messages[2], "line 603: the request has no `messages` field");
     assert_eq!(messages[3], "line 604 is empty");
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(&summary).expect("summary")).expect("JSON");
     assert_eq!(
         (summary["succeeded"].as_u64(), summary["failed"].as_u64()),
         (Some(600), Some(4))
@@ -404,28 +414,18 @@ fn faults_are_retried_and_refusals_go_to_the_failures_file() {
         "sk-test",
     ]);
     let url = sim.url("/v1/chat/completions");
-    let summary = dir.path().join("summary.json");
-    let (status, stderr) = run(batch(
+    let (status, stderr, summary) = run_with_summary(
         &input,
         &output,
         &url,
-        &[
-            "--rpm",
-            "100000",
-            "--tpm",
-            "10000000",
-            "--summary-json",
-            summary.to_str().expect("utf-8"),
-        ],
-    ));
+        &["--rpm", "100000", "--tpm", "10000000"],
+    );
     assert!(status.success(), "{stderr}");
     let stats = sim.stats();
     assert!(
         stats["errors_injected"].as_u64() > Some(0) && stats["dropped"].as_u64() > Some(0),
         "{stats}"
     );
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(&summary).expect("summary")).expect("JSON");
     assert_eq!(
         summary["succeeded"], 150,
         "every line got through its faults: {summary}"
@@ -471,16 +471,9 @@ fn limits_are_learned_from_the_providers_headers() {
     let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
     write_input(&input, 620, 4, &[]);
     let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "60000", "--latency", "20ms"]);
-    let summary = dir.path().join("summary.json");
-    let (status, stderr) = run(batch(
-        &input,
-        &output,
-        &sim.url("/v1/chat/completions"),
-        &["--summary-json", summary.to_str().expect("utf-8")],
-    ));
+    let (status, stderr, summary) =
+        run_with_summary(&input, &output, &sim.url("/v1/chat/completions"), &[]);
     assert!(status.success(), "{stderr}");
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(&summary).expect("summary")).expect("JSON");
     assert_eq!(
         (summary["rpm"].as_u64(), summary["tpm"].as_u64()),
         (Some(6000), Some(60000)),
@@ -539,22 +532,14 @@ fn limits_set_too_high_meet_429s_that_pause_until_the_reset_and_pull_the_limiter
     let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
     write_input(&input, 600, 5, &[]);
     let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "60000", "--latency", "20ms"]);
-    let summary = dir.path().join("summary.json");
     let started = Instant::now();
     // The flags claim twice the simulator's token limit.
-    let (status, stderr) = run(batch(
+    let (status, stderr, summary) = run_with_summary(
         &input,
         &output,
         &sim.url("/v1/chat/completions"),
-        &[
-            "--rpm",
-            "6000",
-            "--tpm",
-            "120000",
-            "--summary-json",
-            summary.to_str().expect("utf-8"),
-        ],
-    ));
+        &["--rpm", "6000", "--tpm", "120000"],
+    );
     let elapsed = started.elapsed();
     assert!(status.success(), "{stderr}");
     assert_each_once(
@@ -562,8 +547,6 @@ fn limits_set_too_high_meet_429s_that_pause_until_the_reset_and_pull_the_limiter
         600,
     );
     let stats = sim.stats();
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(&summary).expect("summary")).expect("JSON");
     assert_eq!(summary["succeeded"], 600, "{summary}");
     let refused = stats["rate_limited"].as_u64().expect("429s");
     assert!(refused > 0, "limits set too high meet 429s: {stats}");

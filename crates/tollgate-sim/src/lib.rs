@@ -531,33 +531,23 @@ fn admit(
     let wait_requests = state.requests.wait_for(1, now);
     let wait_tokens = state.tokens.wait_for(tokens, now);
     if tokens > config.tpm || wait_requests > Duration::ZERO || wait_tokens > Duration::ZERO {
-        let limited = if tokens > config.tpm {
-            respond::Limited {
-                kind: "tokens",
-                limit: config.tpm,
-                used: 0,
-                requested: tokens,
-                wait: None,
-                levels: levels(state),
-            }
+        // Which limit refuses: tokens when the request can never fit or waits longest.
+        let (kind, limit, left, requested, wait) = if tokens > config.tpm {
+            ("tokens", config.tpm, config.tpm, tokens, None)
         } else if wait_tokens >= wait_requests {
-            respond::Limited {
-                kind: "tokens",
-                limit: config.tpm,
-                used: config.tpm.saturating_sub(state.tokens.level(now)),
-                requested: tokens,
-                wait: Some(wait_tokens),
-                levels: levels(state),
-            }
+            let left = state.tokens.level(now);
+            ("tokens", config.tpm, left, tokens, Some(wait_tokens))
         } else {
-            respond::Limited {
-                kind: "requests",
-                limit: config.rpm,
-                used: config.rpm.saturating_sub(state.requests.level(now)),
-                requested: 1,
-                wait: Some(wait_requests),
-                levels: levels(state),
-            }
+            let left = state.requests.level(now);
+            ("requests", config.rpm, left, 1, Some(wait_requests))
+        };
+        let limited = respond::Limited {
+            kind,
+            limit,
+            used: limit.saturating_sub(left),
+            requested,
+            wait,
+            levels: levels(state),
         };
         drop(keys);
         shared.stats().0.rate_limited += 1;
