@@ -51,6 +51,7 @@ const MAX_SLOTS: usize = 1 << 28;
 pub struct LimiterBuilder {
     quotas: Vec<Quota>,
     clock: Option<Clock>,
+    share: Option<Limiter>,
 }
 
 impl LimiterBuilder {
@@ -78,6 +79,85 @@ impl LimiterBuilder {
         self
     }
 
+    /// Draw this limiter's shared quotas ([`Quota::shared`]) from the same budgets as
+    /// `other`'s, so one account-wide limit holds across limiters whose per-key quotas
+    /// differ: one limiter per tier of users (free, pro), each with its own per-user
+    /// quotas and all with the provider account's shared quotas, which they then spend
+    /// together. Every call is still one decision in one limiter, all-or-nothing.
+    ///
+    /// The shared quotas (and the shared concurrency quota) must be the same, in the same
+    /// order, as `other`'s; the new limiter runs on `other`'s clock. On Redis, limiters
+    /// with the same key prefix and the same shared quotas share them in Redis already;
+    /// `share_with` there makes their fail-open fallbacks share them too.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let account = Quota::requests(3).per_minute().shared().named("account-rpm");
+    /// let free = Limiter::builder()
+    ///     .quota(Quota::requests(1).per_minute())
+    ///     .quota(account.clone())
+    ///     .build()?;
+    /// let pro = Limiter::builder()
+    ///     .quota(Quota::requests(100).per_minute())
+    ///     .quota(account)
+    ///     .share_with(&free)
+    ///     .build()?;
+    /// free.try_acquire("alice", Cost::request()).await?;
+    /// pro.try_acquire("bob", Cost::request()).await?;
+    /// pro.try_acquire("bob", Cost::request()).await?;
+    /// // The account's 3 requests are spent, whichever tier spent them.
+    /// assert!(pro.try_acquire("carol", Cost::request()).await.is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn share_with(mut self, other: &Limiter) -> Self {
+        self.share = Some(other.clone());
+        self
+    }
+
+    /// Check that the shared quotas of `a` match those of the limiter to share with.
+    fn check_share(&self, a: &Assembled, other: &Limiter, remote: bool) -> Result<(), ConfigError> {
+        let mismatch = |detail: String| Err(ConfigError::ShareMismatch { detail });
+        if other.inner.remote.is_some() != remote {
+            return mismatch(
+                "one limiter is on Redis and the other in memory; share between limiters on the same store"
+                    .to_string(),
+            );
+        }
+        if self.clock.is_some() {
+            return mismatch(
+                "a limiter that shares another's quotas runs on that limiter's clock; drop .clock(...)"
+                    .to_string(),
+            );
+        }
+        let shared = |quotas: &[Checked]| -> Vec<(String, Quota)> {
+            quotas
+                .iter()
+                .filter(|c| c.quota.scope == Scope::Shared)
+                .map(|c| (c.name.to_string(), c.quota.clone()))
+                .collect()
+        };
+        let (mine, theirs) = (shared(&a.checked), shared(&other.inner.quotas));
+        if mine.is_empty() {
+            return mismatch("this limiter has no shared quota to share".to_string());
+        }
+        if mine != theirs {
+            let names = |v: &[(String, Quota)]| {
+                v.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return mismatch(format!(
+                "the shared quotas differ: [{}] here, [{}] in the other limiter; give both the same shared quotas in the same order",
+                names(&mine),
+                names(&theirs)
+            ));
+        }
+        Ok(())
+    }
+
     /// Check every quota and build the limiter on the in-memory store.
     ///
     /// # Errors
@@ -94,18 +174,31 @@ impl LimiterBuilder {
     /// ```
     pub fn build(self) -> Result<Limiter, ConfigError> {
         let a = self.assemble()?;
-        let store = MemoryStore::new(a.key_rates, a.shared_rates, a.key_slots.map(|(_, n)| n));
+        if let Some(other) = &self.share {
+            self.check_share(&a, other, false)?;
+        }
+        let share = self.share.as_ref().map(|o| &*o.inner);
+        let store = MemoryStore::new(
+            a.key_rates,
+            a.shared_rates,
+            a.key_slots.map(|(_, n)| n),
+            share.map(|o| &o.store),
+        );
+        let shared_slots = match share.and_then(|o| o.shared_slots.clone()) {
+            Some(theirs) => Some(theirs),
+            None => a
+                .shared_slots
+                .map(|(i, n)| (i, Arc::new(Semaphore::new(n)))),
+        };
         Ok(Limiter {
             inner: Arc::new(Inner {
                 settles: store.settles(),
                 ids: a.ids,
                 quotas: a.checked,
                 key_slots: a.key_slots.map(|(i, _)| i),
-                shared_slots: a
-                    .shared_slots
-                    .map(|(i, n)| (i, Arc::new(Semaphore::new(n)))),
+                shared_slots,
                 store,
-                clock: self.clock.unwrap_or_default(),
+                clock: share.map_or_else(|| self.clock.unwrap_or_default(), |o| o.clock.clone()),
                 remote: None,
                 absorbing: tokio::sync::Mutex::new(()),
             }),

@@ -604,6 +604,13 @@ pub enum ConfigError {
         /// What is wrong and how to fix it.
         detail: String,
     },
+    /// [`crate::LimiterBuilder::share_with`] was given a limiter whose shared quotas,
+    /// store or clock do not match.
+    #[error("share_with: {detail}")]
+    ShareMismatch {
+        /// What differs and how to fix it.
+        detail: String,
+    },
     /// The fail-open share is not in `(0, 1]`.
     #[error("the fail-open share must be a number in (0, 1], got {share}")]
     BadShare {

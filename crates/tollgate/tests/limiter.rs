@@ -641,3 +641,63 @@ async fn answers_absorbed_at_once_charge_the_excess_once() {
         30_000
     );
 }
+
+/// Tiers of users with their own per-user limits spend one account-wide budget.
+#[tokio::test]
+async fn limiters_sharing_an_account_spend_one_budget() {
+    let account = || {
+        [
+            Quota::tokens(1_000)
+                .per_minute()
+                .shared()
+                .named("account-tpm"),
+            Quota::concurrent(2).shared().named("account-slots"),
+        ]
+    };
+    let mut free = Limiter::builder().quota(Quota::tokens(300).per_minute());
+    let mut pro = Limiter::builder().quota(Quota::tokens(900).per_minute());
+    for q in account() {
+        free = free.quota(q.clone());
+        pro = pro.quota(q);
+    }
+    let free = free.build().unwrap();
+    let pro = pro.share_with(&free).build().unwrap();
+    let a = free.try_acquire("alice", Cost::input(300)).await.unwrap();
+    let b = pro.try_acquire("bob", Cost::input(600)).await.unwrap();
+    // Both account slots are held, one by each tier.
+    let Err(Error::Limited(r)) = pro.try_acquire("carol", Cost::input(1)).await else {
+        panic!("the shared slots are full");
+    };
+    assert_eq!(r.quota().name(), "account-slots");
+    drop((a, b));
+    // 900 of the account's 1,000 tokens are spent: bob's own 300 left cannot be used.
+    let Err(Error::Limited(r)) = pro.try_acquire("bob", Cost::input(200)).await else {
+        panic!("the account is nearly spent");
+    };
+    assert_eq!(r.quota().name(), "account-tpm");
+    pro.try_acquire("bob", Cost::input(100)).await.unwrap();
+    assert_eq!(free.status("alice").await.unwrap()[1].remaining, 0);
+}
+
+#[test]
+fn sharing_needs_the_same_shared_quotas() {
+    let one = Limiter::builder()
+        .quota(Quota::requests(10).per_minute().shared())
+        .build()
+        .unwrap();
+    let err = Limiter::builder()
+        .quota(Quota::requests(20).per_minute().shared())
+        .share_with(&one)
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("the shared quotas differ"),
+        "{err}"
+    );
+    let err = Limiter::builder()
+        .quota(Quota::requests(10).per_minute())
+        .share_with(&one)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("no shared quota"), "{err}");
+}

@@ -252,10 +252,15 @@ impl RedisBuilder {
                 .collect()
         };
         let slots = |s: Option<(usize, usize)>| s.map(|(i, n)| (i, n as u64));
+        if let Some(other) = &self.base.share {
+            self.base.check_share(&a, other, true)?;
+        }
+        let share = self.base.share.as_ref().map(|o| &*o.inner);
         let fallback = MemoryStore::new(
             scaled(&a.key_rates),
             scaled(&a.shared_rates),
             a.key_slots.map(|(_, n)| scale(n as u64) as usize),
+            share.map(|o| &o.store),
         );
         let remote = Remote {
             store,
@@ -268,11 +273,14 @@ impl RedisBuilder {
             ids: a.ids,
             quotas: a.checked,
             key_slots: a.key_slots.map(|(i, _)| i),
-            shared_slots: a
-                .shared_slots
-                .map(|(i, n)| (i, Arc::new(Semaphore::new(scale(n as u64) as usize)))),
+            shared_slots: match share.and_then(|o| o.shared_slots.clone()) {
+                Some(theirs) => Some(theirs),
+                None => a
+                    .shared_slots
+                    .map(|(i, n)| (i, Arc::new(Semaphore::new(scale(n as u64) as usize)))),
+            },
             store: fallback,
-            clock: self.base.clock.unwrap_or_default(),
+            clock: share.map_or_else(|| self.base.clock.unwrap_or_default(), |o| o.clock.clone()),
             remote: Some(Box::new(remote)),
             absorbing: tokio::sync::Mutex::new(()),
         });

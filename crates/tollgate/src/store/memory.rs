@@ -253,8 +253,9 @@ pub(crate) struct MemoryStore {
     key_rates: Box<[RateQuota]>,
     shared_rates: Box<[RateQuota]>,
     key_slots: Option<usize>,
-    /// Shared quotas' states, four words per quota.
-    shared: Mutex<Box<[u64]>>,
+    /// Shared quotas' states, four words per quota; one allocation for every limiter
+    /// sharing them ([`crate::LimiterBuilder::share_with`]).
+    shared: Arc<Mutex<Box<[u64]>>>,
     shards: Box<[Padded]>,
     hasher: foldhash::fast::RandomState,
     epochs: AtomicU64,
@@ -282,13 +283,21 @@ impl MemoryStore {
         key_rates: Vec<RateQuota>,
         shared_rates: Vec<RateQuota>,
         key_slots: Option<usize>,
+        share: Option<&MemoryStore>,
     ) -> MemoryStore {
-        let shared = vec![0; 4 * shared_rates.len()].into_boxed_slice();
+        let shared = share.map_or_else(
+            || {
+                Arc::new(Mutex::new(
+                    vec![0; 4 * shared_rates.len()].into_boxed_slice(),
+                ))
+            },
+            |other| other.shared.clone(),
+        );
         MemoryStore {
             key_rates: key_rates.into(),
             shared_rates: shared_rates.into(),
             key_slots,
-            shared: Mutex::new(shared),
+            shared,
             shards: (0..SHARDS).map(|_| Padded::default()).collect(),
             hasher: foldhash::fast::RandomState::default(),
             epochs: AtomicU64::new(1),
