@@ -59,6 +59,15 @@ impl Clock {
     }
 
     /// Nanoseconds since the epoch.
+    /// Whether both tell the same time from the same epoch.
+    pub(crate) fn same(&self, other: &Clock) -> bool {
+        match (&self.0, &other.0) {
+            (Inner::System(a), Inner::System(b)) => a == b,
+            (Inner::Manual(a), Inner::Manual(b)) => Arc::ptr_eq(&a.0, &b.0),
+            _ => false,
+        }
+    }
+
     #[inline]
     pub(crate) fn now(&self) -> u64 {
         match &self.0 {

@@ -52,6 +52,7 @@ pub struct LimiterBuilder {
     quotas: Vec<Quota>,
     clock: Option<Clock>,
     share: Option<Limiter>,
+    share_keys: Option<Limiter>,
 }
 
 impl LimiterBuilder {
@@ -116,8 +117,70 @@ impl LimiterBuilder {
         self
     }
 
-    /// Check that the shared quotas of `a` match those of the limiter to share with.
-    fn check_share(&self, a: &Assembled, other: &Limiter, remote: bool) -> Result<(), ConfigError> {
+    /// Keep this limiter's per-key quotas in the same per-key states as `other`'s, so a
+    /// user's own limits hold across limiters whose shared quotas differ: one limiter
+    /// per provider account (each with its account's shared quotas), each with the same
+    /// per-user quotas, which a user then spends together whichever account serves the
+    /// call. Every call is still one decision in one limiter, all-or-nothing.
+    ///
+    /// The per-key quotas (and the per-key concurrency quota) must be the same, in the
+    /// same order, as `other`'s; the new limiter runs on `other`'s clock. Combine with
+    /// [`LimiterBuilder::share_with`] for tiers × accounts. On Redis, limiters with the
+    /// same key prefix and the same per-key quotas share them in Redis already;
+    /// `share_keys_with` there makes their fail-open fallbacks share them too.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let user = Quota::requests(2).per_minute().named("user-rpm");
+    /// let openai = Limiter::builder()
+    ///     .quota(user.clone())
+    ///     .quota(Quota::requests(500).per_minute().shared())
+    ///     .build()?;
+    /// let anthropic = Limiter::builder()
+    ///     .quota(user)
+    ///     .quota(Quota::requests(50).per_minute().shared())
+    ///     .share_keys_with(&openai)
+    ///     .build()?;
+    /// openai.try_acquire("alice", Cost::request()).await?;
+    /// anthropic.try_acquire("alice", Cost::request()).await?;
+    /// // Alice's 2 requests a minute are spent, whichever account served them.
+    /// assert!(openai.try_acquire("alice", Cost::request()).await.is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn share_keys_with(mut self, other: &Limiter) -> Self {
+        self.share_keys = Some(other.clone());
+        self
+    }
+
+    /// Check both sharings of `a`: shared quotas with `share`, per-key ones with
+    /// `share_keys`.
+    fn check_shares(&self, a: &Assembled, remote: bool) -> Result<(), ConfigError> {
+        if let Some(other) = &self.share {
+            self.check_share(a, other, remote, Scope::Shared)?;
+        }
+        if let Some(other) = &self.share_keys {
+            self.check_share(a, other, remote, Scope::PerKey)?;
+        }
+        if let (Some(x), Some(y)) = (&self.share, &self.share_keys)
+            && !x.inner.clock.same(&y.inner.clock)
+        {
+            return Err(ConfigError::ShareMismatch {
+                detail: "the two limiters shared with run on different clocks".to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Check that the quotas of `scope` in `a` match those of the limiter to share with.
+    fn check_share(
+        &self,
+        a: &Assembled,
+        other: &Limiter,
+        remote: bool,
+        scope: Scope,
+    ) -> Result<(), ConfigError> {
         let mismatch = |detail: String| Err(ConfigError::ShareMismatch { detail });
         if other.inner.remote.is_some() != remote {
             return mismatch(
@@ -131,16 +194,20 @@ impl LimiterBuilder {
                     .to_string(),
             );
         }
-        let shared = |quotas: &[Checked]| -> Vec<(String, Quota)> {
+        let of_scope = |quotas: &[Checked]| -> Vec<(String, Quota)> {
             quotas
                 .iter()
-                .filter(|c| c.quota.scope == Scope::Shared)
+                .filter(|c| c.quota.scope == scope)
                 .map(|c| (c.name.to_string(), c.quota.clone()))
                 .collect()
         };
-        let (mine, theirs) = (shared(&a.checked), shared(&other.inner.quotas));
+        let what = match scope {
+            Scope::Shared => "shared",
+            Scope::PerKey => "per-key",
+        };
+        let (mine, theirs) = (of_scope(&a.checked), of_scope(&other.inner.quotas));
         if mine.is_empty() {
-            return mismatch("this limiter has no shared quota to share".to_string());
+            return mismatch(format!("this limiter has no {what} quota to share"));
         }
         if mine != theirs {
             let names = |v: &[(String, Quota)]| {
@@ -150,7 +217,7 @@ impl LimiterBuilder {
                     .join(", ")
             };
             return mismatch(format!(
-                "the shared quotas differ: [{}] here, [{}] in the other limiter; give both the same shared quotas in the same order",
+                "the {what} quotas differ: [{}] here, [{}] in the other limiter; give both the same {what} quotas in the same order",
                 names(&mine),
                 names(&theirs)
             ));
@@ -174,15 +241,15 @@ impl LimiterBuilder {
     /// ```
     pub fn build(self) -> Result<Limiter, ConfigError> {
         let a = self.assemble()?;
-        if let Some(other) = &self.share {
-            self.check_share(&a, other, false)?;
-        }
+        self.check_shares(&a, false)?;
         let share = self.share.as_ref().map(|o| &*o.inner);
+        let share_keys = self.share_keys.as_ref().map(|o| &*o.inner);
         let store = MemoryStore::new(
             a.key_rates,
             a.shared_rates,
             a.key_slots.map(|(_, n)| n),
             share.map(|o| &o.store),
+            share_keys.map(|o| &o.store),
         );
         let shared_slots = match share.and_then(|o| o.shared_slots.clone()) {
             Some(theirs) => Some(theirs),
@@ -198,7 +265,9 @@ impl LimiterBuilder {
                 key_slots: a.key_slots.map(|(i, _)| i),
                 shared_slots,
                 store,
-                clock: share.map_or_else(|| self.clock.unwrap_or_default(), |o| o.clock.clone()),
+                clock: share
+                    .or(share_keys)
+                    .map_or_else(|| self.clock.unwrap_or_default(), |o| o.clock.clone()),
                 remote: None,
                 absorbing: tokio::sync::Mutex::new(()),
             }),

@@ -701,3 +701,49 @@ fn sharing_needs_the_same_shared_quotas() {
         .unwrap_err();
     assert!(err.to_string().contains("no shared quota"), "{err}");
 }
+
+/// Tiers × accounts: each limiter shares its users' states with the limiters of the same
+/// tier and its account's states with the limiters of the same account.
+#[tokio::test]
+async fn tiers_times_accounts_share_both_ways() {
+    let user = || Quota::requests(3).per_minute().named("user-rpm");
+    let acct = |n: u64, name: &str| Quota::requests(n).per_minute().shared().named(name);
+    let free_a = Limiter::builder()
+        .quota(user())
+        .quota(acct(4, "a"))
+        .build()
+        .unwrap();
+    let free_b = Limiter::builder()
+        .quota(user())
+        .quota(acct(100, "b"))
+        .share_keys_with(&free_a)
+        .build()
+        .unwrap();
+    let pro_a = Limiter::builder()
+        .quota(Quota::requests(100).per_minute().named("user-rpm"))
+        .quota(acct(4, "a"))
+        .share_with(&free_a)
+        .build()
+        .unwrap();
+    // Alice (free) spends her 3 across both accounts.
+    free_a.try_acquire("alice", Cost::request()).await.unwrap();
+    free_b.try_acquire("alice", Cost::request()).await.unwrap();
+    free_b.try_acquire("alice", Cost::request()).await.unwrap();
+    let Err(Error::Limited(r)) = free_a.try_acquire("alice", Cost::request()).await else {
+        panic!("alice's own limit holds across accounts");
+    };
+    assert_eq!(r.quota().name(), "user-rpm");
+    // Account a has 4: alice took 1, bob (pro) takes 3, then it is spent for everyone.
+    for _ in 0..3 {
+        pro_a.try_acquire("bob", Cost::request()).await.unwrap();
+    }
+    let Err(Error::Limited(r)) = pro_a.try_acquire("bob", Cost::request()).await else {
+        panic!("account a is spent");
+    };
+    assert_eq!(r.quota().name(), "a");
+    let Err(Error::Limited(r)) = free_a.try_acquire("carol", Cost::request()).await else {
+        panic!("account a is spent for the free tier too");
+    };
+    assert_eq!(r.quota().name(), "a");
+    free_b.try_acquire("carol", Cost::request()).await.unwrap();
+}

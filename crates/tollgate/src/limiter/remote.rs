@@ -252,15 +252,15 @@ impl RedisBuilder {
                 .collect()
         };
         let slots = |s: Option<(usize, usize)>| s.map(|(i, n)| (i, n as u64));
-        if let Some(other) = &self.base.share {
-            self.base.check_share(&a, other, true)?;
-        }
+        self.base.check_shares(&a, true)?;
         let share = self.base.share.as_ref().map(|o| &*o.inner);
+        let share_keys = self.base.share_keys.as_ref().map(|o| &*o.inner);
         let fallback = MemoryStore::new(
             scaled(&a.key_rates),
             scaled(&a.shared_rates),
             a.key_slots.map(|(_, n)| scale(n as u64) as usize),
             share.map(|o| &o.store),
+            share_keys.map(|o| &o.store),
         );
         let remote = Remote {
             store,
@@ -280,7 +280,9 @@ impl RedisBuilder {
                     .map(|(i, n)| (i, Arc::new(Semaphore::new(scale(n as u64) as usize)))),
             },
             store: fallback,
-            clock: share.map_or_else(|| self.base.clock.unwrap_or_default(), |o| o.clock.clone()),
+            clock: share
+                .or(share_keys)
+                .map_or_else(|| self.base.clock.unwrap_or_default(), |o| o.clock.clone()),
             remote: Some(Box::new(remote)),
             absorbing: tokio::sync::Mutex::new(()),
         });

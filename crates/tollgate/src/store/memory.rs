@@ -256,9 +256,11 @@ pub(crate) struct MemoryStore {
     /// Shared quotas' states, four words per quota; one allocation for every limiter
     /// sharing them ([`crate::LimiterBuilder::share_with`]).
     shared: Arc<Mutex<Box<[u64]>>>,
-    shards: Box<[Padded]>,
+    /// The keys' entries; like the hasher and the epoch counter, one table for every
+    /// limiter sharing them ([`crate::LimiterBuilder::share_keys_with`]).
+    shards: Arc<[Padded]>,
     hasher: foldhash::fast::RandomState,
-    epochs: AtomicU64,
+    epochs: Arc<AtomicU64>,
 }
 
 /// A shard's lock: a spin lock that yields the thread while it waits. Decisions hold it
@@ -284,6 +286,7 @@ impl MemoryStore {
         shared_rates: Vec<RateQuota>,
         key_slots: Option<usize>,
         share: Option<&MemoryStore>,
+        share_keys: Option<&MemoryStore>,
     ) -> MemoryStore {
         let shared = share.map_or_else(
             || {
@@ -298,9 +301,13 @@ impl MemoryStore {
             shared_rates: shared_rates.into(),
             key_slots,
             shared,
-            shards: (0..SHARDS).map(|_| Padded::default()).collect(),
-            hasher: foldhash::fast::RandomState::default(),
-            epochs: AtomicU64::new(1),
+            shards: share_keys.map_or_else(
+                || (0..SHARDS).map(|_| Padded::default()).collect(),
+                |o| o.shards.clone(),
+            ),
+            hasher: share_keys
+                .map_or_else(foldhash::fast::RandomState::default, |o| o.hasher.clone()),
+            epochs: share_keys.map_or_else(|| Arc::new(AtomicU64::new(1)), |o| o.epochs.clone()),
         }
     }
 
