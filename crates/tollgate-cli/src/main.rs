@@ -2,6 +2,9 @@
 //!
 //! - `tollgate batch FILE -o RESULTS --url URL [--rpm N] [--tpm N] ...` sends a JSONL file
 //!   of requests at the provider's limits (see the `tollgate-batch` crate).
+//! - `tollgate serve --config tollgate.toml [--listen ADDR] [--redis URL]` (or
+//!   `tollgate serve --upstream URL` for the simple case) runs the gateway (the
+//!   `tollgate-gateway` crate); `tollgate hash-key KEY` prints the hash its config wants.
 //! - `tollgate sim [--port 8089] [--rpm 600] [--tpm 90000] ...` serves an
 //!   OpenAI/Anthropic-compatible API that enforces those limits (the `tollgate-sim` crate).
 
@@ -33,6 +36,40 @@ enum Command {
     Batch(BatchArgs),
     /// Serve an OpenAI/Anthropic-compatible API that enforces rate limits, offline.
     Sim(SimArgs),
+    /// Run the gateway: an OpenAI/Anthropic-compatible proxy with per-caller limits.
+    Serve(ServeArgs),
+    /// Print the SHA-256 of an API key, as a caller's `key_sha256` in tollgate.toml.
+    HashKey {
+        /// The caller's API key.
+        key: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The configuration file (see docs/GATEWAY.md).
+    #[arg(long, short = 'c')]
+    config: Option<String>,
+    /// Address to listen on (overrides the config's `listen`).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Share limits with other gateway instances through Redis (overrides `redis`).
+    #[arg(long)]
+    redis: Option<String>,
+    /// Without a config file: forward everything to this OpenAI-compatible URL, with no
+    /// callers (open to anyone who can reach the listener) and no limits but the
+    /// upstream's `--rpm` / `--tpm`.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// With --upstream: the environment variable holding the upstream's API key.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    upstream_key_env: String,
+    /// With --upstream: the upstream account's requests per minute.
+    #[arg(long)]
+    rpm: Option<u64>,
+    /// With --upstream: the upstream account's tokens per minute.
+    #[arg(long)]
+    tpm: Option<u64>,
 }
 
 /// Parses `250ms`, `1.5s`, `6m0s`, or plain seconds.
@@ -173,6 +210,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Batch(args) => batch(args).await,
             Command::Sim(args) => sim(args).await,
+            Command::Serve(args) => serve(args).await,
+            Command::HashKey { key } => {
+                println!("{}", tollgate_gateway::config::hash_key(&key));
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {
@@ -297,5 +339,60 @@ async fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
     let stats = sim.stats();
     sim.shutdown().await?;
     eprintln!("tollgate sim: {}", serde_json::to_string(&stats)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match (&args.config, &args.upstream) {
+        (Some(path), None) => tollgate_gateway::Config::load(path)?,
+        (None, Some(url)) => {
+            let mut src =
+                format!("[upstreams.upstream]\nkind = \"openai-compatible\"\nurl = {url:?}\n");
+            if std::env::var(&args.upstream_key_env).is_ok_and(|v| !v.is_empty()) {
+                src.push_str(&format!("api_key_env = {:?}\n", args.upstream_key_env));
+            }
+            if args.rpm.is_some() || args.tpm.is_some() {
+                src.push_str("[upstreams.upstream.limits]\n");
+                if let Some(n) = args.rpm {
+                    src.push_str(&format!("requests_per_minute = {n}\n"));
+                }
+                if let Some(n) = args.tpm {
+                    src.push_str(&format!("tokens_per_minute = {n}\n"));
+                }
+            }
+            tollgate_gateway::Config::parse(&src).context("--upstream")?
+        }
+        (Some(_), Some(_)) => anyhow::bail!(
+            "give either --config or --upstream: with a config file, put the upstream in it"
+        ),
+        (None, None) => anyhow::bail!(
+            "give --config tollgate.toml (see docs/GATEWAY.md), or --upstream URL for a plain proxy"
+        ),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(r) = args.redis {
+        config.redis = Some(r);
+    }
+    let listen = config.listen.clone();
+    let callers = config.callers.len();
+    let gateway = tollgate_gateway::Gateway::new(config).await?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "tollgate serve: listening on http://{addr} ({})",
+        if callers == 0 {
+            "open: no callers configured".to_string()
+        } else {
+            format!("{callers} callers")
+        }
+    );
+    gateway
+        .serve(listener, interrupted("draining requests in flight"))
+        .await?;
+    eprintln!("tollgate serve: stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -342,7 +342,7 @@ pub(crate) fn too_many(endpoint: Endpoint, limited: &Limited) -> Response {
             limited.limit,
             limited.used,
             limited.requested,
-            go_duration(wait)
+            tollgate::provider::format_duration(wait)
         ),
         None => format!(
             "Request too large on {what}: Limit {}, Requested {}. The input or output tokens must be reduced in order to run successfully.",
@@ -396,12 +396,12 @@ pub(crate) fn rate_limit_headers(endpoint: Endpoint, limits: &Limits, headers: &
     insert(
         headers,
         "x-ratelimit-reset-requests",
-        &go_duration(limits.requests_reset),
+        &tollgate::provider::format_duration(limits.requests_reset),
     );
     insert(
         headers,
         "x-ratelimit-reset-tokens",
-        &go_duration(limits.tokens_reset),
+        &tollgate::provider::format_duration(limits.tokens_reset),
     );
     if endpoint == Endpoint::Messages {
         let now = SystemTime::now();
@@ -438,27 +438,6 @@ pub(crate) fn rate_limit_headers(endpoint: Endpoint, limits: &Limits, headers: &
     }
 }
 
-/// OpenAI's reset format: `120ms`, `1.5s`, `6m0s`, `1h2m3s`; rounded up to the millisecond.
-pub(crate) fn go_duration(d: Duration) -> String {
-    let ms = d.as_nanos().div_ceil(1_000_000);
-    if ms < 1_000 {
-        return format!("{ms}ms");
-    }
-    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
-    let (m, rest) = (rest / 60_000, rest % 60_000);
-    let secs = if rest % 1_000 == 0 {
-        format!("{}s", rest / 1_000)
-    } else {
-        let s = format!("{}.{:03}", rest / 1_000, rest % 1_000);
-        format!("{}s", s.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
-    }
-}
-
 /// RFC 3339 in UTC with whole seconds, rounded up (Anthropic's reset format).
 pub(crate) fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -492,11 +471,17 @@ mod tests {
             1u64, 120, 999, 1_000, 1_500, 17_250, 60_000, 360_000, 3_723_004,
         ] {
             let d = Duration::from_millis(ms);
-            let text = go_duration(d);
+            let text = tollgate::provider::format_duration(d);
             assert_eq!(tollgate::provider::parse_duration(&text), Some(d), "{text}");
         }
-        assert_eq!(go_duration(Duration::from_secs(360)), "6m0s");
-        assert_eq!(go_duration(Duration::from_micros(1)), "1ms");
+        assert_eq!(
+            tollgate::provider::format_duration(Duration::from_secs(360)),
+            "6m0s"
+        );
+        assert_eq!(
+            tollgate::provider::format_duration(Duration::from_micros(1)),
+            "1ms"
+        );
     }
 
     #[test]

@@ -472,6 +472,40 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     nanos_to_duration(total)
 }
 
+/// A duration the way OpenAI writes its resets (`6m0s`, `1.5s`, `120ms`), rounded up to
+/// the millisecond: what [`parse_duration`] reads back.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::provider::{format_duration, parse_duration};
+///
+/// assert_eq!(format_duration(Duration::from_secs(360)), "6m0s");
+/// assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+/// assert_eq!(format_duration(Duration::from_micros(1)), "1ms");
+/// assert_eq!(format_duration(Duration::from_secs(3_725)), "1h2m5s");
+/// let d = Duration::from_millis(61_250);
+/// assert_eq!(parse_duration(&format_duration(d)), Some(d));
+/// ```
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    let secs = if rest % 1_000 == 0 {
+        format!("{}s", rest / 1_000)
+    } else {
+        let s = format!("{}.{:03}", rest / 1_000, rest % 1_000);
+        format!("{}s", s.trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
 // Header names as [limit, remaining, reset].
 const OPENAI_REQUESTS: [&str; 3] = [
     "x-ratelimit-limit-requests",

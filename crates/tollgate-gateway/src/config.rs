@@ -1,0 +1,566 @@
+//! The gateway's configuration: `tollgate.toml`, parsed and checked before the server
+//! starts.
+//!
+//! Every mistake is one [`ConfigError`] that names the key and its line, and the server
+//! does not start. This module only reads and checks; it never opens a socket or builds a
+//! limiter.
+//!
+//! ```
+//! let config = tollgate_gateway::Config::parse(r#"
+//! [upstreams.sim]
+//! kind = "openai-compatible"
+//! url = "http://127.0.0.1:9000"
+//!
+//! [tiers.free]
+//! limits = { requests_per_minute = 10, tokens_per_minute = 20000 }
+//!
+//! [callers.team-a]
+//! key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+//! tier = "free"
+//! "#).expect("a valid config");
+//! assert_eq!(config.tiers["free"].limits.requests_per_minute, Some(10));
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// An invalid configuration: what is wrong, where, and how to fix it.
+///
+/// ```
+/// let err = tollgate_gateway::Config::parse("listen = 5").unwrap_err();
+/// assert!(err.to_string().contains("line 1"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ConfigError {
+    message: String,
+}
+
+impl ConfigError {
+    fn at(src: &str, span: Option<std::ops::Range<usize>>, key: &str, what: String) -> Self {
+        let line = span.map(|s| src[..s.start.min(src.len())].matches('\n').count() + 1);
+        let message = match line {
+            Some(l) => format!("line {l}: `{key}`: {what}"),
+            None => format!("`{key}`: {what}"),
+        };
+        ConfigError { message }
+    }
+}
+
+/// What kind of API an upstream speaks, which decides how the gateway authenticates to
+/// it and which routes it serves.
+///
+/// ```
+/// use tollgate_gateway::config::Kind;
+/// assert!(Kind::Anthropic.serves_messages());
+/// assert!(!Kind::OpenAi.serves_messages());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// api.openai.com: `Authorization: Bearer`.
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// api.anthropic.com: `x-api-key`, serves `/v1/messages`.
+    Anthropic,
+    /// Azure OpenAI: `api-key`.
+    Azure,
+    /// Any OpenAI-compatible server (vLLM, Ollama, `tollgate sim`, ...): `Authorization:
+    /// Bearer` when a key is configured.
+    #[serde(alias = "sim")]
+    OpenaiCompatible,
+}
+
+impl Kind {
+    /// Whether this upstream takes Anthropic's `/v1/messages`.
+    ///
+    /// ```
+    /// assert!(tollgate_gateway::config::Kind::Anthropic.serves_messages());
+    /// ```
+    pub fn serves_messages(self) -> bool {
+        matches!(self, Kind::Anthropic | Kind::OpenaiCompatible)
+    }
+
+    /// Whether this upstream takes OpenAI's routes (chat, completions, embeddings,
+    /// responses).
+    ///
+    /// ```
+    /// assert!(!tollgate_gateway::config::Kind::Anthropic.serves_openai());
+    /// ```
+    pub fn serves_openai(self) -> bool {
+        !matches!(self, Kind::Anthropic)
+    }
+}
+
+/// Rate and concurrency limits, each optional. Token limits count input + output
+/// tokens.
+///
+/// ```
+/// use tollgate_gateway::config::Limits;
+/// assert!(Limits::default().is_empty());
+/// ```
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Requests per day.
+    pub requests_per_day: Option<u64>,
+    /// Input + output tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Input + output tokens per day.
+    pub tokens_per_day: Option<u64>,
+    /// Input (prompt) tokens per minute.
+    pub input_tokens_per_minute: Option<u64>,
+    /// Output (completion) tokens per minute.
+    pub output_tokens_per_minute: Option<u64>,
+    /// Requests in flight at once.
+    pub concurrency: Option<u64>,
+}
+
+impl Limits {
+    /// Whether no limit is set.
+    ///
+    /// ```
+    /// let l = tollgate_gateway::config::Limits { concurrency: Some(2), ..Default::default() };
+    /// assert!(!l.is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.entries().all(|(_, v)| v.is_none())
+    }
+
+    /// Each limit by its config name.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&'static str, Option<u64>)> {
+        [
+            ("requests_per_minute", self.requests_per_minute),
+            ("requests_per_day", self.requests_per_day),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("tokens_per_day", self.tokens_per_day),
+            ("input_tokens_per_minute", self.input_tokens_per_minute),
+            ("output_tokens_per_minute", self.output_tokens_per_minute),
+            ("concurrency", self.concurrency),
+        ]
+        .into_iter()
+    }
+}
+
+/// What a caller's request does when a limit has no room.
+///
+/// ```
+/// assert_eq!(tollgate_gateway::config::OnLimit::default(), tollgate_gateway::config::OnLimit::Reject);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLimit {
+    /// Answer 429 at once, with `retry-after` the time until the call would fit.
+    #[default]
+    Reject,
+    /// Queue (FIFO) up to the tier's `max_wait`, then 429.
+    Wait,
+}
+
+/// A provider account the gateway forwards to.
+///
+/// ```
+/// let c = tollgate_gateway::Config::parse(r#"
+/// [upstreams.openai]
+/// kind = "openai"
+/// url = "https://api.openai.com"
+/// api_key = "sk-test"
+/// limits = { requests_per_minute = 500, tokens_per_minute = 90000 }
+/// "#).unwrap();
+/// assert_eq!(c.upstreams["openai"].limits.tokens_per_minute, Some(90_000));
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// The API it speaks.
+    pub kind: Kind,
+    /// Base URL: scheme, host, port (and a path prefix, if any); the request's path
+    /// (`/v1/chat/completions`) is appended.
+    pub url: toml::Spanned<String>,
+    /// The account's API key. Prefer `api_key_env`.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// The environment variable holding the account's API key.
+    #[serde(default)]
+    pub api_key_env: Option<toml::Spanned<String>>,
+    /// Models routed here (and listed by `GET /v1/models`); empty: any model.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Serve requests whose model no upstream lists.
+    #[serde(default)]
+    pub default: bool,
+    /// The account's own limits, shared by every caller.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// A level of service: the limits each of its callers gets, each caller its own.
+///
+/// ```
+/// let c = tollgate_gateway::Config::parse(r#"
+/// [upstreams.sim]
+/// kind = "sim"
+/// url = "http://127.0.0.1:9000"
+/// [tiers.pro]
+/// on_limit = "wait"
+/// max_wait = "30s"
+/// limits = { tokens_per_minute = 200000, concurrency = 8 }
+/// "#).unwrap();
+/// assert_eq!(c.tiers["pro"].max_wait, std::time::Duration::from_secs(30));
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    /// Each caller's limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Reject at once or wait when a limit has no room.
+    #[serde(default)]
+    pub on_limit: OnLimit,
+    /// The longest a request waits for room (`on_limit = "wait"`), and the time within
+    /// which upstream 429s and 5xx are retried. Default 30 s.
+    #[serde(default = "default_max_wait", deserialize_with = "duration")]
+    pub max_wait: Duration,
+}
+
+/// One caller: an app, a team or a user, known by its API key's SHA-256.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Caller {
+    /// Lowercase hex SHA-256 of the caller's API key (`tollgate hash-key <key>`).
+    pub key_sha256: toml::Spanned<String>,
+    /// The caller's tier.
+    pub tier: toml::Spanned<String>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Share limits with other gateway instances through this Redis URL.
+    #[serde(default)]
+    pub redis: Option<String>,
+    /// Key prefix in Redis. Default `tollgate:gw:`.
+    #[serde(default = "default_prefix")]
+    pub redis_prefix: String,
+    /// Largest request body accepted, in bytes. Default 16 MiB.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Longest an upstream may take to answer (a stream: between two chunks). Default
+    /// 600 s.
+    #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
+    pub upstream_timeout: Duration,
+    /// Provider accounts, by name.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Levels of service, by name.
+    #[serde(default)]
+    pub tiers: BTreeMap<String, Tier>,
+    /// Callers, by name. With none, the gateway is open: every request is served as the
+    /// caller `anonymous` in the tier `default` (unlimited when there is no such tier).
+    #[serde(default)]
+    pub callers: BTreeMap<String, Caller>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_string()
+}
+fn default_prefix() -> String {
+    "tollgate:gw:".to_string()
+}
+fn default_max_body() -> usize {
+    16 << 20
+}
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_wait() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    tollgate::provider::parse_duration(&s).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "`{s}` is not a duration: write it like \"30s\", \"1.5s\", \"250ms\" or \"2m0s\""
+        ))
+    })
+}
+
+/// The lowercase hex SHA-256 of an API key: what `key_sha256` holds.
+///
+/// ```
+/// assert_eq!(
+///     tollgate_gateway::config::hash_key("foo"),
+///     "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+/// );
+/// ```
+pub fn hash_key(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+        out.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
+    }
+    out
+}
+
+/// The caller name used when no callers are configured.
+pub const ANONYMOUS: &str = "anonymous";
+/// The tier of the anonymous caller.
+pub const DEFAULT_TIER: &str = "default";
+
+impl Config {
+    /// Parse and check a configuration.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the key and line of the first mistake: TOML syntax, an
+    /// unknown key, a wrong type, a bad duration or URL, a limit of 0, a caller whose
+    /// tier does not exist, a key hash that is not 64 hex digits or is used twice, an
+    /// `api_key_env` that is not set, no upstream.
+    ///
+    /// ```
+    /// let err = tollgate_gateway::Config::parse(r#"
+    /// [upstreams.sim]
+    /// kind = "sim"
+    /// url = "http://127.0.0.1:9000"
+    /// [callers.a]
+    /// key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+    /// tier = "gold"
+    /// "#).unwrap_err();
+    /// assert_eq!(err.to_string(), "line 7: `callers.a.tier`: no tier is named `gold`; define [tiers.gold] or use one of: (none)");
+    /// ```
+    pub fn parse(src: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(src).map_err(|e| {
+            let key = e.message().to_string();
+            ConfigError::at(src, e.span(), "tollgate.toml", key)
+        })?;
+        config.check(src)?;
+        Ok(config)
+    }
+
+    /// Read and check the configuration file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, or [`Config::parse`] fails; the message starts with the
+    /// path.
+    ///
+    /// ```
+    /// let err = tollgate_gateway::Config::load("/nonexistent/tollgate.toml").unwrap_err();
+    /// assert!(err.to_string().starts_with("/nonexistent/tollgate.toml"));
+    /// ```
+    pub fn load(path: &str) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            message: format!("{path}: cannot read it: {e}"),
+        })?;
+        Config::parse(&src).map_err(|e| ConfigError {
+            message: format!("{path}: {}", e.message),
+        })
+    }
+
+    fn check(&self, src: &str) -> Result<(), ConfigError> {
+        let err = |span: Option<std::ops::Range<usize>>, key: String, what: String| {
+            Err(ConfigError::at(src, span, &key, what))
+        };
+        if self.upstreams.is_empty() {
+            return err(
+                None,
+                "upstreams".into(),
+                "no upstream is configured: add one, e.g. [upstreams.openai] with kind and url"
+                    .into(),
+            );
+        }
+        if self.max_body_bytes == 0 {
+            return err(None, "max_body_bytes".into(), "must be at least 1".into());
+        }
+        let mut defaults = 0;
+        for (name, u) in &self.upstreams {
+            let url = u.url.get_ref();
+            match reqwest::Url::parse(url) {
+                Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => {}
+                Ok(_) => {
+                    return err(
+                        Some(u.url.span()),
+                        format!("upstreams.{name}.url"),
+                        format!("`{url}` must be an http:// or https:// URL with a host"),
+                    );
+                }
+                Err(e) => {
+                    return err(
+                        Some(u.url.span()),
+                        format!("upstreams.{name}.url"),
+                        format!("`{url}` is not a URL: {e}"),
+                    );
+                }
+            }
+            if let Some(var) = &u.api_key_env {
+                if u.api_key.is_some() {
+                    return err(
+                        Some(var.span()),
+                        format!("upstreams.{name}.api_key_env"),
+                        "set api_key or api_key_env, not both".into(),
+                    );
+                }
+                if std::env::var(var.get_ref()).map_or(true, |v| v.is_empty()) {
+                    return err(
+                        Some(var.span()),
+                        format!("upstreams.{name}.api_key_env"),
+                        format!(
+                            "the environment variable `{}` is not set; export it with the account's API key",
+                            var.get_ref()
+                        ),
+                    );
+                }
+            }
+            check_limits(&u.limits, &format!("upstreams.{name}.limits"))
+                .map_err(|m| ConfigError::at(src, None, &format!("upstreams.{name}.limits"), m))?;
+            defaults += usize::from(u.default);
+        }
+        if defaults > 1 {
+            return err(
+                None,
+                "upstreams.*.default".into(),
+                "more than one upstream says default = true; keep one".into(),
+            );
+        }
+        for (name, t) in &self.tiers {
+            check_limits(&t.limits, &format!("tiers.{name}.limits"))
+                .map_err(|m| ConfigError::at(src, None, &format!("tiers.{name}.limits"), m))?;
+        }
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, c) in &self.callers {
+            let tier = c.tier.get_ref();
+            if !self.tiers.contains_key(tier) {
+                let known: Vec<&str> = self.tiers.keys().map(String::as_str).collect();
+                return err(
+                    Some(c.tier.span()),
+                    format!("callers.{name}.tier"),
+                    format!(
+                        "no tier is named `{tier}`; define [tiers.{tier}] or use one of: {}",
+                        if known.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+            let h = c.key_sha256.get_ref();
+            if h.len() != 64
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return err(
+                    Some(c.key_sha256.span()),
+                    format!("callers.{name}.key_sha256"),
+                    "must be 64 lowercase hex digits: the SHA-256 of the caller's key, as `tollgate hash-key <key>` prints it".into(),
+                );
+            }
+            if let Some(other) = seen.insert(h, name) {
+                return err(
+                    Some(c.key_sha256.span()),
+                    format!("callers.{name}.key_sha256"),
+                    format!("the same key as caller `{other}`; give each caller its own key"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_limits(l: &Limits, key: &str) -> Result<(), String> {
+    for (name, v) in l.entries() {
+        if v == Some(0) {
+            return Err(format!(
+                "{key}.{name} is 0; a limit must allow at least 1 (leave it out for no limit)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[upstreams.sim]\nkind = \"sim\"\nurl = \"http://127.0.0.1:9000\"\n";
+
+    fn err(src: &str) -> String {
+        match Config::parse(src) {
+            Ok(_) => panic!("accepted: {src}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn mistakes_name_the_key_and_line() {
+        let e = err(&format!(
+            "{BASE}[tiers.free]\nlimits = {{ requests_per_minit = 5 }}\n"
+        ));
+        assert!(e.starts_with("line 5:"), "{e}");
+        assert!(e.contains("requests_per_minit"), "{e}");
+        let e = err(&format!("{BASE}[tiers.free]\nmax_wait = \"soon\"\n"));
+        assert!(
+            e.starts_with("line 5:") && e.contains("not a duration"),
+            "{e}"
+        );
+        let e = err("[upstreams.x]\nkind = \"openai\"\nurl = \"ftp://example.com\"\n");
+        assert_eq!(
+            e,
+            "line 3: `upstreams.x.url`: `ftp://example.com` must be an http:// or https:// URL with a host"
+        );
+        let e = err("[upstreams.x]\nkind = \"gpt\"\nurl = \"http://a\"\n");
+        assert!(
+            e.starts_with("line 2:") && e.contains("unknown variant"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{BASE}[tiers.t]\n[callers.a]\nkey_sha256 = \"abc\"\ntier = \"t\"\n"
+        ));
+        assert!(e.starts_with("line 6: `callers.a.key_sha256`"), "{e}");
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = 0 }}\n"
+        ));
+        assert!(e.contains("tiers.t.limits.concurrency is 0"), "{e}");
+        let e = err(&format!(
+            "{BASE}api_key_env = \"TOLLGATE_TEST_SURELY_UNSET\"\n"
+        ));
+        assert!(
+            e.starts_with("line 4: `upstreams.sim.api_key_env`") && e.contains("not set"),
+            "{e}"
+        );
+        assert!(err("").contains("no upstream"));
+    }
+
+    #[test]
+    fn two_callers_cannot_share_a_key() {
+        let h = hash_key("k");
+        let e = err(&format!(
+            "{BASE}[tiers.t]\n[callers.a]\nkey_sha256 = \"{h}\"\ntier = \"t\"\n[callers.b]\nkey_sha256 = \"{h}\"\ntier = \"t\"\n"
+        ));
+        assert!(
+            e.starts_with("line 9: `callers.b.key_sha256`: the same key as caller `a`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let c = Config::parse(BASE).expect("valid");
+        assert_eq!(c.listen, "127.0.0.1:8080");
+        assert_eq!(c.max_body_bytes, 16 << 20);
+        assert_eq!(c.upstream_timeout, Duration::from_secs(600));
+        assert!(c.callers.is_empty());
+    }
+}

@@ -1,0 +1,378 @@
+//! `tollgate serve`: an OpenAI/Anthropic-compatible proxy that gives each caller its own
+//! request, token and concurrency limits and paces all traffic to the provider
+//! accounts' limits.
+//!
+//! Every request is authenticated by its API key (stored as a SHA-256 in the
+//! configuration), its tokens are estimated for its endpoint, and one
+//! [`tollgate::Limiter`] decision covers the caller's tier limits and the upstream
+//! account's limits together: a caller's limits hold across every account that serves
+//! it, an account's limits across every caller and tier (see
+//! [`tollgate::LimiterBuilder::share_with`] and
+//! [`tollgate::LimiterBuilder::share_keys_with`]). The answer is settled with the usage the
+//! provider reports, streams included. The gateway uses the library for every limit; it
+//! never counts or decides anything itself.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = tollgate_gateway::Config::load("tollgate.toml")?;
+//! let gateway = tollgate_gateway::Gateway::new(config).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! gateway.serve(listener, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod metrics;
+mod proxy;
+pub mod sse;
+pub mod usage;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use tollgate::{Accounting, Clock, Limiter, LimiterBuilder, Quota};
+
+pub use config::{Config, ConfigError};
+
+/// Why the gateway could not start.
+///
+/// ```
+/// let e = tollgate_gateway::GatewayError::Config(tollgate_gateway::Config::parse("").unwrap_err());
+/// assert!(e.to_string().contains("no upstream"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A tier's or an upstream's limits cannot be built.
+    #[error("limits of {what}: {source}")]
+    Limits {
+        /// Which tier and upstream.
+        what: String,
+        /// Why.
+        source: tollgate::Error,
+    },
+    /// The HTTP client or the listener failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// A caller, as the gateway knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct CallerInfo {
+    pub(crate) name: String,
+    pub(crate) tier: usize,
+}
+
+/// One upstream, ready to forward to.
+pub(crate) struct UpstreamState {
+    pub(crate) name: String,
+    pub(crate) kind: config::Kind,
+    pub(crate) base: String,
+    pub(crate) api_key: Option<String>,
+    pub(crate) models: Vec<String>,
+    pub(crate) default: bool,
+    /// The account's own quotas alone: upstream rate-limit headers are absorbed here.
+    pub(crate) account: Option<Limiter>,
+}
+
+/// A tier, ready to decide.
+pub(crate) struct TierState {
+    pub(crate) name: String,
+    pub(crate) on_limit: config::OnLimit,
+    pub(crate) max_wait: Duration,
+    /// Per upstream (same order as `upstreams`): the limiter deciding the tier's and the
+    /// account's quotas together; `None` when neither has a limit.
+    pub(crate) limiters: Vec<Option<Limiter>>,
+}
+
+/// What the quota named like this limits, for headers and error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Measure {
+    Requests,
+    Tokens,
+    Concurrency,
+}
+
+pub(crate) struct State {
+    pub(crate) callers: HashMap<String, CallerInfo>,
+    /// No callers configured: everyone is `anonymous` in the `default` tier.
+    pub(crate) open: Option<CallerInfo>,
+    pub(crate) tiers: Vec<TierState>,
+    pub(crate) upstreams: Vec<UpstreamState>,
+    pub(crate) measures: HashMap<String, Measure>,
+    pub(crate) http: reqwest::Client,
+    pub(crate) metrics: metrics::Metrics,
+    pub(crate) max_body: usize,
+    pub(crate) upstream_timeout: Duration,
+}
+
+/// A configured gateway, ready to serve.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let config = tollgate_gateway::Config::parse(r#"
+/// [upstreams.sim]
+/// kind = "sim"
+/// url = "http://127.0.0.1:9"
+/// "#).unwrap();
+/// let gateway = tollgate_gateway::Gateway::new(config).await.unwrap();
+/// let _app: axum::Router = gateway.router();
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct Gateway {
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("callers", &self.state.callers.len())
+            .field("upstreams", &self.state.upstreams.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The quotas of a set of limits, named `<prefix>.<limit>`, per key or shared.
+fn quotas(limits: &config::Limits, prefix: &str, shared: bool) -> Vec<(Quota, Measure)> {
+    let mut out = Vec::new();
+    for (name, value) in limits.entries() {
+        let Some(n) = value else { continue };
+        let (q, m) = match name {
+            "requests_per_minute" => (Quota::requests(n).per_minute(), Measure::Requests),
+            "requests_per_day" => (Quota::requests(n).per_day(), Measure::Requests),
+            "tokens_per_minute" => (Quota::tokens(n).per_minute(), Measure::Tokens),
+            "tokens_per_day" => (Quota::tokens(n).per_day(), Measure::Tokens),
+            "input_tokens_per_minute" => (Quota::input_tokens(n).per_minute(), Measure::Tokens),
+            "output_tokens_per_minute" => (Quota::output_tokens(n).per_minute(), Measure::Tokens),
+            _ => (Quota::concurrent(n), Measure::Concurrency),
+        };
+        let q = q.named(format!("{prefix}.{name}"));
+        // A caller's tokens are charged as used (refunded on settle); an account's as
+        // the provider counts them, the estimate at admission.
+        let q = match (shared, m) {
+            (true, Measure::Tokens) => q.shared().accounting(Accounting::Estimate),
+            (true, _) => q.shared(),
+            (false, _) => q,
+        };
+        out.push((q, m));
+    }
+    out
+}
+
+impl Gateway {
+    /// Build every limiter the configuration describes (on Redis when `config.redis` is
+    /// set) and the HTTP client.
+    ///
+    /// # Errors
+    ///
+    /// [`GatewayError::Limits`] when limits cannot be built (Redis unreachable at start,
+    /// numbers too large), [`GatewayError::Io`] when the HTTP client cannot be built.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let config = tollgate_gateway::Config::parse("[upstreams.a]\nkind = \"sim\"\nurl = \"http://127.0.0.1:9\"").unwrap();
+    /// assert!(tollgate_gateway::Gateway::new(config).await.is_ok());
+    /// # });
+    /// ```
+    pub async fn new(config: Config) -> Result<Gateway, GatewayError> {
+        let clock = Clock::system();
+        let mut measures = HashMap::new();
+        let redis = config.redis.clone();
+        let prefix = config.redis_prefix.clone();
+        let build = |b: LimiterBuilder, what: String| {
+            let redis = redis.clone();
+            let prefix = prefix.clone();
+            async move {
+                let r = match redis {
+                    Some(url) => b.redis(url).prefix(prefix).build().await,
+                    None => b.build().map_err(tollgate::Error::from),
+                };
+                r.map_err(|source| GatewayError::Limits { what, source })
+            }
+        };
+        let mut upstreams = Vec::new();
+        for (name, u) in &config.upstreams {
+            let qs = quotas(&u.limits, &format!("upstream.{name}"), true);
+            let account = if qs.is_empty() {
+                None
+            } else {
+                let mut b = Limiter::builder().clock(clock.clone());
+                for (q, m) in qs {
+                    measures.insert(q.name(), m);
+                    b = b.quota(q);
+                }
+                Some(build(b, format!("upstream `{name}`")).await?)
+            };
+            let api_key = match (&u.api_key, &u.api_key_env) {
+                (Some(k), _) => Some(k.clone()),
+                (None, Some(var)) => std::env::var(var.get_ref()).ok(),
+                (None, None) => None,
+            };
+            upstreams.push(UpstreamState {
+                name: name.clone(),
+                kind: u.kind,
+                base: u.url.get_ref().trim_end_matches('/').to_string(),
+                api_key,
+                models: u.models.clone(),
+                default: u.default,
+                account,
+            });
+        }
+        let mut tier_configs: Vec<(String, config::Tier)> = config
+            .tiers
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        let open = config.callers.is_empty();
+        if open && !config.tiers.contains_key(config::DEFAULT_TIER) {
+            tier_configs.push((
+                config::DEFAULT_TIER.to_string(),
+                config::Tier {
+                    limits: config::Limits::default(),
+                    on_limit: config::OnLimit::Reject,
+                    max_wait: Duration::from_secs(30),
+                },
+            ));
+        }
+        let mut tiers = Vec::new();
+        for (tname, t) in &tier_configs {
+            let own = quotas(&t.limits, &format!("tier.{tname}"), false);
+            for (q, m) in &own {
+                measures.insert(q.name(), *m);
+            }
+            let mut limiters: Vec<Option<Limiter>> = Vec::new();
+            let mut first: Option<Limiter> = None;
+            for (ui, u) in upstreams.iter().enumerate() {
+                let (uname, ulimits) = (&u.name, &config.upstreams[&u.name].limits);
+                let account = quotas(ulimits, &format!("upstream.{uname}"), true);
+                if own.is_empty() && account.is_empty() {
+                    limiters.push(None);
+                    continue;
+                }
+                let mut b = Limiter::builder();
+                for (q, _) in own.iter().chain(&account) {
+                    b = b.quota(q.clone());
+                }
+                match (&upstreams[ui].account, &first) {
+                    (Some(a), Some(f)) if !own.is_empty() => b = b.share_with(a).share_keys_with(f),
+                    (Some(a), _) => b = b.share_with(a),
+                    (None, Some(f)) if !own.is_empty() => b = b.share_keys_with(f),
+                    _ => b = b.clock(clock.clone()),
+                }
+                let l = build(b, format!("tier `{tname}` on upstream `{uname}`")).await?;
+                if first.is_none() && !own.is_empty() {
+                    first = Some(l.clone());
+                }
+                limiters.push(Some(l));
+            }
+            tiers.push(TierState {
+                name: tname.clone(),
+                on_limit: t.on_limit,
+                max_wait: t.max_wait,
+                limiters,
+            });
+        }
+        let tier_index = |n: &str| tiers.iter().position(|t| t.name == n).unwrap_or(0);
+        let callers = config
+            .callers
+            .iter()
+            .map(|(name, c)| {
+                (
+                    c.key_sha256.get_ref().clone(),
+                    CallerInfo {
+                        name: name.clone(),
+                        tier: tier_index(c.tier.get_ref()),
+                    },
+                )
+            })
+            .collect();
+        let open = open.then(|| CallerInfo {
+            name: config::ANONYMOUS.to_string(),
+            tier: tier_index(config::DEFAULT_TIER),
+        });
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(1024)
+            .build()
+            .map_err(|e| GatewayError::Io(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Gateway {
+            state: Arc::new(State {
+                callers,
+                open,
+                tiers,
+                upstreams,
+                measures,
+                http,
+                metrics: metrics::Metrics::default(),
+                max_body: config.max_body_bytes,
+                upstream_timeout: config.upstream_timeout,
+            }),
+        })
+    }
+
+    /// The gateway's routes: `/healthz`, `/metrics`, `GET /v1/models`, `GET
+    /// /v1/usage`, and every other path proxied.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let config = tollgate_gateway::Config::parse("[upstreams.a]\nkind = \"sim\"\nurl = \"http://127.0.0.1:9\"").unwrap();
+    /// let app = tollgate_gateway::Gateway::new(config).await.unwrap().router();
+    /// # let _ = app;
+    /// # });
+    /// ```
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/metrics", get(proxy::metrics))
+            .route("/v1/models", get(proxy::models))
+            .route("/v1/usage", get(proxy::usage))
+            .fallback(proxy::proxy)
+            .with_state(self.state.clone())
+    }
+
+    /// The gateway's metrics.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let config = tollgate_gateway::Config::parse("[upstreams.a]\nkind = \"sim\"\nurl = \"http://127.0.0.1:9\"").unwrap();
+    /// let g = tollgate_gateway::Gateway::new(config).await.unwrap();
+    /// assert_eq!(g.metrics().counter("tollgate_admitted_total", &[]), 0);
+    /// # });
+    /// ```
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.state.metrics
+    }
+
+    /// Serve on `listener` until `shutdown` completes, then stop accepting and wait for
+    /// the requests in flight (streams included) to finish.
+    ///
+    /// # Errors
+    ///
+    /// [`GatewayError::Io`] when serving fails.
+    ///
+    /// ```no_run
+    /// # async fn run(g: tollgate_gateway::Gateway) -> Result<(), tollgate_gateway::GatewayError> {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await.unwrap();
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// # drop(stop);
+    /// g.serve(listener, async { stopped.await.ok(); }).await
+    /// # }
+    /// ```
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GatewayError> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| GatewayError::Io(format!("serving failed: {e}")))
+    }
+}

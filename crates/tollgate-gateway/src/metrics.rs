@@ -1,0 +1,191 @@
+//! The gateway's metrics, rendered in Prometheus's text format at `GET /metrics`.
+//!
+//! A small registry of its own, per gateway (so two gateways in one process, as in the
+//! tests, count apart): counters and histograms keyed by name and label values, which
+//! come only from the configuration (caller, tier, upstream and quota names) and status
+//! codes, never from a request's content. It never blocks for long: one short lock per
+//! update.
+//!
+//! ```
+//! let m = tollgate_gateway::metrics::Metrics::default();
+//! m.count("tollgate_admitted_total", &[("caller", "a")], 1);
+//! m.observe("tollgate_wait_seconds", &[], 0.2);
+//! let text = m.render();
+//! assert!(text.contains("tollgate_admitted_total{caller=\"a\"} 1"));
+//! assert!(text.contains("tollgate_wait_seconds_bucket{le=\"0.25\"} 1"));
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Upper bounds of the histogram buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
+
+/// What each metric means, for `# HELP` lines.
+const HELP: &[(&str, &str, &str)] = &[
+    (
+        "tollgate_admitted_total",
+        "counter",
+        "Requests admitted by every limit, by caller and upstream.",
+    ),
+    (
+        "tollgate_rejected_total",
+        "counter",
+        "Requests refused by the gateway, by caller and the quota that refused.",
+    ),
+    (
+        "tollgate_wait_seconds",
+        "histogram",
+        "Time admitted requests waited for room.",
+    ),
+    (
+        "tollgate_tokens_total",
+        "counter",
+        "Tokens charged after settling, by caller, upstream and kind (input, output).",
+    ),
+    (
+        "tollgate_upstream_responses_total",
+        "counter",
+        "Upstream answers, by upstream and status code (0: no answer).",
+    ),
+    (
+        "tollgate_upstream_seconds",
+        "histogram",
+        "Time from sending to an upstream to its response headers.",
+    ),
+    (
+        "tollgate_upstream_retries_total",
+        "counter",
+        "Upstream 429s and 5xx retried within the caller's max wait.",
+    ),
+    (
+        "tollgate_client_disconnects_total",
+        "counter",
+        "Streams whose client went away before the end.",
+    ),
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Counters and histograms of one gateway.
+#[derive(Default)]
+pub struct Metrics {
+    counters: Mutex<BTreeMap<(String, String), u64>>,
+    histograms: Mutex<BTreeMap<(String, String), Histogram>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let v = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = write!(s, "{k}=\"{v}\"");
+    }
+    s
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Metrics {
+    /// Add `by` to a counter.
+    ///
+    /// ```
+    /// let m = tollgate_gateway::metrics::Metrics::default();
+    /// m.count("tollgate_upstream_responses_total", &[("upstream", "sim"), ("status", "200")], 2);
+    /// assert_eq!(m.counter("tollgate_upstream_responses_total", &[("upstream", "sim"), ("status", "200")]), 2);
+    /// ```
+    pub fn count(&self, name: &str, pairs: &[(&str, &str)], by: u64) {
+        *lock(&self.counters)
+            .entry((name.to_string(), labels(pairs)))
+            .or_default() += by;
+    }
+
+    /// A counter's value (0 when never counted).
+    ///
+    /// ```
+    /// let m = tollgate_gateway::metrics::Metrics::default();
+    /// assert_eq!(m.counter("x", &[]), 0);
+    /// ```
+    pub fn counter(&self, name: &str, pairs: &[(&str, &str)]) -> u64 {
+        lock(&self.counters)
+            .get(&(name.to_string(), labels(pairs)))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Record one observation (seconds) in a histogram.
+    ///
+    /// ```
+    /// let m = tollgate_gateway::metrics::Metrics::default();
+    /// m.observe("tollgate_upstream_seconds", &[("upstream", "sim")], 0.05);
+    /// ```
+    pub fn observe(&self, name: &str, pairs: &[(&str, &str)], seconds: f64) {
+        let mut h = lock(&self.histograms);
+        let h = h.entry((name.to_string(), labels(pairs))).or_default();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if seconds <= *le {
+                h.buckets[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += seconds;
+    }
+
+    /// Everything, in Prometheus's text exposition format.
+    ///
+    /// ```
+    /// let m = tollgate_gateway::metrics::Metrics::default();
+    /// assert!(m.render().contains("# TYPE tollgate_admitted_total counter"));
+    /// ```
+    pub fn render(&self) -> String {
+        let counters = lock(&self.counters);
+        let histograms = lock(&self.histograms);
+        let mut out = String::new();
+        for (name, kind, help) in HELP {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for ((n, l), v) in counters.iter().filter(|((n, _), _)| n == name) {
+                if l.is_empty() {
+                    let _ = writeln!(out, "{n} {v}");
+                } else {
+                    let _ = writeln!(out, "{n}{{{l}}} {v}");
+                }
+            }
+            for ((n, l), h) in histograms.iter().filter(|((n, _), _)| n == name) {
+                let sep = if l.is_empty() { "" } else { "," };
+                for (le, c) in BUCKETS.iter().zip(h.buckets) {
+                    let _ = writeln!(out, "{n}_bucket{{{l}{sep}le=\"{le}\"}} {c}");
+                }
+                let _ = writeln!(out, "{n}_bucket{{{l}{sep}le=\"+Inf\"}} {}", h.count);
+                let braces = if l.is_empty() {
+                    String::new()
+                } else {
+                    format!("{{{l}}}")
+                };
+                let _ = writeln!(out, "{n}_sum{braces} {}", h.sum);
+                let _ = writeln!(out, "{n}_count{braces} {}", h.count);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,801 @@
+//! The request path: authenticate, estimate, decide (the library), forward, settle.
+//!
+//! Each proxied request runs in a task of its own that owns what the permit borrows,
+//! so a stream's permit lives until the stream ends and is settled with what was
+//! generated, whether the stream finished or the client went away.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{Request, State as AxState};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tollgate::estimate::Endpoint;
+use tollgate::provider::{RateLimitHeaders, format_duration};
+use tollgate::retry::Backoff;
+use tollgate::{Cost, Error, Limiter, Permit, QuotaStatus, Usage};
+
+use crate::config::{Kind, OnLimit};
+use crate::usage::{Seen, StreamUsage};
+use crate::{CallerInfo, Measure, State};
+
+type St = AxState<Arc<State>>;
+
+/// An error answer in the caller's API's shape.
+fn error(status: StatusCode, anthropic: bool, kind: &str, code: &str, message: &str) -> Response {
+    let body = if anthropic {
+        let t = match status {
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::NOT_FOUND => "not_found_error",
+            s if s.is_server_error() => "api_error",
+            _ => "invalid_request_error",
+        };
+        json!({"type": "error", "error": {"type": t, "message": message}})
+    } else {
+        json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// The caller a request's API key names.
+fn authenticate(st: &State, headers: &HeaderMap) -> Option<CallerInfo> {
+    if let Some(open) = &st.open {
+        return Some(open.clone());
+    }
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))?;
+    st.callers
+        .get(&crate::config::hash_key(key.trim()))
+        .cloned()
+}
+
+fn unauthorized(anthropic: bool) -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        anthropic,
+        "invalid_request_error",
+        "invalid_api_key",
+        "Invalid API key: send a key configured for this gateway in `Authorization: Bearer <key>` (or `x-api-key`).",
+    )
+}
+
+/// `GET /metrics`.
+pub(crate) async fn metrics(AxState(st): St) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `GET /v1/models`: the configured models.
+pub(crate) async fn models(AxState(st): St, headers: HeaderMap) -> Response {
+    if authenticate(&st, &headers).is_none() {
+        return unauthorized(false);
+    }
+    let data: Vec<Value> = st
+        .upstreams
+        .iter()
+        .flat_map(|u| {
+            u.models
+                .iter()
+                .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": u.name}))
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/usage`: the caller's own limits, remaining and reset.
+pub(crate) async fn usage(AxState(st): St, headers: HeaderMap) -> Response {
+    let Some(caller) = authenticate(&st, &headers) else {
+        return unauthorized(false);
+    };
+    let tier = &st.tiers[caller.tier];
+    let prefix = format!("tier.{}.", tier.name);
+    let mut quotas = Vec::new();
+    if let Some(l) = tier.limiters.iter().flatten().next() {
+        match l.status(&caller.name).await {
+            Ok(status) => {
+                for s in status
+                    .iter()
+                    .filter(|s| s.quota.name().starts_with(&prefix))
+                {
+                    quotas.push(json!({
+                        "name": s.quota.name(),
+                        "limit": s.limit,
+                        "remaining": s.remaining,
+                        "reset_ms": s.reset.as_millis() as u64,
+                    }));
+                }
+            }
+            Err(e) => return limiter_error(&st, &caller, &e, false),
+        }
+    }
+    axum::Json(json!({"caller": caller.name, "tier": tier.name, "quotas": quotas})).into_response()
+}
+
+/// Everything else: proxied.
+pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let endpoint = Endpoint::from_path(&path);
+    let anthropic = endpoint == Some(Endpoint::Messages);
+    let Some(caller) = authenticate(&st, &parts.headers) else {
+        return unauthorized(anthropic);
+    };
+    let body = match axum::body::to_bytes(body, st.max_body).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                anthropic,
+                "invalid_request_error",
+                "request_too_large",
+                &format!(
+                    "The request body is over this gateway's limit of {} bytes.",
+                    st.max_body
+                ),
+            );
+        }
+    };
+    // Known endpoints are estimated; anything else counts as one request.
+    let mut json_body: Option<Value> = None;
+    let mut cost = Cost::request();
+    if let (Some(ep), &Method::POST) = (endpoint, &parts.method) {
+        let v: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    anthropic,
+                    "invalid_request_error",
+                    "invalid_json",
+                    &format!("The request body is not valid JSON: {e}"),
+                );
+            }
+        };
+        match tollgate::estimate::estimate(ep, &v) {
+            Ok(e) => cost = Cost::input(e.input).output(e.output),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    anthropic,
+                    "invalid_request_error",
+                    "invalid_request",
+                    &e.to_string(),
+                );
+            }
+        }
+        json_body = Some(v);
+    }
+    let model = json_body
+        .as_ref()
+        .and_then(|v| v.get("model"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let Some(up) = pick_upstream(&st, anthropic, &model) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            anthropic,
+            "invalid_request_error",
+            "no_upstream",
+            &format!("No upstream of this gateway serves `{path}` for model `{model}`."),
+        );
+    };
+    let call = Call {
+        st: st.clone(),
+        caller,
+        up,
+        method: parts.method,
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| path.clone(), |p| p.as_str().to_string()),
+        headers: parts.headers,
+        body,
+        json: json_body,
+        endpoint,
+        model,
+        cost,
+        anthropic,
+    };
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(call.run(tx));
+    rx.await.unwrap_or_else(|_| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            anthropic,
+            "server_error",
+            "internal_error",
+            "The gateway failed while handling this request.",
+        )
+    })
+}
+
+/// Which upstream serves a request: one listing the model, else the default, else the
+/// first that speaks the route's API.
+fn pick_upstream(st: &State, anthropic: bool, model: &str) -> Option<usize> {
+    let fits = |k: Kind| {
+        if anthropic {
+            k.serves_messages()
+        } else {
+            k.serves_openai()
+        }
+    };
+    let ups = || {
+        st.upstreams
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| fits(u.kind))
+    };
+    ups()
+        .find(|(_, u)| u.models.iter().any(|m| m == model))
+        .or_else(|| ups().find(|(_, u)| u.default))
+        .or_else(|| ups().find(|(_, u)| u.models.is_empty()))
+        .or_else(|| ups().next())
+        .map(|(i, _)| i)
+}
+
+/// The answer to a refused or failed decision.
+fn limiter_error(st: &State, caller: &CallerInfo, e: &Error, anthropic: bool) -> Response {
+    match e {
+        Error::Limited(r) => {
+            let name = r.quota().name();
+            st.metrics.count(
+                "tollgate_rejected_total",
+                &[("caller", &caller.name), ("quota", name)],
+                1,
+            );
+            let measure = st.measures.get(name).copied().unwrap_or(Measure::Requests);
+            let kind = match measure {
+                Measure::Requests => "requests",
+                Measure::Tokens => "tokens",
+                Measure::Concurrency => "concurrency",
+            };
+            let wait = r.retry_after();
+            let message = match wait {
+                Some(w) => format!(
+                    "Rate limit reached for caller `{}` on quota `{name}`: limit {}, remaining {}. Please try again in {}.",
+                    caller.name,
+                    r.limit(),
+                    r.remaining(),
+                    format_duration(w)
+                ),
+                None => format!(
+                    "Limit reached for caller `{}` on quota `{name}`: all {} slots are in use. Please try again when a request ends.",
+                    caller.name,
+                    r.limit()
+                ),
+            };
+            let mut resp = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                anthropic,
+                kind,
+                "rate_limit_exceeded",
+                &message,
+            );
+            let h = resp.headers_mut();
+            let wait = wait.unwrap_or(Duration::from_secs(1));
+            insert(
+                h,
+                "retry-after",
+                &wait.as_secs_f64().ceil().max(1.0).to_string(),
+            );
+            insert(h, "retry-after-ms", &wait.as_millis().max(1).to_string());
+            insert(h, "x-tollgate-quota", name);
+            resp
+        }
+        Error::TooLarge(t) => {
+            st.metrics.count(
+                "tollgate_rejected_total",
+                &[("caller", &caller.name), ("quota", t.quota().name())],
+                1,
+            );
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                anthropic,
+                "tokens",
+                "request_too_large",
+                &format!(
+                    "Request too large for caller `{}` on quota `{}`: it needs {} and the quota holds at most {}. Ask for fewer tokens (max_tokens) or a shorter prompt.",
+                    caller.name,
+                    t.quota().name(),
+                    t.cost(),
+                    t.capacity()
+                ),
+            )
+        }
+        Error::Unavailable(u) => {
+            let mut resp = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                anthropic,
+                "server_error",
+                "limits_unavailable",
+                &format!("The gateway cannot reach its shared limits: {u}"),
+            );
+            insert(resp.headers_mut(), "retry-after", "1");
+            resp
+        }
+        other => error(
+            StatusCode::BAD_REQUEST,
+            anthropic,
+            "invalid_request_error",
+            "invalid_request",
+            &other.to_string(),
+        ),
+    }
+}
+
+fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(HeaderName::from_static(name), v);
+    }
+}
+
+/// `x-ratelimit-*` headers for the binding (least remaining) requests and tokens quotas.
+fn ratelimit_headers(st: &State, status: &[QuotaStatus], h: &mut HeaderMap) {
+    for (measure, suffix) in [(Measure::Requests, "requests"), (Measure::Tokens, "tokens")] {
+        let binding = status
+            .iter()
+            .filter(|s| st.measures.get(s.quota.name()) == Some(&measure))
+            .min_by_key(|s| (s.remaining, std::cmp::Reverse(s.reset)));
+        if let Some(s) = binding {
+            let set = |h: &mut HeaderMap, what: &str, v: String| {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(format!("x-ratelimit-{what}-{suffix}").as_bytes()),
+                    HeaderValue::from_str(&v),
+                ) {
+                    h.insert(n, v);
+                }
+            };
+            set(h, "limit", s.limit.to_string());
+            set(h, "remaining", s.remaining.to_string());
+            set(h, "reset", format_duration(s.reset));
+        }
+    }
+}
+
+/// Request headers never forwarded: hop-by-hop, and the caller's credentials.
+fn forwardable(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "authorization"
+            | "x-api-key"
+            | "api-key"
+    )
+}
+
+/// Response headers never passed back: hop-by-hop, the length (the body may change) and
+/// the upstream account's rate-limit headers (the caller gets its own).
+fn returnable(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    !(matches!(
+        n,
+        "content-length"
+            | "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "trailer"
+            | "upgrade"
+    ) || n.starts_with("x-ratelimit-")
+        || n.starts_with("anthropic-ratelimit-"))
+}
+
+struct Call {
+    st: Arc<State>,
+    caller: CallerInfo,
+    up: usize,
+    method: Method,
+    path_and_query: String,
+    headers: HeaderMap,
+    body: Bytes,
+    json: Option<Value>,
+    endpoint: Option<Endpoint>,
+    model: String,
+    cost: Cost,
+    anthropic: bool,
+}
+
+enum Forwarded {
+    Answer(reqwest::Response),
+    Failed(Response),
+}
+
+impl Call {
+    async fn run(mut self, tx: oneshot::Sender<Response>) {
+        let st = self.st.clone();
+        let tier = &st.tiers[self.caller.tier];
+        let limiter = tier.limiters[self.up].clone();
+        let key = self.caller.name.clone();
+        let started = Instant::now();
+        let mut tx = tx;
+        let permit = match &limiter {
+            None => None,
+            Some(l) => {
+                let decided = tokio::select! {
+                    r = decide(l, &key, self.cost, tier.on_limit, tier.max_wait) => r,
+                    // The client went away while waiting: dropping the decision gives back
+                    // its reservation.
+                    () = tx.closed() => return,
+                };
+                match decided {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        let mut resp = limiter_error(&st, &self.caller, &e, self.anthropic);
+                        if let Ok(status) = l.status(&key).await {
+                            ratelimit_headers(&st, &status, resp.headers_mut());
+                        }
+                        let _ = tx.send(resp);
+                        return;
+                    }
+                }
+            }
+        };
+        let waited = started.elapsed();
+        let upstream = &st.upstreams[self.up];
+        st.metrics.count(
+            "tollgate_admitted_total",
+            &[("caller", &key), ("upstream", &upstream.name)],
+            1,
+        );
+        st.metrics
+            .observe("tollgate_wait_seconds", &[], waited.as_secs_f64());
+        let mut rl = HeaderMap::new();
+        if let Some(l) = &limiter
+            && let Ok(status) = l.status(&key).await
+        {
+            ratelimit_headers(&st, &status, &mut rl);
+        }
+        // Streams of OpenAI chat and completions get usage asked for, and the usage chunk
+        // is kept from a caller who did not ask.
+        let streaming = self
+            .json
+            .as_ref()
+            .is_some_and(|v| v.get("stream").and_then(Value::as_bool) == Some(true));
+        let mut strip = false;
+        if streaming
+            && upstream.kind != Kind::Anthropic
+            && matches!(
+                self.endpoint,
+                Some(Endpoint::ChatCompletions | Endpoint::Completions)
+            )
+            && let Some(v) = self.json.as_mut()
+        {
+            let asked = v
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                == Some(true);
+            if !asked && let Some(obj) = v.as_object_mut() {
+                let opts = obj.entry("stream_options").or_insert_with(|| json!({}));
+                if let Some(o) = opts.as_object_mut() {
+                    o.insert("include_usage".into(), Value::Bool(true));
+                    strip = true;
+                    if let Ok(b) = serde_json::to_vec(v) {
+                        self.body = Bytes::from(b);
+                    }
+                }
+            }
+        }
+        let deadline = started + tier.max_wait;
+        let answer = tokio::select! {
+            a = self.forward(deadline) => a,
+            () = tx.closed() => {
+                // Gone before the upstream answered: charge the estimate's prompt only.
+                settle(permit, Usage::new(self.cost.input, 0)).await;
+                return;
+            }
+        };
+        let answer = match answer {
+            Forwarded::Answer(a) => a,
+            Forwarded::Failed(resp) => {
+                settle(permit, Usage::new(0, 0)).await;
+                let _ = tx.send(resp);
+                return;
+            }
+        };
+        let status = answer.status();
+        let mut headers = HeaderMap::new();
+        for (n, v) in answer.headers() {
+            if returnable(n) {
+                headers.append(n.clone(), v.clone());
+            }
+        }
+        headers.extend(rl);
+        let is_stream = answer
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !status.is_success() {
+            // Nothing generated: tokens back, the request counted.
+            let body = answer.bytes().await.unwrap_or_default();
+            settle(permit, Usage::new(0, 0)).await;
+            let _ = tx.send(build(status, headers, Body::from(body)));
+            return;
+        }
+        if is_stream {
+            self.stream(answer, status, headers, permit, strip, tx)
+                .await;
+            return;
+        }
+        let body = match tokio::time::timeout(st.upstream_timeout, answer.bytes()).await {
+            Ok(Ok(b)) => b,
+            _ => {
+                settle(permit, Usage::new(self.cost.input, 0)).await;
+                let _ = tx.send(error(
+                    StatusCode::BAD_GATEWAY,
+                    self.anthropic,
+                    "server_error",
+                    "upstream_error",
+                    &format!(
+                        "The upstream `{}` failed while sending its answer.",
+                        upstream.name
+                    ),
+                ));
+                return;
+            }
+        };
+        let used = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| crate::usage::from_json(&v));
+        if let Some(u) = used {
+            self.count_tokens(u);
+            settle(permit, u).await;
+        }
+        // No usage reported: the estimate stands (the permit drops unsettled).
+        let _ = tx.send(build(status, headers, Body::from(body)));
+    }
+
+    fn count_tokens(&self, u: Usage) {
+        let up = &self.st.upstreams[self.up].name;
+        for (kind, n) in [("input", u.input), ("output", u.output)] {
+            self.st.metrics.count(
+                "tollgate_tokens_total",
+                &[
+                    ("caller", &self.caller.name),
+                    ("upstream", up),
+                    ("kind", kind),
+                ],
+                n,
+            );
+        }
+    }
+
+    /// Send to the upstream, retrying 429s, 5xx and transport failures while the
+    /// retry's delay ends before `deadline`.
+    async fn forward(&self, deadline: Instant) -> Forwarded {
+        let st = &self.st;
+        let upstream = &st.upstreams[self.up];
+        let url = format!("{}{}", upstream.base, self.path_and_query);
+        let backoff = Backoff::default();
+        let mut attempt = 0u32;
+        loop {
+            let mut req = st
+                .http
+                .request(self.method.clone(), &url)
+                .body(self.body.clone());
+            for (n, v) in &self.headers {
+                if forwardable(n) {
+                    req = req.header(n, v);
+                }
+            }
+            if let Some(k) = &upstream.api_key {
+                req = match upstream.kind {
+                    Kind::Anthropic => req.header("x-api-key", k),
+                    Kind::Azure => req.header("api-key", k),
+                    Kind::OpenAi | Kind::OpenaiCompatible => req.bearer_auth(k),
+                };
+            }
+            if self.json.is_some() {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+            }
+            let sent = Instant::now();
+            let result = tokio::time::timeout(st.upstream_timeout, req.send()).await;
+            let elapsed = sent.elapsed();
+            let labels = |code: &str| {
+                st.metrics.count(
+                    "tollgate_upstream_responses_total",
+                    &[("upstream", &upstream.name), ("status", code)],
+                    1,
+                );
+            };
+            st.metrics.observe(
+                "tollgate_upstream_seconds",
+                &[("upstream", &upstream.name)],
+                elapsed.as_secs_f64(),
+            );
+            let (retryable, hint, failure) = match result {
+                Ok(Ok(resp)) => {
+                    labels(resp.status().as_str());
+                    let rl = RateLimitHeaders::parse(resp.headers(), SystemTime::now());
+                    if let Some(account) = &upstream.account
+                        && !rl.is_empty()
+                        && let Err(e) = account.absorb("account", &rl, elapsed).await
+                    {
+                        tracing::warn!(upstream = %upstream.name, error = %e, "could not absorb the upstream's rate-limit headers");
+                    }
+                    if !tollgate::retry::is_retryable(resp.status()) {
+                        return Forwarded::Answer(resp);
+                    }
+                    let hint = rl.wait_hint();
+                    (true, hint, Ok(resp))
+                }
+                Ok(Err(e)) => {
+                    labels("0");
+                    tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
+                    (
+                        true,
+                        None,
+                        Err(format!("the upstream `{}` failed: {e}", upstream.name)),
+                    )
+                }
+                Err(_) => {
+                    labels("0");
+                    (
+                        true,
+                        None,
+                        Err(format!(
+                            "the upstream `{}` did not answer within {}",
+                            upstream.name,
+                            format_duration(st.upstream_timeout)
+                        )),
+                    )
+                }
+            };
+            let delay = backoff.delay(attempt, hint);
+            if retryable
+                && attempt + 1 < backoff.max_attempts()
+                && Instant::now() + delay < deadline
+            {
+                st.metrics.count(
+                    "tollgate_upstream_retries_total",
+                    &[("upstream", &upstream.name)],
+                    1,
+                );
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+                continue;
+            }
+            return match failure {
+                Ok(resp) => Forwarded::Answer(resp),
+                Err(message) => Forwarded::Failed(error(
+                    StatusCode::BAD_GATEWAY,
+                    self.anthropic,
+                    "server_error",
+                    "upstream_error",
+                    &message,
+                )),
+            };
+        }
+    }
+
+    /// Pass a stream on event by event, reading its usage; settle when it ends or the
+    /// client goes away.
+    async fn stream(
+        &self,
+        answer: reqwest::Response,
+        status: StatusCode,
+        headers: HeaderMap,
+        permit: Option<Permit<'_>>,
+        strip: bool,
+        tx: oneshot::Sender<Response>,
+    ) {
+        let (chunks, rx) = mpsc::channel::<Bytes>(64);
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+        });
+        if tx
+            .send(build(status, headers, Body::from_stream(body)))
+            .is_err()
+        {
+            settle(permit, Usage::new(self.cost.input, 0)).await;
+            return;
+        }
+        let mut tracker = StreamUsage::new(&self.model, self.cost.input);
+        let mut parser = crate::sse::Parser::new();
+        let mut upstream = answer.bytes_stream();
+        let mut gone = false;
+        'read: loop {
+            let next = tokio::select! {
+                n = tokio::time::timeout(self.st.upstream_timeout, upstream.next()) => n,
+                () = chunks.closed() => { gone = true; break 'read; }
+            };
+            let chunk = match next {
+                Ok(Some(Ok(c))) => c,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream stream failed");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!("upstream stream idle past the upstream timeout");
+                    break;
+                }
+            };
+            let events = match parser.push(&chunk) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::warn!(error = %e, "upstream stream unreadable");
+                    break;
+                }
+            };
+            for ev in events {
+                let seen = tracker.observe(ev.event.as_deref(), &ev.data);
+                if strip && seen == Seen::UsageOnlyChunk {
+                    continue;
+                }
+                if chunks.send(ev.raw).await.is_err() {
+                    gone = true;
+                    break 'read;
+                }
+            }
+        }
+        if !gone && let Some(ev) = std::mem::take(&mut parser).finish() {
+            tracker.observe(ev.event.as_deref(), &ev.data);
+            let _ = chunks.send(ev.raw).await;
+        }
+        if gone {
+            self.st.metrics.count(
+                "tollgate_client_disconnects_total",
+                &[("caller", &self.caller.name)],
+                1,
+            );
+        }
+        let used = tracker.usage();
+        self.count_tokens(used);
+        settle(permit, used).await;
+    }
+}
+
+async fn decide<'a>(
+    l: &'a Limiter,
+    key: &'a str,
+    cost: Cost,
+    on_limit: OnLimit,
+    max_wait: Duration,
+) -> Result<Permit<'a>, Error> {
+    match on_limit {
+        OnLimit::Reject => l.try_acquire(key, cost).await,
+        OnLimit::Wait => l.acquire_within(key, cost, max_wait).await,
+    }
+}
+
+async fn settle(permit: Option<Permit<'_>>, usage: Usage) {
+    if let Some(p) = permit
+        && let Err(e) = p.settle(usage).await
+    {
+        tracing::warn!(error = %e, "could not settle a request's usage");
+    }
+}
+
+fn build(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}

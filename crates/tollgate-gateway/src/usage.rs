@@ -1,0 +1,193 @@
+//! What a call used, read from the provider's answer: the `usage` object of a JSON
+//! response, or the events of a stream (OpenAI's final usage chunk, Anthropic's
+//! `message_start` / `message_delta`, the Responses API's `response.completed`), with
+//! the streamed text counted as a last resort when the provider reports nothing.
+//!
+//! Pure functions over parsed JSON; no I/O.
+//!
+//! ```
+//! use serde_json::json;
+//! use tollgate_gateway::usage::from_json;
+//! let u = from_json(&json!({"usage": {"prompt_tokens": 12, "completion_tokens": 30}})).unwrap();
+//! assert_eq!((u.input, u.output), (12, 30));
+//! ```
+
+use serde_json::Value;
+use tollgate::Usage;
+
+/// The usage in a whole JSON answer (chat, completions, embeddings, responses, messages).
+///
+/// ```
+/// use serde_json::json;
+/// let u = tollgate_gateway::usage::from_json(&json!({"usage": {"input_tokens": 5, "output_tokens": 7}})).unwrap();
+/// assert_eq!((u.input, u.output), (5, 7));
+/// assert!(tollgate_gateway::usage::from_json(&json!({"usage": null})).is_none());
+/// ```
+pub fn from_json(body: &Value) -> Option<Usage> {
+    usage_object(body.get("usage")?)
+}
+
+fn num(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn usage_object(u: &Value) -> Option<Usage> {
+    if !u.is_object() {
+        return None;
+    }
+    if u.get("prompt_tokens").is_some() {
+        return Some(Usage::new(
+            num(u, "prompt_tokens"),
+            num(u, "completion_tokens"),
+        ));
+    }
+    if u.get("input_tokens").is_some() || u.get("output_tokens").is_some() {
+        // Anthropic counts cached prompt tokens apart; they are prompt tokens all the same.
+        let input = num(u, "input_tokens")
+            + num(u, "cache_creation_input_tokens")
+            + num(u, "cache_read_input_tokens");
+        return Some(Usage::new(input, num(u, "output_tokens")));
+    }
+    None
+}
+
+/// Follows a stream's events and tells what the call used.
+///
+/// ```
+/// use tollgate_gateway::usage::StreamUsage;
+/// let mut s = StreamUsage::new("gpt-4o-mini", 10);
+/// s.observe(None, r#"{"choices":[{"delta":{"content":"Hello there"}}]}"#);
+/// assert_eq!(s.usage().output, 2);                          // counted from the text
+/// s.observe(None, r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3}}"#);
+/// assert_eq!((s.usage().input, s.usage().output), (9, 3));  // reported: exact
+/// ```
+#[derive(Debug)]
+pub struct StreamUsage {
+    model: String,
+    estimated_input: u64,
+    input: Option<u64>,
+    output: Option<u64>,
+    text: String,
+}
+
+/// What [`StreamUsage::observe`] learned from one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Anything else.
+    Other,
+    /// An OpenAI chunk carrying only usage (no choices): the one the gateway asked for
+    /// with `stream_options.include_usage`.
+    UsageOnlyChunk,
+}
+
+impl StreamUsage {
+    /// A stream for `model`, whose prompt was estimated at `estimated_input` tokens.
+    ///
+    /// ```
+    /// let s = tollgate_gateway::usage::StreamUsage::new("claude-3-5-haiku", 40);
+    /// assert_eq!(s.usage().input, 40);
+    /// ```
+    pub fn new(model: &str, estimated_input: u64) -> StreamUsage {
+        StreamUsage {
+            model: model.to_string(),
+            estimated_input,
+            input: None,
+            output: None,
+            text: String::new(),
+        }
+    }
+
+    /// Read one event's `data` (and `event` name).
+    ///
+    /// ```
+    /// use tollgate_gateway::usage::{Seen, StreamUsage};
+    /// let mut s = StreamUsage::new("m", 0);
+    /// assert_eq!(s.observe(None, r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#), Seen::UsageOnlyChunk);
+    /// assert_eq!(s.observe(None, "[DONE]"), Seen::Other);
+    /// ```
+    pub fn observe(&mut self, event: Option<&str>, data: &str) -> Seen {
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            return Seen::Other;
+        };
+        let kind = event.or_else(|| v.get("type").and_then(Value::as_str));
+        match kind {
+            Some("message_start") => {
+                if let Some(u) = v.pointer("/message/usage") {
+                    self.input = Some(
+                        num(u, "input_tokens")
+                            + num(u, "cache_creation_input_tokens")
+                            + num(u, "cache_read_input_tokens"),
+                    );
+                    self.output = Some(num(u, "output_tokens"));
+                }
+                return Seen::Other;
+            }
+            Some("message_delta") => {
+                if let Some(u) = v.get("usage") {
+                    self.output = Some(num(u, "output_tokens"));
+                }
+                return Seen::Other;
+            }
+            Some("content_block_delta") => {
+                if let Some(t) = v.pointer("/delta/text").and_then(Value::as_str) {
+                    self.text.push_str(t);
+                }
+                return Seen::Other;
+            }
+            Some("response.completed" | "response.incomplete" | "response.failed") => {
+                if let Some(u) = v.pointer("/response/usage").and_then(usage_object) {
+                    self.input = Some(u.input);
+                    self.output = Some(u.output);
+                }
+                return Seen::Other;
+            }
+            Some("response.output_text.delta") => {
+                if let Some(t) = v.get("delta").and_then(Value::as_str) {
+                    self.text.push_str(t);
+                }
+                return Seen::Other;
+            }
+            _ => {}
+        }
+        if let Some(choices) = v.get("choices").and_then(Value::as_array) {
+            for c in choices {
+                if let Some(t) = c.pointer("/delta/content").and_then(Value::as_str) {
+                    self.text.push_str(t);
+                } else if let Some(t) = c.get("text").and_then(Value::as_str) {
+                    self.text.push_str(t);
+                }
+            }
+            if let Some(u) = v.get("usage").and_then(usage_object) {
+                self.input = Some(u.input);
+                self.output = Some(u.output);
+                if choices.is_empty() {
+                    return Seen::UsageOnlyChunk;
+                }
+            }
+        }
+        Seen::Other
+    }
+
+    /// Whether the provider reported the output (else it is counted from the text).
+    ///
+    /// ```
+    /// assert!(!tollgate_gateway::usage::StreamUsage::new("m", 0).reported());
+    /// ```
+    pub fn reported(&self) -> bool {
+        self.output.is_some()
+    }
+
+    /// What the call used so far: reported numbers where the provider sent them, else
+    /// the prompt estimate and the streamed text counted with the model's tokenizer.
+    ///
+    /// ```
+    /// let s = tollgate_gateway::usage::StreamUsage::new("m", 3);
+    /// assert_eq!((s.usage().input, s.usage().output), (3, 0));
+    /// ```
+    pub fn usage(&self) -> Usage {
+        let output = self
+            .output
+            .unwrap_or_else(|| tollgate::tokens::count_text(&self.model, &self.text));
+        Usage::new(self.input.unwrap_or(self.estimated_input), output)
+    }
+}

@@ -1,0 +1,391 @@
+//! The gateway against `tollgate sim` as its upstream, over real sockets: per-caller
+//! limits, isolation between callers, exact headers, streamed usage charged, a client
+//! that disconnects mid-stream freeing its slot, FIFO queueing in wait mode.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tollgate_gateway::config::hash_key;
+use tollgate_gateway::{Config, Gateway};
+use tollgate_sim::{Sim, SimConfig};
+
+struct Setup {
+    sim: Sim,
+    gateway: Gateway,
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    http: reqwest::Client,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A simulator with generous limits and a gateway in front of it, with callers `a`, `b`
+/// (keys `key-a`, `key-b`) in the tier configured by `tiers`.
+async fn setup(sim: SimConfig, tiers: &str) -> Setup {
+    let sim = Sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), sim)
+        .await
+        .expect("start the simulator");
+    let src = format!(
+        "[upstreams.sim]\nkind = \"sim\"\nurl = \"http://{}\"\napi_key = \"upstream-secret\"\nmodels = [\"gpt-4o-mini\", \"text-embedding-3-small\"]\n\n{tiers}\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n[callers.b]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
+        sim.addr(),
+        hash_key("key-a"),
+        hash_key("key-b"),
+    );
+    let config = Config::parse(&src).expect("a valid config");
+    let gateway = Gateway::new(config).await.expect("build the gateway");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let g = gateway.clone();
+    tokio::spawn(async move {
+        g.serve(listener, async {
+            stopped.await.ok();
+        })
+        .await
+        .expect("serve");
+    });
+    Setup {
+        sim,
+        gateway,
+        url,
+        stop: Some(stop),
+        http: reqwest::Client::new(),
+    }
+}
+
+fn fast_sim() -> SimConfig {
+    SimConfig {
+        rpm: 1_000_000,
+        tpm: 100_000_000,
+        latency: Duration::from_millis(1),
+        output_tokens: 20,
+        ..SimConfig::default()
+    }
+}
+
+fn chat(stream: bool) -> Value {
+    json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hello to the gateway."}],
+        "max_tokens": 50,
+        "stream": stream,
+    })
+}
+
+impl Setup {
+    async fn post(&self, key: &str, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("the gateway answers")
+    }
+
+    async fn usage(&self, key: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/usage", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("usage")
+            .json()
+            .await
+            .expect("usage JSON")
+    }
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_caller_has_its_own_limit_and_the_429_names_it() {
+    let s = setup(
+        fast_sim(),
+        "[tiers.t]\nlimits = { requests_per_minute = 2, tokens_per_minute = 100000 }",
+    )
+    .await;
+    let r = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "2");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "1");
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "100000");
+    let body: Value = r.json().await.expect("json");
+    assert!(body["usage"]["completion_tokens"].as_u64().is_some());
+    assert_eq!(
+        s.post("key-a", "/v1/chat/completions", &chat(false))
+            .await
+            .status(),
+        200
+    );
+    let r = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = header(&r, "retry-after").parse().expect("seconds");
+    assert!(
+        (25..=31).contains(&retry),
+        "retry-after {retry}: the real time until a request fits"
+    );
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
+    let err: Value = r.json().await.expect("json");
+    assert_eq!(err["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(err["error"]["type"], "requests");
+    let msg = err["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("tier.t.requests_per_minute"), "{msg}");
+    // Caller b is untouched by a's exhaustion.
+    assert_eq!(
+        s.post("key-b", "/v1/chat/completions", &chat(false))
+            .await
+            .status(),
+        200
+    );
+    // The rejected call reached nobody and was charged nothing.
+    assert_eq!(s.sim.stats().requests, 3);
+    let m = s.gateway.metrics();
+    assert_eq!(
+        m.counter(
+            "tollgate_rejected_total",
+            &[("caller", "a"), ("quota", "tier.t.requests_per_minute")]
+        ),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_keys_are_refused_and_the_upstream_key_never_leaks() {
+    let s = setup(fast_sim(), "[tiers.t]").await;
+    let r = s.post("nope", "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(r.status(), 401);
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.url))
+        .json(&chat(false))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 401);
+    let r = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(r.status(), 200);
+    let text = format!("{:?}{}", r.headers().clone(), r.text().await.expect("body"));
+    assert!(!text.contains("upstream-secret"));
+    let models: Value = s
+        .http
+        .get(format!("{}/v1/models", s.url))
+        .bearer_auth("key-b")
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"][0]["id"], "gpt-4o-mini");
+    let health = s
+        .http
+        .get(format!("{}/healthz", s.url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("tollgate_admitted_total{caller=\"a\",upstream=\"sim\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// Reads a whole SSE body and returns its `data:` payloads.
+async fn sse_data(r: reqwest::Response) -> Vec<String> {
+    let text = r.text().await.expect("stream");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_usage_is_charged_and_only_shown_to_who_asked() {
+    let limit = 1_000_000u64;
+    let s = setup(
+        fast_sim(),
+        &format!("[tiers.t]\nlimits = {{ tokens_per_day = {limit} }}"),
+    )
+    .await;
+    // Caller a asks for usage: sees it, and is charged exactly that.
+    let mut body = chat(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = s.post("key-a", "/v1/chat/completions", &body).await;
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "content-type").starts_with("text/event-stream"));
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), limit.to_string());
+    let data = sse_data(r).await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let usage_chunk: Value = serde_json::from_str(&data[data.len() - 2]).expect("usage chunk");
+    let used = usage_chunk["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("prompt")
+        + usage_chunk["usage"]["completion_tokens"]
+            .as_u64()
+            .expect("completion");
+    let remaining = |u: &Value| u["quotas"][0]["remaining"].as_u64().expect("remaining");
+    let left = remaining(&s.usage("key-a").await);
+    // A day's tokens refill at about 12 a second.
+    assert!(
+        left >= limit - used && left <= limit - used + 50,
+        "charged {} for a stream that used {used}",
+        limit - left
+    );
+    // Caller b does not ask: the gateway asks for usage and keeps the chunk from b.
+    let r = s.post("key-b", "/v1/chat/completions", &chat(true)).await;
+    let data = sse_data(r).await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).expect("chunk");
+        assert!(v["usage"].is_null(), "b did not ask for usage: {d}");
+    }
+    let left_b = remaining(&s.usage("key-b").await);
+    assert!(
+        limit - left_b >= used.saturating_sub(50) && limit - left_b <= used + 50,
+        "b charged {} for the same stream as a ({used})",
+        limit - left_b
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_stream_frees_its_slot_and_pays_what_was_generated() {
+    let sim = SimConfig {
+        token_latency: Duration::from_millis(20),
+        output_tokens: 200,
+        ..fast_sim()
+    };
+    let s = setup(
+        sim,
+        "[tiers.t]\nlimits = { concurrency = 1, tokens_per_day = 1000000 }",
+    )
+    .await;
+    let mut body = chat(true);
+    body["max_tokens"] = json!(200);
+    let mut r = s.post("key-a", "/v1/chat/completions", &body).await;
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.expect("read").expect("a first chunk");
+    assert!(!first.is_empty());
+    // While the stream runs, the caller's one slot is taken.
+    let busy = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(busy.status(), 429);
+    let err: Value = busy.json().await.expect("json");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("tier.t.concurrency")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(r);
+    // The slot comes back as soon as the gateway sees the client gone.
+    let t = Instant::now();
+    loop {
+        let again = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+        if again.status() == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the slot was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.gateway
+            .metrics()
+            .counter("tollgate_client_disconnects_total", &[("caller", "a")]),
+        1
+    );
+    // Charged the prompt and what was streamed (about 15 of 200 tokens), not the estimate.
+    let u = s.usage("key-a").await;
+    let charged = 1_000_000 - u["quotas"][0]["remaining"].as_u64().expect("remaining");
+    assert!(charged < 150, "charged {charged}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_callers_are_served_in_arrival_order() {
+    let sim = SimConfig {
+        latency: Duration::from_millis(150),
+        ..fast_sim()
+    };
+    let s = setup(
+        sim,
+        "[tiers.t]\non_limit = \"wait\"\nmax_wait = \"10s\"\nlimits = { concurrency = 1 }",
+    )
+    .await;
+    let s = std::sync::Arc::new(s);
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (s, order) = (s.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+            assert_eq!(r.status(), 200, "waits rather than failing");
+            order.lock().expect("lock").push(i);
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(*order.lock().expect("lock"), vec![0, 1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_and_unknown_routes_pass_through() {
+    let s = setup(
+        fast_sim(),
+        "[tiers.t]\nlimits = { requests_per_minute = 100 }",
+    )
+    .await;
+    let r = s
+        .post(
+            "key-a",
+            "/v1/embeddings",
+            &json!({"model": "text-embedding-3-small", "input": "hello"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "99");
+    let v: Value = r.json().await.expect("json");
+    assert!(v["data"][0]["embedding"].is_array());
+    // Unknown to the gateway: forwarded, counted as a request.
+    let r = s.post("key-a", "/v1/unknown", &json!({})).await;
+    assert_eq!(r.status(), 404, "the simulator's own answer");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "98");
+    // A body that is not JSON on a known route is the caller's mistake.
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth("key-a")
+        .body("{not json")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 400);
+}
