@@ -254,8 +254,8 @@ pub struct Config {
     /// Largest request body accepted, in bytes. Default 16 MiB.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
-    /// Longest an upstream may take to answer (a stream: between two chunks). Default
-    /// 600 s.
+    /// Longest an upstream may take to send its response headers, and then its whole
+    /// body (a stream: between two chunks). Default 600 s.
     #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
     pub upstream_timeout: Duration,
     /// Provider accounts, by name.
@@ -434,6 +434,13 @@ impl Config {
             );
         }
         for (name, t) in &self.tiers {
+            if t.max_wait > Duration::from_secs(86_400) {
+                return err(
+                    None,
+                    format!("tiers.{name}.max_wait"),
+                    "is over a day; no caller waits that long for an answer".into(),
+                );
+            }
             check_limits(&t.limits, &format!("tiers.{name}.limits"))
                 .map_err(|m| ConfigError::at(src, None, &format!("tiers.{name}.limits"), m))?;
         }

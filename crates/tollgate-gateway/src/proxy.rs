@@ -370,11 +370,14 @@ fn ratelimit_headers(st: &State, status: &[QuotaStatus], h: &mut HeaderMap) {
     }
 }
 
-/// Request headers never forwarded: hop-by-hop, and the caller's credentials.
+/// Request headers never forwarded: hop-by-hop, the caller's credentials, and the
+/// encodings it accepts (the gateway reads the answer to count usage, so it takes it
+/// uncompressed).
 fn forwardable(name: &HeaderName) -> bool {
     !matches!(
         name.as_str(),
         "host"
+            | "accept-encoding"
             | "content-length"
             | "connection"
             | "keep-alive"
@@ -390,8 +393,8 @@ fn forwardable(name: &HeaderName) -> bool {
     )
 }
 
-/// Response headers never passed back: hop-by-hop, the length (the body may change) and
-/// the upstream account's rate-limit headers (the caller gets its own).
+/// Response headers never passed back: hop-by-hop, the length (the body may change), the
+/// upstream account's identity and its rate-limit headers (the caller gets its own).
 fn returnable(name: &HeaderName) -> bool {
     let n = name.as_str();
     !(matches!(
@@ -402,6 +405,8 @@ fn returnable(name: &HeaderName) -> bool {
             | "transfer-encoding"
             | "trailer"
             | "upgrade"
+            | "openai-organization"
+            | "openai-project"
     ) || n.starts_with("x-ratelimit-")
         || n.starts_with("anthropic-ratelimit-"))
 }
@@ -501,7 +506,9 @@ impl Call {
                 }
             }
         }
-        let deadline = started + tier.max_wait;
+        let deadline = started
+            .checked_add(tier.max_wait)
+            .unwrap_or(started + Duration::from_secs(86_400));
         let answer = tokio::select! {
             a = self.forward(deadline) => a,
             () = tx.closed() => {
@@ -512,7 +519,8 @@ impl Call {
         };
         let answer = match answer {
             Forwarded::Answer(a) => a,
-            Forwarded::Failed(resp) => {
+            Forwarded::Failed(mut resp) => {
+                resp.headers_mut().extend(rl);
                 settle(permit, Usage::new(0, 0)).await;
                 let _ = tx.send(resp);
                 return;
@@ -533,7 +541,11 @@ impl Call {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if !status.is_success() {
             // Nothing generated: tokens back, the request counted.
-            let body = answer.bytes().await.unwrap_or_default();
+            let body = tokio::time::timeout(st.upstream_timeout, answer.bytes())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
             settle(permit, Usage::new(0, 0)).await;
             let _ = tx.send(build(status, headers, Body::from(body)));
             return;
@@ -600,7 +612,8 @@ impl Call {
                 .request(self.method.clone(), &url)
                 .body(self.body.clone());
             for (n, v) in &self.headers {
-                if forwardable(n) {
+                // A body the gateway rewrote is JSON, whatever the caller said.
+                if forwardable(n) && !(self.json.is_some() && n == header::CONTENT_TYPE) {
                     req = req.header(n, v);
                 }
             }

@@ -139,16 +139,17 @@ impl Parser {
         Ok(out)
     }
 
-    /// The end of the stream: what is held as a last event, if anything but blank
-    /// space (a stream may end without the final blank line).
+    /// The end of the stream: whatever is held, as a last event (a stream may end
+    /// without the final blank line), so no byte is lost.
     ///
     /// ```
     /// let mut p = tollgate_gateway::sse::Parser::new();
     /// p.push(b"data: last").unwrap();
     /// assert_eq!(p.finish().unwrap().data, "last");
+    /// assert!(tollgate_gateway::sse::Parser::new().finish().is_none());
     /// ```
     pub fn finish(self) -> Option<Event> {
-        if self.buf.iter().all(u8::is_ascii_whitespace) {
+        if self.buf.is_empty() {
             return None;
         }
         Some(parse(self.buf.freeze()))

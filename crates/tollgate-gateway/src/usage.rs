@@ -112,13 +112,14 @@ impl StreamUsage {
         let kind = event.or_else(|| v.get("type").and_then(Value::as_str));
         match kind {
             Some("message_start") => {
+                // Its output count is a placeholder (1); the real one comes with
+                // message_delta, and until then the streamed text is counted.
                 if let Some(u) = v.pointer("/message/usage") {
                     self.input = Some(
                         num(u, "input_tokens")
                             + num(u, "cache_creation_input_tokens")
                             + num(u, "cache_read_input_tokens"),
                     );
-                    self.output = Some(num(u, "output_tokens"));
                 }
                 return Seen::Other;
             }
