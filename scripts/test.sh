@@ -2,8 +2,10 @@
 # The test command: everything CI checks, runnable on a fresh machine.
 #   formatting, clippy with warnings as errors, rustdoc with warnings as errors, every
 #   test and doc-test, and every example run to completion (the examples check their own
-#   limits).
-# Tests that need a server start their own; this script installs what they need.
+#   limits), the README's first command, and the official openai Python package against
+#   the gateway.
+# Tests that need a server start their own; this script installs what they need
+# (redis-server with apt, the openai package with pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,4 +42,14 @@ for example in crates/tollgate/examples/*.rs; do
 done
 echo "== the README's first command: tollgate batch against tollgate sim"
 ./scripts/demo.sh >/dev/null
+echo "== the official openai Python package against tollgate serve"
+if ! command -v python3 >/dev/null 2>&1; then
+  echo "python3 is missing: the gateway's SDK test needs it (apt-get install -y python3-pip)" >&2
+  exit 1
+fi
+if ! python3 -c 'import openai' 2>/dev/null; then
+  python3 -m pip install --quiet openai
+fi
+cargo build --quiet -p tollgate-cli
+python3 scripts/gateway_openai.py target/debug/tollgate
 echo "all checks passed"
