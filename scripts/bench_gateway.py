@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Latency the gateway adds, measured with oha on loopback.
+
+Starts `tollgate sim` (no simulated latency, limits no run reaches) and `tollgate serve`
+in front of it (one caller in a tier with request and token limits, an upstream account
+with its own limits, so every request takes a real two-dimension decision), then drives
+each at a fixed rate with oha and reports p50 / p99 of calling the simulator directly and
+through the gateway, side by side in the same run. With --redis the gateway keeps its
+limits in a redis-server the script starts. With --soak SECONDS it instead drives the
+gateway for that long at the first rate and samples its resident memory every 30 s.
+
+    cargo build --release -p tollgate-cli && cargo install oha
+    python3 scripts/bench_gateway.py [--rates 1000,5000] [--seconds 30] [--redis]
+    python3 scripts/bench_gateway.py --rates 1000 --soak 600
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = "target/release/tollgate"
+KEY = "bench-key"
+BODY = json.dumps({
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+    "max_tokens": 16,
+})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port):
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on {port}")
+
+
+def oha(url, rate, seconds, auth):
+    cmd = ["oha", "-z", f"{seconds}s", "-q", str(rate), "-c", "64", "--no-tui", "--latency-correction",
+           "--output-format", "json", "-m", "POST", "-H", "content-type: application/json",
+           "-d", BODY, url]
+    if auth:
+        cmd[1:1] = ["-H", f"authorization: Bearer {KEY}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    r = json.loads(out)
+    codes = r.get("statusCodeDistribution", {})
+    ok = codes.get("200", 0)
+    total = sum(codes.values())
+    if ok != total:
+        sys.exit(f"{url}: not every answer was 200: {codes}")
+    lat = r["latencyPercentiles"]
+    return {"rps": r["summary"]["requestsPerSec"], "p50": lat["p50"] * 1000,
+            "p99": lat["p99"] * 1000, "n": total}
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rates", default="1000,5000")
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--redis", action="store_true")
+    ap.add_argument("--soak", type=int, default=0)
+    args = ap.parse_args()
+    if not shutil.which("oha"):
+        sys.exit("oha is missing: cargo install oha")
+    work = tempfile.mkdtemp()
+    procs = []
+    try:
+        sim_port, gw_port = free_port(), free_port()
+        procs.append(subprocess.Popen(
+            [BIN, "sim", "--port", str(sim_port), "--latency", "0ms", "--output-tokens", "16",
+             "--rpm", "1000000000", "--tpm", "1000000000000"],
+            stderr=subprocess.DEVNULL))
+        wait_port(sim_port)
+        redis_line = ""
+        if args.redis:
+            rport = free_port()
+            procs.append(subprocess.Popen(
+                ["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL))
+            wait_port(rport)
+            redis_line = f'redis = "redis://127.0.0.1:{rport}"\n'
+        config = os.path.join(work, "tollgate.toml")
+        with open(config, "w") as f:
+            f.write(f"""listen = "127.0.0.1:{gw_port}"
+{redis_line}[upstreams.sim]
+kind = "sim"
+url = "http://127.0.0.1:{sim_port}"
+limits = {{ requests_per_minute = 1000000000, tokens_per_minute = 1000000000000 }}
+[tiers.bench]
+limits = {{ requests_per_minute = 1000000000, tokens_per_minute = 1000000000000 }}
+[callers.bench]
+key_sha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"
+tier = "bench"
+""")
+        gw = subprocess.Popen([BIN, "serve", "--config", config], stderr=subprocess.DEVNULL)
+        procs.append(gw)
+        wait_port(gw_port)
+        direct = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
+        via = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+        rates = [int(r) for r in args.rates.split(",")]
+        store = "redis" if args.redis else "memory"
+        # Warm both paths (connections, tokenizer tables).
+        oha(direct, 500, 2, True)
+        oha(via, 500, 2, True)
+        if args.soak:
+            rate = rates[0]
+            print(f"soak: {rate} requests/s through the gateway ({store}) for {args.soak} s")
+            print("| elapsed s | gateway RSS MB |")
+            print("|---:|---:|")
+            print(f"| 0 | {rss_mb(gw.pid):.1f} |")
+            load = subprocess.Popen(
+                ["oha", "-z", f"{args.soak}s", "-q", str(rate), "-c", "64", "--no-tui",
+                 "--output-format", "json", "-m", "POST", "-H", "content-type: application/json",
+                 "-H", f"authorization: Bearer {KEY}", "-d", BODY, via],
+                stdout=subprocess.PIPE, text=True)
+            start = time.monotonic()
+            while load.poll() is None:
+                time.sleep(30)
+                print(f"| {time.monotonic() - start:.0f} | {rss_mb(gw.pid):.1f} |", flush=True)
+            r = json.loads(load.stdout.read())
+            print(f"answers: {r['statusCodeDistribution']}, p99 {r['latencyPercentiles']['p99'] * 1000:.2f} ms")
+            return
+        print(f"gateway store: {store}; {args.seconds} s per run; oha, 64 connections")
+        print("| rate | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for rate in rates:
+            d = oha(direct, rate, args.seconds, True)
+            g = oha(via, rate, args.seconds, True)
+            print(f"| {rate} | {d['p50']:.3f} ms | {d['p99']:.3f} ms | {g['p50']:.3f} ms | "
+                  f"{g['p99']:.3f} ms | {g['p50'] - d['p50']:.3f} ms | {g['p99'] - d['p99']:.3f} ms |",
+                  flush=True)
+            if g["rps"] < rate * 0.95 or d["rps"] < rate * 0.95:
+                print(f"  (achieved {d['rps']:.0f} direct, {g['rps']:.0f} via the gateway)")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
