@@ -194,9 +194,14 @@ pub struct Upstream {
     /// Serve requests whose model no upstream lists.
     #[serde(default)]
     pub default: bool,
-    /// The account's own limits, shared by every caller.
+    /// The account's own limits, shared by every caller, for the models without limits
+    /// of their own in `model_limits`.
     #[serde(default)]
     pub limits: Limits,
+    /// Per-model limits of the account (providers limit each model apart): each model
+    /// here is a budget of its own, and is routed to this upstream as if in `models`.
+    #[serde(default)]
+    pub model_limits: BTreeMap<String, Limits>,
 }
 
 /// A level of service: the limits each of its callers gets, each caller its own.
@@ -424,6 +429,10 @@ impl Config {
             }
             check_limits(&u.limits, &format!("upstreams.{name}.limits"))
                 .map_err(|m| ConfigError::at(src, None, &format!("upstreams.{name}.limits"), m))?;
+            for (model, l) in &u.model_limits {
+                let key = format!("upstreams.{name}.model_limits.{model}");
+                check_limits(l, &key).map_err(|m| ConfigError::at(src, None, &key, m))?;
+            }
             defaults += usize::from(u.default);
         }
         if defaults > 1 {

@@ -77,8 +77,16 @@ pub(crate) struct UpstreamState {
     pub(crate) api_key: Option<String>,
     pub(crate) models: Vec<String>,
     pub(crate) default: bool,
-    /// The account's own quotas alone: upstream rate-limit headers are absorbed here.
-    pub(crate) account: Option<Limiter>,
+    /// The account serving models without limits of their own.
+    pub(crate) default_account: usize,
+    /// The accounts of models with limits of their own.
+    pub(crate) model_accounts: HashMap<String, usize>,
+}
+
+/// One budget of an upstream: its general limits, or one model's.
+pub(crate) struct AccountState {
+    /// The account's quotas alone: the upstream's rate-limit headers are absorbed here.
+    pub(crate) limiter: Option<Limiter>,
 }
 
 /// A tier, ready to decide.
@@ -86,7 +94,7 @@ pub(crate) struct TierState {
     pub(crate) name: String,
     pub(crate) on_limit: config::OnLimit,
     pub(crate) max_wait: Duration,
-    /// Per upstream (same order as `upstreams`): the limiter deciding the tier's and the
+    /// Per account (same order as `accounts`): the limiter deciding the tier's and the
     /// account's quotas together; `None` when neither has a limit.
     pub(crate) limiters: Vec<Option<Limiter>>,
 }
@@ -105,6 +113,7 @@ pub(crate) struct State {
     pub(crate) open: Option<CallerInfo>,
     pub(crate) tiers: Vec<TierState>,
     pub(crate) upstreams: Vec<UpstreamState>,
+    pub(crate) accounts: Vec<AccountState>,
     pub(crate) measures: HashMap<String, Measure>,
     pub(crate) http: reqwest::Client,
     pub(crate) metrics: metrics::Metrics,
@@ -198,31 +207,62 @@ impl Gateway {
             }
         };
         let mut upstreams = Vec::new();
+        // Each upstream's budgets: its general limits, then each model's own, with the
+        // quotas that describe them.
+        let mut accounts = Vec::new();
+        let mut account_quotas: Vec<Vec<(Quota, Measure)>> = Vec::new();
         for (name, u) in &config.upstreams {
-            let qs = quotas(&u.limits, &format!("upstream.{name}"), true);
-            let account = if qs.is_empty() {
-                None
-            } else {
-                let mut b = Limiter::builder().clock(clock.clone());
-                for (q, m) in qs {
-                    measures.insert(q.name(), m);
-                    b = b.quota(q);
+            let mut budgets = vec![(None, quotas(&u.limits, &format!("upstream.{name}"), true))];
+            for (model, l) in &u.model_limits {
+                budgets.push((
+                    Some(model.clone()),
+                    quotas(l, &format!("upstream.{name}.{model}"), true),
+                ));
+            }
+            let mut model_accounts = HashMap::new();
+            let default_account = accounts.len();
+            for (model, qs) in budgets {
+                let limiter = if qs.is_empty() {
+                    None
+                } else {
+                    let mut b = Limiter::builder().clock(clock.clone());
+                    for (q, m) in &qs {
+                        measures.insert(q.name(), *m);
+                        b = b.quota(q.clone());
+                    }
+                    let what = match &model {
+                        Some(m) => format!("upstream `{name}`, model `{m}`"),
+                        None => format!("upstream `{name}`"),
+                    };
+                    Some(build(b, what).await?)
+                };
+                if let Some(m) = model {
+                    model_accounts.insert(m, accounts.len());
                 }
-                Some(build(b, format!("upstream `{name}`")).await?)
-            };
+                accounts.push(AccountState { limiter });
+                account_quotas.push(qs);
+            }
             let api_key = match (&u.api_key, &u.api_key_env) {
                 (Some(k), _) => Some(k.clone()),
                 (None, Some(var)) => std::env::var(var.get_ref()).ok(),
                 (None, None) => None,
             };
+            let mut models = u.models.clone();
+            models.extend(
+                u.model_limits
+                    .keys()
+                    .filter(|m| !u.models.contains(m))
+                    .cloned(),
+            );
             upstreams.push(UpstreamState {
                 name: name.clone(),
                 kind: u.kind,
                 base: u.url.get_ref().trim_end_matches('/').to_string(),
                 api_key,
-                models: u.models.clone(),
+                models,
                 default: u.default,
-                account,
+                default_account,
+                model_accounts,
             });
         }
         let mut tier_configs: Vec<(String, config::Tier)> = config
@@ -249,24 +289,22 @@ impl Gateway {
             }
             let mut limiters: Vec<Option<Limiter>> = Vec::new();
             let mut first: Option<Limiter> = None;
-            for (ui, u) in upstreams.iter().enumerate() {
-                let (uname, ulimits) = (&u.name, &config.upstreams[&u.name].limits);
-                let account = quotas(ulimits, &format!("upstream.{uname}"), true);
+            for (ai, account) in account_quotas.iter().enumerate() {
                 if own.is_empty() && account.is_empty() {
                     limiters.push(None);
                     continue;
                 }
                 let mut b = Limiter::builder();
-                for (q, _) in own.iter().chain(&account) {
+                for (q, _) in own.iter().chain(account) {
                     b = b.quota(q.clone());
                 }
-                match (&upstreams[ui].account, &first) {
+                match (&accounts[ai].limiter, &first) {
                     (Some(a), Some(f)) if !own.is_empty() => b = b.share_with(a).share_keys_with(f),
                     (Some(a), _) => b = b.share_with(a),
                     (None, Some(f)) if !own.is_empty() => b = b.share_keys_with(f),
                     _ => b = b.clock(clock.clone()),
                 }
-                let l = build(b, format!("tier `{tname}` on upstream `{uname}`")).await?;
+                let l = build(b, format!("tier `{tname}` on account {ai}")).await?;
                 if first.is_none() && !own.is_empty() {
                     first = Some(l.clone());
                 }
@@ -308,6 +346,7 @@ impl Gateway {
                 open,
                 tiers,
                 upstreams,
+                accounts,
                 measures,
                 http,
                 metrics: metrics::Metrics::default(),

@@ -197,10 +197,17 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
             &format!("No upstream of this gateway serves `{path}` for model `{model}`."),
         );
     };
+    let u = &st.upstreams[up];
+    let account = u
+        .model_accounts
+        .get(&model)
+        .copied()
+        .unwrap_or(u.default_account);
     let call = Call {
         st: st.clone(),
         caller,
         up,
+        account,
         method: parts.method,
         path_and_query: parts
             .uri
@@ -415,6 +422,8 @@ struct Call {
     st: Arc<State>,
     caller: CallerInfo,
     up: usize,
+    /// The budget of the upstream this call spends: the model's own, or the general one.
+    account: usize,
     method: Method,
     path_and_query: String,
     headers: HeaderMap,
@@ -435,7 +444,7 @@ impl Call {
     async fn run(mut self, tx: oneshot::Sender<Response>) {
         let st = self.st.clone();
         let tier = &st.tiers[self.caller.tier];
-        let limiter = tier.limiters[self.up].clone();
+        let limiter = tier.limiters[self.account].clone();
         let key = self.caller.name.clone();
         let started = Instant::now();
         let mut tx = tx;
@@ -646,7 +655,7 @@ impl Call {
                 Ok(Ok(resp)) => {
                     labels(resp.status().as_str());
                     let rl = RateLimitHeaders::parse(resp.headers(), SystemTime::now());
-                    if let Some(account) = &upstream.account
+                    if let Some(account) = &st.accounts[self.account].limiter
                         && !rl.is_empty()
                         && let Err(e) = account.absorb("account", &rl, elapsed).await
                     {

@@ -389,3 +389,48 @@ async fn embeddings_and_unknown_routes_pass_through() {
         .expect("answer");
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_with_its_own_account_limits_is_its_own_budget() {
+    let s = setup(
+        fast_sim(),
+        "[tiers.t]\nlimits = { requests_per_minute = 100 }\n[upstreams.sim.model_limits.\"gpt-4o\"]\nrequests_per_minute = 2\n",
+    )
+    .await;
+    let mut big = chat(false);
+    big["model"] = json!("gpt-4o");
+    for key in ["key-a", "key-b"] {
+        let r = s.post(key, "/v1/chat/completions", &big).await;
+        assert_eq!(r.status(), 200);
+    }
+    // The account's 2 a minute for gpt-4o are spent, by two callers together.
+    let r = s.post("key-a", "/v1/chat/completions", &big).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        header(&r, "x-tollgate-quota"),
+        "upstream.sim.gpt-4o.requests_per_minute"
+    );
+    // Other models draw on the account's general budget (none here) and the tier's.
+    let r = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(r.status(), 200);
+    // a's tier counted its gpt-4o call and this one, not the refused one.
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "98");
+    // gpt-4o is listed by /v1/models, having limits of its own on this upstream.
+    let models: Value = s
+        .http
+        .get(format!("{}/v1/models", s.url))
+        .bearer_auth("key-a")
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        models["data"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|m| m["id"] == "gpt-4o")
+    );
+}
