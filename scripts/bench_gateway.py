@@ -61,8 +61,10 @@ def oha(url, rate, seconds, auth):
     codes = r.get("statusCodeDistribution", {})
     ok = codes.get("200", 0)
     total = sum(codes.values())
+    if ok < total * 0.999:
+        sys.exit(f"{url}: too many answers were not 200: {codes}")
     if ok != total:
-        sys.exit(f"{url}: not every answer was 200: {codes}")
+        print(f"  note: {url}: {total - ok} of {total} answers were not 200: {codes}")
     lat = r["latencyPercentiles"]
     return {"rps": r["summary"]["requestsPerSec"], "p50": lat["p50"] * 1000,
             "p99": lat["p99"] * 1000, "n": total}

@@ -879,11 +879,10 @@ impl Limiter {
         if let Some((index, sem)) = &inner.shared_slots {
             slots[1] = Some(self.try_slot(sem.clone(), *index)?);
         }
-        let now = inner.clock.now();
         let reserved = inner
             .store
-            .reserve(key, &cost, now, 0, Part::All, None)
-            .map_err(|r| self.refused(r, now))?;
+            .reserve(key, &cost, &inner.clock, 0, Part::All, None)
+            .map_err(|r| self.refused(r, inner.clock.now()))?;
         Ok(self.permit(key, cost, reserved, slots))
     }
 
@@ -940,7 +939,14 @@ impl Limiter {
         let mut undo = Undo::default();
         let reserved = inner
             .store
-            .reserve(key, &cost, now, remaining(now), first, Some(&mut undo))
+            .reserve(
+                key,
+                &cost,
+                &inner.clock,
+                remaining(now),
+                first,
+                Some(&mut undo),
+            )
             .map_err(|r| self.refused(r, now))?;
         let mut start = reserved.start;
         let permit = self.permit(key, cost, reserved, slots);
@@ -951,7 +957,14 @@ impl Limiter {
             let now = inner.clock.now();
             let shared = inner
                 .store
-                .reserve(key, &cost, now, remaining(now), Part::Shared, Some(undo))
+                .reserve(
+                    key,
+                    &cost,
+                    &inner.clock,
+                    remaining(now),
+                    Part::Shared,
+                    Some(undo),
+                )
                 .map_err(|r| self.refused(r, now))?;
             start = shared.start;
             // Each phase fills only its own quotas' settle slots; the others stay 0.

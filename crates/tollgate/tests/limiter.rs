@@ -747,3 +747,39 @@ async fn tiers_times_accounts_share_both_ways() {
     assert_eq!(r.quota().name(), "a");
     free_b.try_acquire("carol", Cost::request()).await.unwrap();
 }
+
+/// Callers racing on one key never see a quota with room refuse them: the time a
+/// decision uses is read in the order decisions are made. (Read before the lock, a call
+/// overtaken by one that read the clock later found that call's start after its own now,
+/// and `try_acquire` refused it with "retry after 0.000s".)
+#[test]
+fn racing_callers_are_never_refused_by_a_quota_with_room() {
+    let limiter = Limiter::builder()
+        .quota(Quota::requests(1_000_000_000).per_minute())
+        .quota(Quota::tokens(1_000_000_000_000).per_minute().shared())
+        .build()
+        .unwrap();
+    let refused: u64 = std::thread::scope(|s| {
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let l = &limiter;
+                s.spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        let mut refused = 0;
+                        for _ in 0..200_000 {
+                            if l.try_acquire("k", Cost::input(24)).await.is_err() {
+                                refused += 1;
+                            }
+                        }
+                        refused
+                    })
+                })
+            })
+            .collect();
+        tasks.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    assert_eq!(refused, 0, "refused with room to spare");
+}

@@ -13,6 +13,8 @@
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::clock::Clock;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hashbrown::HashTable;
@@ -382,15 +384,20 @@ impl MemoryStore {
         self.insert(&mut shard, hash, entry, now).slots.clone()
     }
 
-    /// Reserve the earliest start at or after `now` when every rate quota has room for
+    /// Reserve the earliest start at or after now when every rate quota has room for
     /// `cost`, if that start is at most `max_wait` ns away; charge all or nothing.
     /// Every quota's charge must already be known to fit its capacity.
+    ///
+    /// The clock is read once the states are locked, so decisions see time in the order
+    /// they are made: a call that read the clock before another but reached the lock
+    /// after it would otherwise find that call's start later than its own now, and wait
+    /// (or, with no wait allowed, be refused) for nothing.
     #[inline]
     pub(crate) fn reserve(
         &self,
         key: &str,
         cost: &Cost,
-        now: u64,
+        clock: &Clock,
         max_wait: u64,
         part: Part,
         undo: Option<&mut Undo>,
@@ -409,11 +416,15 @@ impl MemoryStore {
                 shared_quotas,
                 shared_offset,
                 cost,
-                now,
+                now: clock.now(),
                 max_wait,
             };
             return d.decide(&mut [], shared_states, 0, undo);
         }
+        let nq = self.key_rates.len();
+        let (hash, shard) = self.shard(key);
+        let mut shard = lock_shard(shard);
+        let now = clock.now();
         let d = Decision {
             key_quotas: &self.key_rates,
             shared_quotas,
@@ -422,9 +433,6 @@ impl MemoryStore {
             now,
             max_wait,
         };
-        let nq = self.key_rates.len();
-        let (hash, shard) = self.shard(key);
-        let mut shard = lock_shard(shard);
         if let Some(entry) = self.find(&mut shard, hash, key) {
             entry.touch();
             let epoch = entry.epoch();
