@@ -110,9 +110,9 @@ def main():
 {redis_line}[upstreams.sim]
 kind = "sim"
 url = "http://127.0.0.1:{sim_port}"
-limits = {{ requests_per_minute = 1000000000, tokens_per_minute = 1000000000000 }}
+limits = {{ requests_per_minute = 1000000000, tokens_per_minute = 1000000000 }}
 [tiers.bench]
-limits = {{ requests_per_minute = 1000000000, tokens_per_minute = 1000000000000 }}
+limits = {{ requests_per_minute = 1000000000, tokens_per_minute = 1000000000 }}
 [callers.bench]
 key_sha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"
 tier = "bench"

@@ -50,12 +50,12 @@ pub enum GatewayError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A tier's or an upstream's limits cannot be built.
-    #[error("limits of {what}: {source}")]
+    #[error("limits of {what}: {error}")]
     Limits {
         /// Which tier and upstream.
         what: String,
         /// Why.
-        source: tollgate::Error,
+        error: tollgate::Error,
     },
     /// The HTTP client or the listener failed.
     #[error("{0}")]
@@ -87,6 +87,9 @@ pub(crate) struct UpstreamState {
 pub(crate) struct AccountState {
     /// The account's quotas alone: the upstream's rate-limit headers are absorbed here.
     pub(crate) limiter: Option<Limiter>,
+    /// An absorb is running: answers arriving meanwhile skip theirs (the next answer's
+    /// headers are as fresh), so absorbing never queues requests behind it.
+    pub(crate) absorbing: std::sync::atomic::AtomicBool,
 }
 
 /// A tier, ready to decide.
@@ -203,7 +206,7 @@ impl Gateway {
                     Some(url) => b.redis(url).prefix(prefix).build().await,
                     None => b.build().map_err(tollgate::Error::from),
                 };
-                r.map_err(|source| GatewayError::Limits { what, source })
+                r.map_err(|error| GatewayError::Limits { what, error })
             }
         };
         let mut upstreams = Vec::new();
@@ -239,7 +242,10 @@ impl Gateway {
                 if let Some(m) = model {
                     model_accounts.insert(m, accounts.len());
                 }
-                accounts.push(AccountState { limiter });
+                accounts.push(AccountState {
+                    limiter,
+                    absorbing: std::sync::atomic::AtomicBool::new(false),
+                });
                 account_quotas.push(qs);
             }
             let api_key = match (&u.api_key, &u.api_key_env) {

@@ -5,6 +5,7 @@
 //! generated, whether the stream finished or the client went away.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
@@ -655,11 +656,16 @@ impl Call {
                 Ok(Ok(resp)) => {
                     labels(resp.status().as_str());
                     let rl = RateLimitHeaders::parse(resp.headers(), SystemTime::now());
-                    if let Some(account) = &st.accounts[self.account].limiter
+                    let acct = &st.accounts[self.account];
+                    if let Some(account) = &acct.limiter
                         && !rl.is_empty()
-                        && let Err(e) = account.absorb("account", &rl, elapsed).await
+                        && !acct.absorbing.swap(true, Ordering::Acquire)
                     {
-                        tracing::warn!(upstream = %upstream.name, error = %e, "could not absorb the upstream's rate-limit headers");
+                        // Cleared however this ends, a dropped request included.
+                        let _clear = Clear(&acct.absorbing);
+                        if let Err(e) = account.absorb("account", &rl, elapsed).await {
+                            tracing::warn!(upstream = %upstream.name, error = %e, "could not absorb the upstream's rate-limit headers");
+                        }
                     }
                     if !tollgate::retry::is_retryable(resp.status()) {
                         return Forwarded::Answer(resp);
@@ -791,6 +797,15 @@ impl Call {
         let used = tracker.usage();
         self.count_tokens(used);
         settle(permit, used).await;
+    }
+}
+
+/// Clears the flag when dropped.
+struct Clear<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Clear<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

@@ -216,7 +216,7 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(StoreUnavailable),
     /// The limiter's configuration is invalid (from an async `build`, such as Redis's).
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] crate::ConfigError),
 }
 
