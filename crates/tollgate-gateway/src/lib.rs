@@ -214,6 +214,7 @@ impl Gateway {
         // quotas that describe them.
         let mut accounts = Vec::new();
         let mut account_quotas: Vec<Vec<(Quota, Measure)>> = Vec::new();
+        let mut account_names: Vec<String> = Vec::new();
         for (name, u) in &config.upstreams {
             let mut budgets = vec![(None, quotas(&u.limits, &format!("upstream.{name}"), true))];
             for (model, l) in &u.model_limits {
@@ -225,6 +226,10 @@ impl Gateway {
             let mut model_accounts = HashMap::new();
             let default_account = accounts.len();
             for (model, qs) in budgets {
+                let what = match &model {
+                    Some(m) => format!("`{name}`, model `{m}`"),
+                    None => format!("`{name}`"),
+                };
                 let limiter = if qs.is_empty() {
                     None
                 } else {
@@ -233,15 +238,12 @@ impl Gateway {
                         measures.insert(q.name(), *m);
                         b = b.quota(q.clone());
                     }
-                    let what = match &model {
-                        Some(m) => format!("upstream `{name}`, model `{m}`"),
-                        None => format!("upstream `{name}`"),
-                    };
-                    Some(build(b, what).await?)
+                    Some(build(b, format!("upstream {what}")).await?)
                 };
                 if let Some(m) = model {
                     model_accounts.insert(m, accounts.len());
                 }
+                account_names.push(what);
                 accounts.push(AccountState {
                     limiter,
                     absorbing: std::sync::atomic::AtomicBool::new(false),
@@ -310,7 +312,11 @@ impl Gateway {
                     (None, Some(f)) if !own.is_empty() => b = b.share_keys_with(f),
                     _ => b = b.clock(clock.clone()),
                 }
-                let l = build(b, format!("tier `{tname}` on account {ai}")).await?;
+                let l = build(
+                    b,
+                    format!("tier `{tname}` on upstream {}", account_names[ai]),
+                )
+                .await?;
                 if first.is_none() && !own.is_empty() {
                     first = Some(l.clone());
                 }

@@ -92,16 +92,21 @@ impl Setup {
             .expect("the gateway answers")
     }
 
-    async fn usage(&self, key: &str) -> Value {
+    /// `GET path` as the caller with `key`, read as JSON.
+    async fn get_json(&self, key: &str, path: &str) -> Value {
         self.http
-            .get(format!("{}/v1/usage", self.url))
+            .get(format!("{}{path}", self.url))
             .bearer_auth(key)
             .send()
             .await
-            .expect("usage")
+            .expect("the gateway answers")
             .json()
             .await
-            .expect("usage JSON")
+            .expect("a JSON answer")
+    }
+
+    async fn usage(&self, key: &str) -> Value {
+        self.get_json(key, "/v1/usage").await
     }
 }
 
@@ -182,16 +187,7 @@ async fn unknown_keys_are_refused_and_the_upstream_key_never_leaks() {
     assert_eq!(r.status(), 200);
     let text = format!("{:?}{}", r.headers().clone(), r.text().await.expect("body"));
     assert!(!text.contains("upstream-secret"));
-    let models: Value = s
-        .http
-        .get(format!("{}/v1/models", s.url))
-        .bearer_auth("key-b")
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let models = s.get_json("key-b", "/v1/models").await;
     assert_eq!(models["data"][0]["id"], "gpt-4o-mini");
     let health = s
         .http
@@ -416,16 +412,7 @@ async fn a_model_with_its_own_account_limits_is_its_own_budget() {
     // a's tier counted its gpt-4o call and this one, not the refused one.
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "98");
     // gpt-4o is listed by /v1/models, having limits of its own on this upstream.
-    let models: Value = s
-        .http
-        .get(format!("{}/v1/models", s.url))
-        .bearer_auth("key-a")
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let models = s.get_json("key-a", "/v1/models").await;
     assert!(
         models["data"]
             .as_array()
