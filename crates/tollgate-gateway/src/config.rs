@@ -455,6 +455,16 @@ impl Config {
         }
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, c) in &self.callers {
+            if name.is_empty() || name.len() > tollgate::MAX_KEY_LEN {
+                return err(
+                    Some(c.tier.span()),
+                    format!("callers.{name}"),
+                    format!(
+                        "a caller's name is its key in the limiter: 1 to {} bytes",
+                        tollgate::MAX_KEY_LEN
+                    ),
+                );
+            }
             let tier = c.tier.get_ref();
             if !self.tiers.contains_key(tier) {
                 let known: Vec<&str> = self.tiers.keys().map(String::as_str).collect();
@@ -569,6 +579,16 @@ mod tests {
             e.starts_with("line 9: `callers.b.key_sha256`: the same key as caller `a`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn caller_names_fit_the_limiter() {
+        let long = "x".repeat(tollgate::MAX_KEY_LEN + 1);
+        let e = err(&format!(
+            "{BASE}[tiers.t]\n[callers.{long}]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
+            hash_key("k")
+        ));
+        assert!(e.contains("a caller's name is its key"), "{e}");
     }
 
     #[test]

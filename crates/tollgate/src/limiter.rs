@@ -251,12 +251,13 @@ impl LimiterBuilder {
             share.map(|o| &o.store),
             share_keys.map(|o| &o.store),
         );
-        let shared_slots = match share.and_then(|o| o.shared_slots.clone()) {
-            Some(theirs) => Some(theirs),
-            None => a
-                .shared_slots
-                .map(|(i, n)| (i, Arc::new(Semaphore::new(n)))),
-        };
+        // The other limiter's semaphore, under this limiter's index for the quota.
+        let shared_slots = a.shared_slots.map(|(i, n)| {
+            let theirs = share
+                .and_then(|o| o.shared_slots.as_ref())
+                .map(|(_, s)| s.clone());
+            (i, theirs.unwrap_or_else(|| Arc::new(Semaphore::new(n))))
+        });
         Ok(Limiter {
             inner: Arc::new(Inner {
                 settles: store.settles(),

@@ -655,7 +655,10 @@ async fn limiters_sharing_an_account_spend_one_budget() {
         ]
     };
     let mut free = Limiter::builder().quota(Quota::tokens(300).per_minute());
-    let mut pro = Limiter::builder().quota(Quota::tokens(900).per_minute());
+    // The account's quotas sit at other positions in pro than in free.
+    let mut pro = Limiter::builder()
+        .quota(Quota::tokens(900).per_minute())
+        .quota(Quota::requests(1_000).per_minute());
     for q in account() {
         free = free.quota(q.clone());
         pro = pro.quota(q);

@@ -273,12 +273,14 @@ impl RedisBuilder {
             ids: a.ids,
             quotas: a.checked,
             key_slots: a.key_slots.map(|(i, _)| i),
-            shared_slots: match share.and_then(|o| o.shared_slots.clone()) {
-                Some(theirs) => Some(theirs),
-                None => a
-                    .shared_slots
-                    .map(|(i, n)| (i, Arc::new(Semaphore::new(scale(n as u64) as usize)))),
-            },
+            // The other limiter's semaphore, under this limiter's index for the quota.
+            shared_slots: a.shared_slots.map(|(i, n)| {
+                let theirs = share
+                    .and_then(|o| o.shared_slots.as_ref())
+                    .map(|(_, s)| s.clone());
+                let own = || Arc::new(Semaphore::new(scale(n as u64) as usize));
+                (i, theirs.unwrap_or_else(own))
+            }),
             store: fallback,
             clock: share
                 .or(share_keys)

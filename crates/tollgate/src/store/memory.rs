@@ -13,14 +13,13 @@
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::clock::Clock;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hashbrown::HashTable;
 use tokio::sync::Semaphore;
 
 use crate::algo::{Params, State};
+use crate::clock::Clock;
 use crate::cost::{Cost, Usage};
 use crate::quota::{Accounting, Dimension, charge};
 
