@@ -203,7 +203,15 @@ impl Gateway {
             let prefix = prefix.clone();
             async move {
                 let r = match redis {
-                    Some(url) => b.redis(url).prefix(prefix).build().await,
+                    // Each decision brings its quotas' status for the `x-ratelimit-*`
+                    // headers: no second round trip per request.
+                    Some(url) => {
+                        b.redis(url)
+                            .prefix(prefix)
+                            .status_with_decisions(true)
+                            .build()
+                            .await
+                    }
                     None => b.build().map_err(tollgate::Error::from),
                 };
                 r.map_err(|error| GatewayError::Limits { what, error })

@@ -481,8 +481,8 @@ impl Call {
         st.metrics
             .observe("tollgate_wait_seconds", &[], waited.as_secs_f64());
         let mut rl = HeaderMap::new();
-        if let Some(l) = &limiter
-            && let Ok(status) = l.status(&key).await
+        if let Some(p) = &permit
+            && let Ok(status) = p.status().await
         {
             ratelimit_headers(&st, &status, &mut rl);
         }
@@ -531,8 +531,8 @@ impl Call {
             Forwarded::Answer(a) => a,
             Forwarded::Failed(mut resp) => {
                 resp.headers_mut().extend(rl);
-                settle(permit, Usage::new(0, 0)).await;
                 let _ = tx.send(resp);
+                settle(permit, Usage::new(0, 0)).await;
                 return;
             }
         };
@@ -556,8 +556,8 @@ impl Call {
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            settle(permit, Usage::new(0, 0)).await;
             let _ = tx.send(build(status, headers, Body::from(body)));
+            settle(permit, Usage::new(0, 0)).await;
             return;
         }
         if is_stream {
@@ -568,7 +568,6 @@ impl Call {
         let body = match tokio::time::timeout(st.upstream_timeout, answer.bytes()).await {
             Ok(Ok(b)) => b,
             _ => {
-                settle(permit, Usage::new(self.cost.input, 0)).await;
                 let _ = tx.send(error(
                     StatusCode::BAD_GATEWAY,
                     self.anthropic,
@@ -579,18 +578,20 @@ impl Call {
                         upstream.name
                     ),
                 ));
+                settle(permit, Usage::new(self.cost.input, 0)).await;
                 return;
             }
         };
         let used = serde_json::from_slice::<Value>(&body)
             .ok()
             .and_then(|v| crate::usage::from_json(&v));
+        // The caller has its answer before the settlement's round trip.
+        let _ = tx.send(build(status, headers, Body::from(body)));
         if let Some(u) = used {
             self.count_tokens(u);
             settle(permit, u).await;
         }
         // No usage reported: the estimate stands (the permit drops unsettled).
-        let _ = tx.send(build(status, headers, Body::from(body)));
     }
 
     fn count_tokens(&self, u: Usage) {
@@ -657,15 +658,22 @@ impl Call {
                     labels(resp.status().as_str());
                     let rl = RateLimitHeaders::parse(resp.headers(), SystemTime::now());
                     let acct = &st.accounts[self.account];
-                    if let Some(account) = &acct.limiter
+                    if acct.limiter.is_some()
                         && !rl.is_empty()
                         && !acct.absorbing.swap(true, Ordering::Acquire)
                     {
-                        // Cleared however this ends, a dropped request included.
-                        let _clear = Clear(&acct.absorbing);
-                        if let Err(e) = account.absorb("account", &rl, elapsed).await {
-                            tracing::warn!(upstream = %upstream.name, error = %e, "could not absorb the upstream's rate-limit headers");
-                        }
+                        // Off the request's path: the answer never waits for it.
+                        let (st, account, name) = (st.clone(), self.account, upstream.name.clone());
+                        tokio::spawn(async move {
+                            let acct = &st.accounts[account];
+                            // Cleared however this ends.
+                            let _clear = Clear(&acct.absorbing);
+                            if let Some(l) = &acct.limiter
+                                && let Err(e) = l.absorb("account", &rl, elapsed).await
+                            {
+                                tracing::warn!(upstream = %name, error = %e, "could not absorb the upstream's rate-limit headers");
+                            }
+                        });
                     }
                     if !tollgate::retry::is_retryable(resp.status()) {
                         return Forwarded::Answer(resp);

@@ -59,7 +59,7 @@ async fn two_instances_on_one_redis_enforce_one_limit() {
     let admitted = |key: &'static str, n: usize| {
         let (http, body, one, two) = (http.clone(), body.clone(), one.clone(), two.clone());
         async move {
-            let mut ok = 0;
+            let mut remaining = Vec::new();
             for i in 0..n {
                 let url = if i % 2 == 0 { &one } else { &two };
                 let r = http
@@ -70,17 +70,29 @@ async fn two_instances_on_one_redis_enforce_one_limit() {
                     .await
                     .expect("answer");
                 match r.status().as_u16() {
-                    200 => ok += 1,
+                    // What the decision left, read from Redis with the decision itself.
+                    200 => remaining.push(
+                        r.headers()["x-ratelimit-remaining-requests"]
+                            .to_str()
+                            .expect("ascii")
+                            .parse::<u64>()
+                            .expect("a number"),
+                    ),
                     429 => {}
                     s => panic!("status {s}"),
                 }
             }
-            ok
+            remaining
         }
     };
-    // Caller a has 10 a minute whichever instance it reaches, not 10 on each.
-    assert_eq!(admitted("key-a", 14).await, 10);
-    // The account has 15 in all, across callers and instances: 5 are left for b.
-    assert_eq!(admitted("key-b", 10).await, 5);
+    // Caller a has 10 a minute whichever instance it reaches, not 10 on each; its own
+    // quota binds, and each answer says exactly what is left of it.
+    assert_eq!(
+        admitted("key-a", 14).await,
+        vec![9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    );
+    // The account has 15 in all, across callers and instances: 5 are left for b, and
+    // now the account binds.
+    assert_eq!(admitted("key-b", 10).await, vec![4, 3, 2, 1, 0]);
     assert_eq!(sim.stats().requests, 15);
 }

@@ -1133,6 +1133,42 @@ impl Permit<'_> {
         Duration::from_nanos(self.waited_ns)
     }
 
+    /// Every quota's limit, remaining units and reset for the permit's key, this call
+    /// included: what upstash's `limit()` returns with a success, and what a gateway puts
+    /// in its `x-ratelimit-*` headers.
+    ///
+    /// In memory this reads the quotas now (later calls included). On Redis, with
+    /// [`RedisBuilder::status_with_decisions`](crate::RedisBuilder::status_with_decisions),
+    /// it is what the decision itself reported, with no further round trip; otherwise it
+    /// is [`Limiter::status`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::status`]; never on the in-memory store.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let l = Limiter::builder()
+    ///     .quota(Quota::requests(10).per_minute())
+    ///     .quota(Quota::tokens(1_000).per_minute())
+    ///     .build()?;
+    /// let p = l.try_acquire("u", Cost::input(300)).await?;
+    /// let status = p.status().await?;
+    /// assert_eq!((status[0].limit, status[0].remaining), (10, 9));
+    /// assert_eq!((status[1].limit, status[1].remaining), (1_000, 700));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn status(&self) -> Result<Vec<QuotaStatus>, Error> {
+        if let (Some(held), Some(r)) = (&self.remote, &self.limiter.inner.remote)
+            && let Some(status) = self.limiter.held_status(r, held)
+        {
+            return Ok(status);
+        }
+        self.limiter.status(self.key).await
+    }
+
     /// Replace the estimate with what the call used, in every quota that charges actual
     /// usage ([`crate::Accounting::Actual`]), and free the concurrency slots.
     ///

@@ -38,7 +38,9 @@ async fn fixture(store: Store, quotas: Vec<Quota>) -> Fixture {
         }
         Store::Redis => {
             let server = RedisServer::start();
-            let mut b = Limiter::builder().redis(server.url());
+            let mut b = Limiter::builder()
+                .redis(server.url())
+                .status_with_decisions(true);
             for q in quotas {
                 b = b.quota(q);
             }
@@ -50,7 +52,9 @@ async fn fixture(store: Store, quotas: Vec<Quota>) -> Fixture {
         }
         Store::Cluster => {
             let cluster = RedisCluster::start();
-            let mut b = Limiter::builder().redis_cluster(cluster.urls());
+            let mut b = Limiter::builder()
+                .redis_cluster(cluster.urls())
+                .status_with_decisions(true);
             for q in quotas {
                 b = b.quota(q);
             }
@@ -108,7 +112,54 @@ conformance!(
     bad_keys_are_typed_errors,
     a_quota_the_call_does_not_charge_does_not_hold_it_back,
     a_late_settle_never_refunds_into_a_newer_state,
+    a_permit_reports_what_its_decision_left,
 );
+
+async fn a_permit_reports_what_its_decision_left(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::requests(5).per_minute(),
+            Quota::tokens(1_000).per_minute(),
+            Quota::requests(8).per_minute().shared().named("account"),
+            Quota::concurrent(3),
+        ],
+    )
+    .await;
+    let same = |a: &[tollgate::QuotaStatus], b: &[tollgate::QuotaStatus]| {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(
+                (&x.quota, x.limit, x.remaining),
+                (&y.quota, y.limit, y.remaining)
+            );
+            assert!(
+                x.reset.abs_diff(y.reset) < Duration::from_millis(50),
+                "{x:?} vs {y:?}"
+            );
+        }
+    };
+    let first = f
+        .limiter
+        .try_acquire("u", Cost::input(300))
+        .await
+        .expect("first");
+    let s = first.status().await.expect("status");
+    let names: Vec<(u64, u64)> = s.iter().map(|s| (s.limit, s.remaining)).collect();
+    assert_eq!(names, vec![(5, 4), (1_000, 700), (8, 7), (3, 2)]);
+    same(&s, &f.limiter.status("u").await.expect("status"));
+    // A waiting call (per-key, then shared quotas: two phases on Redis).
+    let second = f
+        .limiter
+        .acquire_within("u", Cost::input(100), Duration::from_secs(1))
+        .await
+        .expect("second");
+    let s = second.status().await.expect("status");
+    let names: Vec<(u64, u64)> = s.iter().map(|s| (s.limit, s.remaining)).collect();
+    assert_eq!(names, vec![(5, 3), (1_000, 600), (8, 6), (3, 1)]);
+    same(&s, &f.limiter.status("u").await.expect("status"));
+    assert!(s[1].reset > Duration::from_secs(23) && s[1].reset <= Duration::from_secs(24));
+}
 
 async fn admits_up_to_the_limit_then_says_when_to_retry(store: Store) {
     let f = fixture(store, vec![Quota::requests(3).per_minute().named("rpm")]).await;

@@ -443,3 +443,36 @@ async fn a_foreign_key_fails_only_its_own_calls() {
         "a refused operation is not an outage"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_reports_its_status_without_another_round_trip() {
+    let server = RedisServer::start();
+    let build = |prefix: &'static str, with: bool| {
+        Limiter::builder()
+            .redis(server.url())
+            .prefix(prefix)
+            .status_with_decisions(with)
+            .quota(Quota::requests(10).per_minute())
+            .build()
+    };
+    let reporting = build("s1:", true).await.expect("builds");
+    let permit = reporting
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("admitted");
+    // Another call lands before the first permit reads its status: the permit still
+    // says what its own decision left, so it did not ask Redis again.
+    drop(reporting.try_acquire("u", Cost::request()).await);
+    let status = permit.status().await.expect("status");
+    assert_eq!((status[0].limit, status[0].remaining), (10, 9));
+    assert_eq!(reporting.status("u").await.expect("status")[0].remaining, 8);
+
+    // Without the option the permit asks Redis, and sees the later call too.
+    let asking = build("s2:", false).await.expect("builds");
+    let permit = asking
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("admitted");
+    drop(asking.try_acquire("u", Cost::request()).await);
+    assert_eq!(permit.status().await.expect("status")[0].remaining, 8);
+}

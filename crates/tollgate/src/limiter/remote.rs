@@ -44,6 +44,7 @@ pub struct RedisBuilder {
     timeout: Duration,
     lease: Duration,
     policy: StorePolicy,
+    status: bool,
 }
 
 impl std::fmt::Debug for RedisBuilder {
@@ -71,6 +72,9 @@ pub(super) struct Remote {
 pub(super) struct Held<'a> {
     pub(super) reserved: RemoteReserved,
     pub(super) charges: [u64; MAX_RATE_QUOTAS],
+    /// Per concurrency quota held: its index, its slots, and the slots free right after
+    /// this call took one.
+    slots: Vec<(usize, u64, u64)>,
     _leases: Leases<'a>,
 }
 
@@ -97,6 +101,7 @@ impl RedisBuilder {
             timeout: Duration::from_millis(250),
             lease: Duration::from_secs(30),
             policy: StorePolicy::FailClosed,
+            status: false,
         }
     }
 
@@ -173,6 +178,20 @@ impl RedisBuilder {
         self
     }
 
+    /// Have every decision also return each quota's limit, remaining units and reset, so
+    /// [`Permit::status`] answers without another round trip to Redis (default off: a
+    /// little more work in Redis per decision, for callers that report the figures, such
+    /// as a gateway's `x-ratelimit-*` headers).
+    ///
+    /// ```
+    /// let b = tollgate::Limiter::builder().redis("redis://127.0.0.1").status_with_decisions(true);
+    /// # let _ = b;
+    /// ```
+    pub fn status_with_decisions(mut self, on: bool) -> Self {
+        self.status = on;
+        self
+    }
+
     /// Check the quotas, connect to Redis and start the store's background tasks. Must
     /// be called inside a Tokio runtime.
     ///
@@ -232,6 +251,7 @@ impl RedisBuilder {
                 prefix: self.prefix,
                 timeout: self.timeout,
                 lease: self.lease,
+                status: self.status,
             },
             &named(&a.key_rates),
             &named(&a.shared_rates),
@@ -417,11 +437,15 @@ impl Limiter {
             held: Vec::new(),
         };
         let slots = [(r.key_slots, Some(key)), (r.shared_slots, None)];
+        let mut slots_after = Vec::new();
         for (slot, k) in slots {
             if let Some((index, limit)) = slot {
                 let lease = self.remote_lease(r, k, limit, deadline).await?;
                 match lease {
-                    Some(l) => leases.held.push(l),
+                    Some(l) => {
+                        slots_after.push((index, limit, limit.saturating_sub(l.1)));
+                        leases.held.push(l);
+                    }
                     None => return Err(Ok(self.slots_full(index))),
                 }
             }
@@ -431,6 +455,7 @@ impl Limiter {
         let mut held = Box::new(Held {
             reserved: RemoteReserved::default(),
             charges,
+            slots: slots_after,
             _leases: leases,
         });
         if n == 0 {
@@ -573,6 +598,37 @@ impl Limiter {
         }
         out.sort_by_key(|s| s.quota.index);
         Ok(Some(out))
+    }
+
+    /// The status a decision on Redis reported (with
+    /// [`RedisBuilder::status_with_decisions`]), or `None` when it reported none.
+    pub(super) fn held_status(&self, r: &Remote, held: &Held<'_>) -> Option<Vec<QuotaStatus>> {
+        let inner = &*self.inner;
+        let quotas = r.store.quotas();
+        if held.reserved.status.len() != quotas.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(quotas.len() + held.slots.len());
+        for (q, s) in quotas.iter().zip(&held.reserved.status) {
+            let (remaining, reset_us) = (*s)?;
+            let index = q.rate.index;
+            out.push(QuotaStatus {
+                quota: inner.ids[index].clone(),
+                limit: inner.quotas[index].quota.amount,
+                remaining,
+                reset: Duration::from_micros(reset_us),
+            });
+        }
+        for &(index, limit, free) in &held.slots {
+            out.push(QuotaStatus {
+                quota: inner.ids[index].clone(),
+                limit,
+                remaining: free,
+                reset: Duration::ZERO,
+            });
+        }
+        out.sort_by_key(|s| s.quota.index);
+        Some(out)
     }
 
     /// Settle a permit admitted on Redis.

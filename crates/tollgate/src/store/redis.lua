@@ -427,14 +427,16 @@ local function str(len)
 end
 local RFMT = '<' .. string.rep('d', 5 + #Q)
 
--- R kidx sidx part max_wait_us undo (c_i for each quota)
+-- R kidx sidx part max_wait_us flags (c_i for each quota); flags: 1 undo, 2 status
 -- Admitted: {1, wait_us, then per quota snap and stamp (-1, 0 when not charged), and with
--- undo also version and the prior packed state ('' when fresh)}. Refused: {0, quota,
--- retry_us, remaining, reset_us}. A quota the call does not charge (c_i = 0) neither
--- limits nor records it, as in the memory store.
+-- undo also version and the prior packed state ('' when fresh), then with status per
+-- quota remaining and reset_us after the charge (-1, -1 when not covered)}. Refused: {0,
+-- quota, retry_us, remaining, reset_us}. A quota the call does not charge (c_i = 0)
+-- neither limits nor records it, as in the memory store.
 local function op_reserve()
   local charges = {sunpack(RFMT, op, 2)}
-  local kkey, skey, part, maxw, undo = KEYS[charges[1]], KEYS[charges[2]], charges[3], charges[4], charges[5]
+  local kkey, skey, part, maxw, flags = KEYS[charges[1]], KEYS[charges[2]], charges[3], charges[4], charges[5]
+  local undo = flags % 2
   for i = 1, #Q do
     charges[i] = charges[i + 5]
   end
@@ -496,6 +498,20 @@ local function op_reserve()
         out[n + 2] = ''
         n = n + 2
       end
+    end
+  end
+  if flags >= 2 then
+    for i = 1, #Q do
+      local q, s = Q[i], states[i]
+      if s then
+        local rem, reset = status(s, q, q.nf)
+        out[n + 1] = rem
+        out[n + 2] = reset * q.u
+      else
+        out[n + 1] = -1
+        out[n + 2] = -1
+      end
+      n = n + 2
     end
   end
   return out

@@ -171,18 +171,31 @@ pub(crate) struct Snap {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RemoteReserved {
     pub(crate) snaps: Vec<Snap>,
+    /// Per quota, remaining units and µs until fully replenished right after the
+    /// decision, when the store reports status with decisions (`None`: not covered by
+    /// this reservation's part).
+    pub(crate) status: Vec<Option<(u64, u64)>>,
 }
 
 impl RemoteReserved {
     /// Take in the quotas another phase of the same call reserved.
     pub(crate) fn merge(&mut self, other: RemoteReserved) {
         if self.snaps.is_empty() {
-            self.snaps = other.snaps;
+            *self = other;
             return;
         }
         for (a, b) in self.snaps.iter_mut().zip(other.snaps) {
             if b.charged {
                 *a = b;
+            }
+        }
+        if self.status.is_empty() {
+            self.status = other.status;
+        } else {
+            for (a, b) in self.status.iter_mut().zip(other.status) {
+                if b.is_some() {
+                    *a = b;
+                }
             }
         }
     }
@@ -272,7 +285,7 @@ fn cancel_jobs(ctx: &CancelCtx, charges: &[u64], r: &RemoteReserved) -> Vec<Job>
 /// retry µs, remaining, reset µs).
 type Parsed = Result<(u64, RemoteReserved), (u64, u64, u64, u64)>;
 
-fn parse_reserved(v: &Value, quotas: usize, undo: bool) -> Outcome<Parsed> {
+fn parse_reserved(v: &Value, quotas: usize, undo: bool, status: bool) -> Outcome<Parsed> {
     let v = as_array(v)?;
     if num(v, 0)? == 0 {
         return Ok(Err((num(v, 1)?, num(v, 2)?, num(v, 3)?, num(v, 4)?)));
@@ -304,7 +317,25 @@ fn parse_reserved(v: &Value, quotas: usize, undo: bool) -> Outcome<Parsed> {
             prior,
         });
     }
-    Ok(Ok((wait, RemoteReserved { snaps })))
+    let mut after = Vec::new();
+    if status {
+        let from = 2 + quotas * stride;
+        for i in 0..quotas {
+            let remaining = signed(v, from + 2 * i)?;
+            after.push(if remaining >= 0 {
+                Some((remaining.unsigned_abs(), num(v, from + 2 * i + 1)?))
+            } else {
+                None
+            });
+        }
+    }
+    Ok(Ok((
+        wait,
+        RemoteReserved {
+            snaps,
+            status: after,
+        },
+    )))
 }
 
 enum Arg {
@@ -398,6 +429,8 @@ pub(crate) struct RedisStore {
     lease_ids: AtomicU64,
     lease_salt: u64,
     pub(crate) lease_us: u64,
+    /// Whether reserve replies carry every covered quota's status after the decision.
+    status: bool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -424,6 +457,8 @@ pub(crate) struct Settings {
     pub(crate) prefix: String,
     pub(crate) timeout: Duration,
     pub(crate) lease: Duration,
+    /// Whether each decision also reports every quota's status.
+    pub(crate) status: bool,
 }
 
 fn is_outage(e: &RedisError) -> bool {
@@ -552,6 +587,7 @@ impl RedisStore {
             lease_ids: AtomicU64::new(0),
             lease_salt: fastrand::u64(..),
             lease_us: u64::try_from(settings.lease.as_micros()).unwrap_or(u64::MAX),
+            status: settings.status,
         })
     }
 
@@ -752,13 +788,14 @@ impl RedisStore {
         let mut args = Vec::with_capacity(3 + charges.len());
         args.push(Arg::Int(part));
         args.push(max_wait_us.map_or(Arg::Int(-1), int));
-        args.push(Arg::Int(i64::from(undo)));
+        let status = self.status;
+        args.push(Arg::Int(i64::from(undo) | (i64::from(status) << 1)));
         args.extend(charges.iter().map(|&c| int(c)));
         // If the caller goes away mid-call, the reservation is given back when it lands.
         let (ctx, tx, owned) = (self.cancel_ctx(key), self.tx.clone(), charges.to_vec());
         let n = self.quotas.len();
         let orphan: Orphan = Box::new(move |v| {
-            if let Ok(Ok((_, r))) = parse_reserved(&v, n, undo) {
+            if let Ok(Ok((_, r))) = parse_reserved(&v, n, undo, status) {
                 for job in cancel_jobs(&ctx, &owned, &r) {
                     let _ = tx.send(job);
                 }
@@ -767,7 +804,7 @@ impl RedisStore {
         let v = self
             .call("R", self.keys(key, part), args, Some(orphan))
             .await?;
-        match parse_reserved(&v, n, undo)? {
+        match parse_reserved(&v, n, undo, status)? {
             Ok(admitted) => Ok(Ok(admitted)),
             Err((bind, retry_us, remaining, reset_us)) => {
                 let bind = usize::try_from(bind).unwrap_or(1).saturating_sub(1);
@@ -888,13 +925,14 @@ impl RedisStore {
                 return Err(e);
             }
         };
-        if num(as_array(&v)?, 0)? == 0 {
+        let v = as_array(&v)?;
+        if num(v, 0)? == 0 {
             return Ok(None);
         }
         if let Ok(mut held) = self.leases.lock() {
             held.insert(n, (zkey, id, limit));
         }
-        Ok(Some(Lease(n)))
+        Ok(Some(Lease(n, num(v, 1)?)))
     }
 
     /// Free slots of `key` (`None`: the shared slots) now.
@@ -992,9 +1030,10 @@ impl Drop for GiveBack<'_> {
     }
 }
 
-/// A held concurrency lease, renewed in the background until released.
+/// A held concurrency lease, renewed in the background until released: its id, and how
+/// many slots were held (this one included) when it was taken.
 #[derive(Debug)]
-pub(crate) struct Lease(u64);
+pub(crate) struct Lease(u64, pub(crate) u64);
 
 fn part_code(part: Part) -> i64 {
     match part {
