@@ -5,12 +5,14 @@ Starts `tollgate sim` (no simulated latency, limits no run reaches) and `tollgat
 in front of it (one caller in a tier with request and token limits, an upstream account
 with its own limits, so every request takes a real two-dimension decision), then drives
 each at a fixed rate with oha and reports p50 / p99 of calling the simulator directly and
-through the gateway, side by side in the same run. With --redis the gateway keeps its
+through the gateway, side by side in the same run: --repeat pairs per rate (direct, then
+through the gateway), with the median of each figure and of the pairs' differences, since
+one p99 on a shared machine moves by milliseconds from run to run. With --redis the gateway keeps its
 limits in a redis-server the script starts. With --soak SECONDS it instead drives the
 gateway for that long at the first rate and samples its resident memory every 30 s.
 
     cargo build --release -p tollgate-cli && cargo install oha
-    python3 scripts/bench_gateway.py [--rates 1000,5000] [--seconds 30] [--redis]
+    python3 scripts/bench_gateway.py [--rates 1000,5000] [--seconds 30] [--repeat 5] [--redis]
     python3 scripts/bench_gateway.py --rates 1000 --soak 600
 """
 
@@ -20,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +85,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", default="1000,5000")
     ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--redis", action="store_true")
     ap.add_argument("--soak", type=int, default=0)
     args = ap.parse_args()
@@ -145,17 +149,26 @@ tier = "bench"
             r = json.loads(load.stdout.read())
             print(f"answers: {r['statusCodeDistribution']}, p99 {r['latencyPercentiles']['p99'] * 1000:.2f} ms")
             return
-        print(f"gateway store: {store}; {args.seconds} s per run; oha, 64 connections")
+        print(f"gateway store: {store}; {args.repeat} pairs of {args.seconds} s per rate; "
+              "oha, 64 connections; medians")
         print("| rate | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
+        med = statistics.median
         for rate in rates:
-            d = oha(direct, rate, args.seconds, True)
-            g = oha(via, rate, args.seconds, True)
-            print(f"| {rate} | {d['p50']:.3f} ms | {d['p99']:.3f} ms | {g['p50']:.3f} ms | "
-                  f"{g['p99']:.3f} ms | {g['p50'] - d['p50']:.3f} ms | {g['p99'] - d['p99']:.3f} ms |",
-                  flush=True)
-            if g["rps"] < rate * 0.95 or d["rps"] < rate * 0.95:
-                print(f"  (achieved {d['rps']:.0f} direct, {g['rps']:.0f} via the gateway)")
+            pairs = []
+            for _ in range(args.repeat):
+                d = oha(direct, rate, args.seconds, True)
+                g = oha(via, rate, args.seconds, True)
+                pairs.append((d, g))
+                print(f"  pair: direct {d['p50']:.3f} / {d['p99']:.3f} ms, "
+                      f"gateway {g['p50']:.3f} / {g['p99']:.3f} ms", file=sys.stderr, flush=True)
+                if g["rps"] < rate * 0.95 or d["rps"] < rate * 0.95:
+                    print(f"  (achieved {d['rps']:.0f} direct, {g['rps']:.0f} via the gateway)")
+            fig = lambda side, q: med(p[side][q] for p in pairs)
+            added = lambda q: med(p[1][q] - p[0][q] for p in pairs)
+            print(f"| {rate} | {fig(0, 'p50'):.3f} ms | {fig(0, 'p99'):.3f} ms | "
+                  f"{fig(1, 'p50'):.3f} ms | {fig(1, 'p99'):.3f} ms | {added('p50'):.3f} ms | "
+                  f"{added('p99'):.3f} ms |", flush=True)
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -215,15 +215,21 @@ pub struct Upstream {
 /// on_limit = "wait"
 /// max_wait = "30s"
 /// limits = { tokens_per_minute = 200000, concurrency = 8 }
+/// model_limits."gpt-4o" = { requests_per_minute = 60 }
 /// "#).unwrap();
 /// assert_eq!(c.tiers["pro"].max_wait, std::time::Duration::from_secs(30));
+/// assert_eq!(c.tiers["pro"].model_limits["gpt-4o"].requests_per_minute, Some(60));
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tier {
-    /// Each caller's limits.
+    /// Each caller's limits, over every model.
     #[serde(default)]
     pub limits: Limits,
+    /// Each caller's limits on one model, on top of `limits` (a caller may send 600
+    /// requests a minute, 60 of them to the costly model).
+    #[serde(default)]
+    pub model_limits: BTreeMap<String, Limits>,
     /// Reject at once or wait when a limit has no room.
     #[serde(default)]
     pub on_limit: OnLimit,
@@ -452,6 +458,10 @@ impl Config {
             }
             check_limits(&t.limits, &format!("tiers.{name}.limits"))
                 .map_err(|m| ConfigError::at(src, None, &format!("tiers.{name}.limits"), m))?;
+            for (model, l) in &t.model_limits {
+                let key = format!("tiers.{name}.model_limits.{model}");
+                check_limits(l, &key).map_err(|m| ConfigError::at(src, None, &key, m))?;
+            }
         }
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, c) in &self.callers {
@@ -560,6 +570,13 @@ mod tests {
         ));
         assert!(e.contains("tiers.t.limits.concurrency is 0"), "{e}");
         let e = err(&format!(
+            "{BASE}[tiers.t]\nmodel_limits.\"gpt-4o\" = {{ requests_per_minute = 0 }}\n"
+        ));
+        assert!(
+            e.contains("tiers.t.model_limits.gpt-4o.requests_per_minute is 0"),
+            "{e}"
+        );
+        let e = err(&format!(
             "{BASE}api_key_env = \"TOLLGATE_TEST_SURELY_UNSET\"\n"
         ));
         assert!(
@@ -589,6 +606,16 @@ mod tests {
             hash_key("k")
         ));
         assert!(e.contains("a caller's name is its key"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let c = Config::parse(include_str!("../../../examples/tollgate.toml"))
+            .expect("examples/tollgate.toml parses");
+        assert_eq!(
+            c.tiers["pro"].model_limits["gpt-4o"].requests_per_minute,
+            Some(30)
+        );
     }
 
     #[test]

@@ -73,7 +73,8 @@ pub(crate) struct CallerInfo {
 pub(crate) struct UpstreamState {
     pub(crate) name: String,
     pub(crate) kind: config::Kind,
-    pub(crate) base: String,
+    /// Its URL, parsed once: requests only swap in their path and query.
+    pub(crate) base: reqwest::Url,
     pub(crate) api_key: Option<String>,
     pub(crate) models: Vec<String>,
     pub(crate) default: bool,
@@ -100,6 +101,9 @@ pub(crate) struct TierState {
     /// Per account (same order as `accounts`): the limiter deciding the tier's and the
     /// account's quotas together; `None` when neither has a limit.
     pub(crate) limiters: Vec<Option<Limiter>>,
+    /// Each caller's own limits on one model (`model_limits`), decided before the
+    /// others and given back if they refuse.
+    pub(crate) models: HashMap<String, Limiter>,
 }
 
 /// What the quota named like this limits, for headers and error bodies.
@@ -273,7 +277,8 @@ impl Gateway {
             upstreams.push(UpstreamState {
                 name: name.clone(),
                 kind: u.kind,
-                base: u.url.get_ref().trim_end_matches('/').to_string(),
+                base: reqwest::Url::parse(u.url.get_ref())
+                    .map_err(|e| GatewayError::Io(format!("upstream `{name}`: bad URL: {e}")))?,
                 api_key,
                 models,
                 default: u.default,
@@ -292,6 +297,7 @@ impl Gateway {
                 config::DEFAULT_TIER.to_string(),
                 config::Tier {
                     limits: config::Limits::default(),
+                    model_limits: Default::default(),
                     on_limit: config::OnLimit::Reject,
                     max_wait: Duration::from_secs(30),
                 },
@@ -330,11 +336,23 @@ impl Gateway {
                 }
                 limiters.push(Some(l));
             }
+            let mut models = HashMap::new();
+            for (model, limits) in &t.model_limits {
+                let own = quotas(limits, &format!("tier.{tname}.model.{model}"), false);
+                let mut b = Limiter::builder().clock(clock.clone());
+                for (q, m) in own {
+                    measures.insert(q.name(), m);
+                    b = b.quota(q);
+                }
+                let l = build(b, format!("tier `{tname}` on model `{model}`")).await?;
+                models.insert(model.clone(), l);
+            }
             tiers.push(TierState {
                 name: tname.clone(),
                 on_limit: t.on_limit,
                 max_wait: t.max_wait,
                 limiters,
+                models,
             });
         }
         let tier_index = |n: &str| tiers.iter().position(|t| t.name == n).unwrap_or(0);
@@ -358,6 +376,8 @@ impl Gateway {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(1024)
+            // A redirect goes back to the caller as it is, like any other answer.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| GatewayError::Io(format!("cannot build the HTTP client: {e}")))?;
         Ok(Gateway {

@@ -4,7 +4,7 @@
 //! tests, count apart): counters and histograms keyed by name and label values, which
 //! come only from the configuration (caller, tier, upstream and quota names) and status
 //! codes, never from a request's content. It never blocks for long: one short lock per
-//! update.
+//! update, and no allocation once a series exists.
 //!
 //! ```
 //! let m = tollgate_gateway::metrics::Metrics::default();
@@ -15,7 +15,8 @@
 //! assert!(text.contains("tollgate_wait_seconds_bucket{le=\"0.25\"} 1"));
 //! ```
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
@@ -75,11 +76,12 @@ struct Histogram {
     sum: f64,
 }
 
-/// Counters and histograms of one gateway.
+/// Counters and histograms of one gateway, each series keyed by `name`, a NUL, and its
+/// labels as rendered.
 #[derive(Default)]
 pub struct Metrics {
-    counters: Mutex<BTreeMap<(String, String), u64>>,
-    histograms: Mutex<BTreeMap<(String, String), Histogram>>,
+    counters: Mutex<HashMap<String, u64>>,
+    histograms: Mutex<HashMap<String, Histogram>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -88,19 +90,41 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn labels(pairs: &[(&str, &str)]) -> String {
-    let mut s = String::new();
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
+thread_local! {
+    /// Where a series' key is built, reused so an update allocates nothing.
+    static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Run `f` on the series key of `name` with `pairs`.
+fn with_key<R>(name: &str, pairs: &[(&str, &str)], f: impl FnOnce(&str) -> R) -> R {
+    KEY.with(|k| {
+        let mut k = k.borrow_mut();
+        k.clear();
+        k.push_str(name);
+        k.push('\0');
+        for (i, (label, v)) in pairs.iter().enumerate() {
+            if i > 0 {
+                k.push(',');
+            }
+            k.push_str(label);
+            k.push_str("=\"");
+            for c in v.chars() {
+                match c {
+                    '\\' => k.push_str("\\\\"),
+                    '"' => k.push_str("\\\""),
+                    '\n' => k.push_str("\\n"),
+                    c => k.push(c),
+                }
+            }
+            k.push('"');
         }
-        let v = v
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n");
-        let _ = write!(s, "{k}=\"{v}\"");
-    }
-    s
+        f(&k)
+    })
+}
+
+/// A series key's name and labels.
+fn split(key: &str) -> (&str, &str) {
+    key.split_once('\0').unwrap_or((key, ""))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -116,9 +140,15 @@ impl Metrics {
     /// assert_eq!(m.counter("tollgate_upstream_responses_total", &[("upstream", "sim"), ("status", "200")]), 2);
     /// ```
     pub fn count(&self, name: &str, pairs: &[(&str, &str)], by: u64) {
-        *lock(&self.counters)
-            .entry((name.to_string(), labels(pairs)))
-            .or_default() += by;
+        with_key(name, pairs, |key| {
+            let mut counters = lock(&self.counters);
+            match counters.get_mut(key) {
+                Some(v) => *v += by,
+                None => {
+                    counters.insert(key.to_string(), by);
+                }
+            }
+        });
     }
 
     /// A counter's value (0 when never counted).
@@ -128,10 +158,9 @@ impl Metrics {
     /// assert_eq!(m.counter("x", &[]), 0);
     /// ```
     pub fn counter(&self, name: &str, pairs: &[(&str, &str)]) -> u64 {
-        lock(&self.counters)
-            .get(&(name.to_string(), labels(pairs)))
-            .copied()
-            .unwrap_or(0)
+        with_key(name, pairs, |key| {
+            lock(&self.counters).get(key).copied().unwrap_or(0)
+        })
     }
 
     /// Record one observation (seconds) in a histogram.
@@ -141,15 +170,21 @@ impl Metrics {
     /// m.observe("tollgate_upstream_seconds", &[("upstream", "sim")], 0.05);
     /// ```
     pub fn observe(&self, name: &str, pairs: &[(&str, &str)], seconds: f64) {
-        let mut h = lock(&self.histograms);
-        let h = h.entry((name.to_string(), labels(pairs))).or_default();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if seconds <= *le {
-                h.buckets[i] += 1;
+        with_key(name, pairs, |key| {
+            let mut histograms = lock(&self.histograms);
+            if !histograms.contains_key(key) {
+                histograms.insert(key.to_string(), Histogram::default());
             }
-        }
-        h.count += 1;
-        h.sum += seconds;
+            if let Some(h) = histograms.get_mut(key) {
+                for (i, le) in BUCKETS.iter().enumerate() {
+                    if seconds <= *le {
+                        h.buckets[i] += 1;
+                    }
+                }
+                h.count += 1;
+                h.sum += seconds;
+            }
+        });
     }
 
     /// Everything, in Prometheus's text exposition format.
@@ -159,19 +194,30 @@ impl Metrics {
     /// assert!(m.render().contains("# TYPE tollgate_admitted_total counter"));
     /// ```
     pub fn render(&self) -> String {
-        let counters = lock(&self.counters);
-        let histograms = lock(&self.histograms);
+        let mut counters: Vec<(&str, &str, u64)> = Vec::new();
+        let mut histograms: Vec<(&str, &str, &Histogram)> = Vec::new();
+        let (c, h) = (lock(&self.counters), lock(&self.histograms));
+        for (k, v) in c.iter() {
+            let (n, l) = split(k);
+            counters.push((n, l, *v));
+        }
+        for (k, v) in h.iter() {
+            let (n, l) = split(k);
+            histograms.push((n, l, v));
+        }
+        counters.sort_unstable_by_key(|&(n, l, _)| (n, l));
+        histograms.sort_unstable_by_key(|&(n, l, _)| (n, l));
         let mut out = String::new();
         for (name, kind, help) in HELP {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for ((n, l), v) in counters.iter().filter(|((n, _), _)| n == name) {
+            for &(n, l, v) in counters.iter().filter(|(n, _, _)| n == name) {
                 if l.is_empty() {
                     let _ = writeln!(out, "{n} {v}");
                 } else {
                     let _ = writeln!(out, "{n}{{{l}}} {v}");
                 }
             }
-            for ((n, l), h) in histograms.iter().filter(|((n, _), _)| n == name) {
+            for &(n, l, h) in histograms.iter().filter(|(n, _, _)| n == name) {
                 let sep = if l.is_empty() { "" } else { "," };
                 for (le, c) in BUCKETS.iter().zip(h.buckets) {
                     let _ = writeln!(out, "{n}_bucket{{{l}{sep}le=\"{le}\"}} {c}");

@@ -108,7 +108,13 @@ pub(crate) async fn usage(AxState(st): St, headers: HeaderMap) -> Response {
     let tier = &st.tiers[caller.tier];
     let prefix = format!("tier.{}.", tier.name);
     let mut quotas = Vec::new();
-    if let Some(l) = tier.limiters.iter().flatten().next() {
+    let mut models: Vec<(&String, &Limiter)> = tier.models.iter().collect();
+    models.sort_by_key(|(m, _)| *m);
+    let tier_wide = tier.limiters.iter().flatten().next();
+    for l in tier_wide
+        .into_iter()
+        .chain(models.into_iter().map(|(_, l)| l))
+    {
         match l.status(&caller.name).await {
             Ok(status) => {
                 for s in status
@@ -357,23 +363,36 @@ fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
 
 /// `x-ratelimit-*` headers for the binding (least remaining) requests and tokens quotas.
 fn ratelimit_headers(st: &State, status: &[QuotaStatus], h: &mut HeaderMap) {
-    for (measure, suffix) in [(Measure::Requests, "requests"), (Measure::Tokens, "tokens")] {
+    const NAMES: [(Measure, [&str; 3]); 2] = [
+        (
+            Measure::Requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            Measure::Tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ];
+    for (measure, [limit, remaining, reset]) in NAMES {
         let binding = status
             .iter()
             .filter(|s| st.measures.get(s.quota.name()) == Some(&measure))
             .min_by_key(|s| (s.remaining, std::cmp::Reverse(s.reset)));
         if let Some(s) = binding {
-            let set = |h: &mut HeaderMap, what: &str, v: String| {
-                if let (Ok(n), Ok(v)) = (
-                    HeaderName::from_bytes(format!("x-ratelimit-{what}-{suffix}").as_bytes()),
-                    HeaderValue::from_str(&v),
-                ) {
-                    h.insert(n, v);
-                }
-            };
-            set(h, "limit", s.limit.to_string());
-            set(h, "remaining", s.remaining.to_string());
-            set(h, "reset", format_duration(s.reset));
+            h.insert(HeaderName::from_static(limit), HeaderValue::from(s.limit));
+            h.insert(
+                HeaderName::from_static(remaining),
+                HeaderValue::from(s.remaining),
+            );
+            insert(h, reset, &format_duration(s.reset));
         }
     }
 }
@@ -449,26 +468,33 @@ impl Call {
         let key = self.caller.name.clone();
         let started = Instant::now();
         let mut tx = tx;
-        let permit = match &limiter {
-            None => None,
-            Some(l) => {
-                let decided = tokio::select! {
-                    r = decide(l, &key, self.cost, tier.on_limit, tier.max_wait) => r,
-                    // The client went away while waiting: dropping the decision gives back
-                    // its reservation.
-                    () = tx.closed() => return,
-                };
-                match decided {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        let mut resp = limiter_error(&st, &self.caller, &e, self.anthropic);
-                        if let Ok(status) = l.status(&key).await {
-                            ratelimit_headers(&st, &status, resp.headers_mut());
-                        }
-                        let _ = tx.send(resp);
-                        return;
+        let model_limiter = tier.models.get(&self.model).cloned();
+        let decided = tokio::select! {
+            r = decide(
+                model_limiter.as_ref(),
+                limiter.as_ref(),
+                &key,
+                self.cost,
+                tier.on_limit,
+                tier.max_wait,
+            ) => r,
+            // The client went away while waiting: dropping the decision gives back its
+            // reservations.
+            () = tx.closed() => return,
+        };
+        let permit = match decided {
+            Ok(p) => p,
+            Err(e) => {
+                let mut resp = limiter_error(&st, &self.caller, &e, self.anthropic);
+                let mut status = Vec::new();
+                for l in [&model_limiter, &limiter].into_iter().flatten() {
+                    if let Ok(s) = l.status(&key).await {
+                        status.extend(s);
                     }
                 }
+                ratelimit_headers(&st, &status, resp.headers_mut());
+                let _ = tx.send(resp);
+                return;
             }
         };
         let waited = started.elapsed();
@@ -481,11 +507,7 @@ impl Call {
         st.metrics
             .observe("tollgate_wait_seconds", &[], waited.as_secs_f64());
         let mut rl = HeaderMap::new();
-        if let Some(p) = &permit
-            && let Ok(status) = p.status().await
-        {
-            ratelimit_headers(&st, &status, &mut rl);
-        }
+        ratelimit_headers(&st, &permit.status().await, &mut rl);
         // Streams of OpenAI chat and completions get usage asked for, and the usage chunk
         // is kept from a caller who did not ask.
         let streaming = self
@@ -582,9 +604,7 @@ impl Call {
                 return;
             }
         };
-        let used = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| crate::usage::from_json(&v));
+        let used = crate::usage::from_body(&body);
         // The caller has its answer before the settlement's round trip.
         let _ = tx.send(build(status, headers, Body::from(body)));
         if let Some(u) = used {
@@ -614,13 +634,20 @@ impl Call {
     async fn forward(&self, deadline: Instant) -> Forwarded {
         let st = &self.st;
         let upstream = &st.upstreams[self.up];
-        let url = format!("{}{}", upstream.base, self.path_and_query);
+        let mut url = upstream.base.clone();
+        let (path, query) = match self.path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (self.path_and_query.as_str(), None),
+        };
+        let joined = format!("{}{path}", upstream.base.path().trim_end_matches('/'));
+        url.set_path(&joined);
+        url.set_query(query);
         let backoff = Backoff::default();
         let mut attempt = 0u32;
         loop {
             let mut req = st
                 .http
-                .request(self.method.clone(), &url)
+                .request(self.method.clone(), url.clone())
                 .body(self.body.clone());
             for (n, v) in &self.headers {
                 // A body the gateway rewrote is JSON, whatever the caller said.
@@ -737,7 +764,7 @@ impl Call {
         answer: reqwest::Response,
         status: StatusCode,
         headers: HeaderMap,
-        permit: Option<Permit<'_>>,
+        permit: Permits<'_>,
         strip: bool,
         tx: oneshot::Sender<Response>,
     ) {
@@ -817,24 +844,66 @@ impl Drop for Clear<'_> {
     }
 }
 
+/// What admitted a request: the caller's limits on its model (when its tier has them),
+/// and the decision over the tier's and the account's limits.
+struct Permits<'a>([Option<Permit<'a>>; 2]);
+
+impl Permits<'_> {
+    /// Every quota's status after the decisions, for the `x-ratelimit-*` headers.
+    async fn status(&self) -> Vec<QuotaStatus> {
+        let mut out = Vec::new();
+        for p in self.0.iter().flatten() {
+            if let Ok(s) = p.status().await {
+                out.extend(s);
+            }
+        }
+        out
+    }
+}
+
+/// A permit given back when dropped, unless taken.
+struct GiveBack<'a>(Option<Permit<'a>>);
+
+impl Drop for GiveBack<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.cancel();
+        }
+    }
+}
+
+/// Decide a request: the caller's limits on the model first, then the tier's and the
+/// account's together. When the second refuses, or the caller leaves while it waits,
+/// the first is given back whole: a refused request costs nothing anywhere.
 async fn decide<'a>(
-    l: &'a Limiter,
+    model: Option<&'a Limiter>,
+    main: Option<&'a Limiter>,
     key: &'a str,
     cost: Cost,
     on_limit: OnLimit,
     max_wait: Duration,
-) -> Result<Permit<'a>, Error> {
-    match on_limit {
+) -> Result<Permits<'a>, Error> {
+    let started = Instant::now();
+    let one = async |l: &'a Limiter, wait: Duration| match on_limit {
         OnLimit::Reject => l.try_acquire(key, cost).await,
-        OnLimit::Wait => l.acquire_within(key, cost, max_wait).await,
+        OnLimit::Wait => l.acquire_within(key, cost, wait).await,
+    };
+    let mut first = GiveBack(None);
+    if let Some(l) = model {
+        first.0 = Some(one(l, max_wait).await?);
     }
+    let second = match main {
+        Some(l) => Some(one(l, max_wait.saturating_sub(started.elapsed())).await?),
+        None => None,
+    };
+    Ok(Permits([first.0.take(), second]))
 }
 
-async fn settle(permit: Option<Permit<'_>>, usage: Usage) {
-    if let Some(p) = permit
-        && let Err(e) = p.settle(usage).await
-    {
-        tracing::warn!(error = %e, "could not settle a request's usage");
+async fn settle(permits: Permits<'_>, usage: Usage) {
+    for p in permits.0.into_iter().flatten() {
+        if let Err(e) = p.settle(usage).await {
+            tracing::warn!(error = %e, "could not settle a request's usage");
+        }
     }
 }
 

@@ -27,6 +27,22 @@ pub fn from_json(body: &Value) -> Option<Usage> {
     usage_object(body.get("usage")?)
 }
 
+/// The usage in a whole JSON answer's bytes, reading only its `usage` member (the rest
+/// is skipped, not built).
+///
+/// ```
+/// let u = tollgate_gateway::usage::from_body(br#"{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}"#);
+/// assert_eq!(u.map(|u| (u.input, u.output)), Some((3, 4)));
+/// assert!(tollgate_gateway::usage::from_body(b"not json").is_none());
+/// ```
+pub fn from_body(body: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        usage: Option<Value>,
+    }
+    usage_object(&serde_json::from_slice::<Answer>(body).ok()?.usage?)
+}
+
 fn num(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0)
 }

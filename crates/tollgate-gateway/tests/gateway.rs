@@ -421,3 +421,62 @@ async fn a_model_with_its_own_account_limits_is_its_own_budget() {
             .any(|m| m["id"] == "gpt-4o")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_limits_each_caller_on_one_model_and_a_refusal_costs_nothing() {
+    let s = setup(
+        fast_sim(),
+        "[tiers.t]\nlimits = { requests_per_minute = 4 }\nmodel_limits.\"gpt-4o\" = { requests_per_minute = 2 }\n",
+    )
+    .await;
+    let mut big = chat(false);
+    big["model"] = json!("gpt-4o");
+    let remaining = |v: &Value, name: &str| {
+        v["quotas"]
+            .as_array()
+            .expect("quotas")
+            .iter()
+            .find(|q| q["name"] == name)
+            .unwrap_or_else(|| panic!("no quota {name} in {v}"))["remaining"]
+            .as_u64()
+            .expect("a number")
+    };
+    // a has 2 a minute on gpt-4o, within its 4 a minute overall; the model's binds.
+    for left in ["1", "0"] {
+        let r = s.post("key-a", "/v1/chat/completions", &big).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), left);
+    }
+    let r = s.post("key-a", "/v1/chat/completions", &big).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        header(&r, "x-tollgate-quota"),
+        "tier.t.model.gpt-4o.requests_per_minute"
+    );
+    // Other models have the rest of a's 4 (the refused call took none).
+    for left in ["1", "0"] {
+        let r = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), left);
+    }
+    // b's gpt-4o budget is its own.
+    let r = s.post("key-b", "/v1/chat/completions", &big).await;
+    assert_eq!(r.status(), 200);
+    for _ in 0..3 {
+        let r = s.post("key-b", "/v1/chat/completions", &chat(false)).await;
+        assert_eq!(r.status(), 200);
+    }
+    // b's model limit admits one more gpt-4o call, its tier refuses it: the model's
+    // request is given back, and the call never goes out.
+    let before = s.sim.stats().requests;
+    let r = s.post("key-b", "/v1/chat/completions", &big).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-tollgate-quota"), "tier.t.requests_per_minute");
+    assert_eq!(s.sim.stats().requests, before);
+    let usage = s.usage("key-b").await;
+    assert_eq!(remaining(&usage, "tier.t.requests_per_minute"), 0);
+    assert_eq!(
+        remaining(&usage, "tier.t.model.gpt-4o.requests_per_minute"),
+        1
+    );
+}

@@ -16,7 +16,6 @@ use crate::algo::Params;
 use crate::clock::Clock;
 use crate::cost::{Cost, Usage};
 use crate::error::{Error, KeyError, QuotaId, Rejected, TooLarge};
-use crate::quota::Accounting;
 use crate::quota::{Checked, ConfigError, Dimension, Quota, Scope};
 mod remote;
 
@@ -231,8 +230,8 @@ impl LimiterBuilder {
     ///
     /// A [`ConfigError`] naming the first quota that is invalid: a zero amount, a missing,
     /// zero or overflowing period, a bad burst or burndown, two quotas with one name,
-    /// more than one concurrency quota per scope, more than eight rate quotas (or four
-    /// charging actual usage), or no quota at all.
+    /// more than one concurrency quota per scope, more than eight rate quotas, or no quota
+    /// at all.
     ///
     /// ```
     /// use tollgate::{ConfigError, Limiter, Quota};
@@ -418,17 +417,10 @@ impl LimiterBuilder {
                 Scope::Shared => shared_rates.push(rate),
             }
         }
-        let settled = key_rates.iter_mut().chain(shared_rates.iter_mut());
-        for (slot, q) in settled
-            .filter(|q| q.accounting == Accounting::Actual)
-            .enumerate()
-        {
-            if slot == MAX_SETTLED {
-                return Err(ConfigError::TooManyQuotas {
-                    max: MAX_SETTLED,
-                    what: "charging actual usage",
-                });
-            }
+        // Every rate quota keeps a refund snapshot in its permits (the count was checked
+        // against MAX_RATE_QUOTAS = MAX_SETTLED above).
+        let all = key_rates.iter_mut().chain(shared_rates.iter_mut());
+        for (slot, q) in all.enumerate().take(MAX_SETTLED) {
             q.settle_slot = Some(slot);
         }
         Ok(Assembled {
@@ -1215,6 +1207,39 @@ impl Permit<'_> {
                 .settle(self.key, &self.cost, &usage, &self.reserved, now);
         }
         Ok(())
+    }
+}
+
+impl Permit<'_> {
+    /// Call the call off before it is made: give back everything the permit took (the
+    /// request and every unit it reserved) and free its concurrency slots, as when a
+    /// second limiter refuses what this one admitted, or a request is found invalid.
+    ///
+    /// The exact prior state comes back when nothing was charged since; otherwise only
+    /// what keeps every later caller within the bound is refunded (capacity that has
+    /// refilled since is not handed out twice). On Redis the refund is sent without
+    /// waiting for it; one lost to an outage only over-counts.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let l = Limiter::builder().quota(Quota::requests(1).per_minute()).build()?;
+    /// let p = l.try_acquire("u", Cost::request()).await?;
+    /// assert!(l.try_acquire("u", Cost::request()).await.is_err());
+    /// p.cancel();
+    /// assert!(l.try_acquire("u", Cost::request()).await.is_ok()); // the request came back
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn cancel(self) {
+        let inner = &*self.limiter.inner;
+        if let (Some(held), Some(r)) = (&self.remote, &inner.remote) {
+            r.store.cancel(self.key, &held.charges, &held.reserved);
+            return;
+        }
+        inner
+            .store
+            .revoke(self.key, &self.cost, &self.reserved, inner.clock.now());
     }
 }
 

@@ -586,7 +586,7 @@ pub enum ConfigError {
     TooManyQuotas {
         /// The most allowed.
         max: usize,
-        /// Which quotas: "in all" or "charging actual usage".
+        /// Which quotas ("in all").
         what: &'static str,
     },
     /// The numbers overflow the limiter's arithmetic.

@@ -113,7 +113,86 @@ conformance!(
     a_quota_the_call_does_not_charge_does_not_hold_it_back,
     a_late_settle_never_refunds_into_a_newer_state,
     a_permit_reports_what_its_decision_left,
+    a_cancelled_permit_gives_everything_back,
 );
+
+async fn a_cancelled_permit_gives_everything_back(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::requests(2).per_minute(),
+            Quota::tokens(1_000).per_minute(),
+            Quota::requests(3).per_minute().shared().named("account"),
+            Quota::concurrent(1),
+        ],
+    )
+    .await;
+    let left = |s: Vec<tollgate::QuotaStatus>| s.iter().map(|s| s.remaining).collect::<Vec<_>>();
+    let p = f
+        .limiter
+        .try_acquire("u", Cost::input(600))
+        .await
+        .expect("admitted");
+    assert_eq!(
+        left(f.limiter.status("u").await.expect("status")),
+        vec![1, 400, 2, 0]
+    );
+    p.cancel();
+    // Redis gives back without waiting for the answer: wait until it has landed.
+    let t = Instant::now();
+    loop {
+        let now = left(f.limiter.status("u").await.expect("status"));
+        if now == vec![2, 1_000, 3, 1] {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "not given back: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A waiting call's permit too, with another key charged in between.
+    let p = f
+        .limiter
+        .acquire_within("u", Cost::input(600), Duration::from_secs(1))
+        .await
+        .expect("admitted");
+    let other = f
+        .limiter
+        .try_acquire("v", Cost::input(100))
+        .await
+        .expect("v has its own");
+    p.cancel();
+    drop(other);
+    let t = Instant::now();
+    loop {
+        let u = left(f.limiter.status("u").await.expect("status"));
+        // The account keeps v's request only.
+        if u == vec![2, 1_000, 2, 1] {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "not given back: {u:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Everything u had is usable again, and no more.
+    let a = f
+        .limiter
+        .try_acquire("u", Cost::input(1_000))
+        .await
+        .expect("u's tokens");
+    drop(a);
+    f.limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("u's second request");
+    let Err(Error::Limited(r)) = f.limiter.try_acquire("w", Cost::request()).await else {
+        panic!("the account's 3 are spent: v's, and u's two");
+    };
+    assert_eq!(r.quota().name(), "account");
+}
 
 async fn a_permit_reports_what_its_decision_left(store: Store) {
     let f = fixture(

@@ -487,8 +487,10 @@ struct Step {
     input: u64,
     output: u64,
     used_pct: u64,
-    /// Settle the pending call at this position (modulo), if any.
+    /// Settle the pending call at this position (modulo), if any ...
     settle: Option<usize>,
+    /// ... or call it off (`Permit::cancel`): it never happened.
+    cancel: bool,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -499,15 +501,19 @@ fn step() -> impl Strategy<Value = Step> {
         0..2_000u64,
         0..=100u64,
         proptest::option::of(any::<usize>()),
+        proptest::bool::weighted(0.2),
     )
-        .prop_map(|(dt_ms, key, input, output, used_pct, settle)| Step {
-            dt_ms,
-            key,
-            input,
-            output,
-            used_pct,
-            settle,
-        })
+        .prop_map(
+            |(dt_ms, key, input, output, used_pct, settle, cancel)| Step {
+                dt_ms,
+                key,
+                input,
+                output,
+                used_pct,
+                settle,
+                cancel,
+            },
+        )
 }
 
 fn assert_bound(events: &[(u64, u64)], burst: u128, rate_per_s: u128) {
@@ -530,9 +536,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     /// Through the whole limiter: with per-key and shared token quotas, settles that
-    /// refund part of each estimate (at any later time, in any order) never let any
-    /// key, or all keys together, exceed burst + rate × length in any interval, counting
-    /// what the calls actually used at their start.
+    /// refund part of each estimate and cancels that give a call back whole (at any
+    /// later time, in any order) never let any key, or all keys together, exceed
+    /// burst + rate × length in any interval, counting what the calls actually used at
+    /// their start (a cancelled call used nothing).
     #[test]
     fn settled_usage_never_exceeds_the_bound(steps in proptest::collection::vec(step(), 1..150)) {
         const KEYS: [&str; 3] = ["key-0", "key-1", "key-2"];
@@ -554,14 +561,20 @@ proptest! {
                     let used = Usage::new(s.input * s.used_pct / 100, s.output * s.used_pct / 100);
                     per_key[s.key].push((now, used.input + used.output));
                     all.push((now, used.input + used.output));
-                    pending.push((p, used));
+                    pending.push((p, used, s.key, per_key[s.key].len() - 1, all.len() - 1));
                 }
                 if let (Some(i), false) = (s.settle, pending.is_empty()) {
-                    let (p, used) = pending.swap_remove(i % pending.len());
-                    p.settle(used).await.unwrap();
+                    let (p, used, key, at_key, at_all) = pending.swap_remove(i % pending.len());
+                    if s.cancel {
+                        p.cancel();
+                        per_key[key][at_key].1 = 0;
+                        all[at_all].1 = 0;
+                    } else {
+                        p.settle(used).await.unwrap();
+                    }
                 }
             }
-            for (p, used) in pending {
+            for (p, used, ..) in pending {
                 p.settle(used).await.unwrap();
             }
             for events in &per_key {

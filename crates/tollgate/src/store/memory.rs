@@ -26,9 +26,9 @@ use crate::quota::{Accounting, Dimension, charge};
 /// The most rate quotas (per-key and shared together) one limiter may have.
 pub(crate) const MAX_RATE_QUOTAS: usize = 8;
 
-/// The most rate quotas charging actual usage one limiter may have: a permit carries a
-/// refund snapshot for each of them (and only them, to stay small).
-pub(crate) const MAX_SETTLED: usize = 4;
+/// A permit carries a refund snapshot for each rate quota (to settle the ones charging
+/// actual usage, and to give everything back when the call is called off).
+pub(crate) const MAX_SETTLED: usize = MAX_RATE_QUOTAS;
 
 /// Which quotas a reservation decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,7 @@ pub(crate) struct Reserved {
     pub(crate) start: u64,
     /// Identity of the key's entry, so a refund never lands on a newer entry.
     pub(crate) epoch: u64,
-    /// Snapshots of the quotas charging actual usage, by `settle_slot`.
+    /// Refund snapshots of the quotas, by `settle_slot`.
     pub(crate) settle: [u64; MAX_SETTLED],
 }
 
@@ -95,7 +95,7 @@ pub(crate) struct Reserved {
 pub(crate) struct Charged {
     /// Identity of the key's entry, so a refund never lands on a newer entry.
     pub(crate) epoch: u64,
-    /// Snapshots of the quotas charging actual usage, by `settle_slot`.
+    /// Refund snapshots of the quotas, by `settle_slot`.
     pub(crate) settle: [u64; MAX_SETTLED],
 }
 
@@ -502,6 +502,13 @@ impl MemoryStore {
                 (est.saturating_sub(act), act.saturating_sub(est))
             }
         });
+    }
+
+    /// Give back everything a call admitted with `cost` took, never capacity that has
+    /// refilled since it was charged (so no later caller can exceed the bound).
+    pub(crate) fn revoke(&self, key: &str, cost: &Cost, reserved: &Charged, now: u64) {
+        let snap = |_, q: &RateQuota| q.settle_slot.map(|slot| reserved.settle[slot]);
+        self.adjust(key, reserved.epoch, now, snap, |q| (q.charge(cost), 0));
     }
 
     /// True when settling this cost with any usage could change a state.
