@@ -1208,9 +1208,7 @@ impl Permit<'_> {
         }
         Ok(())
     }
-}
 
-impl Permit<'_> {
     /// Call the call off before it is made: give back everything the permit took (the
     /// request and every unit it reserved) and free its concurrency slots, as when a
     /// second limiter refuses what this one admitted, or a request is found invalid.
