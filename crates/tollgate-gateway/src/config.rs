@@ -398,6 +398,15 @@ impl Config {
         for (name, u) in &self.upstreams {
             let url = u.url.get_ref();
             match reqwest::Url::parse(url) {
+                Ok(parsed) if parsed.query().is_some() || parsed.fragment().is_some() => {
+                    return err(
+                        Some(u.url.span()),
+                        format!("upstreams.{name}.url"),
+                        format!(
+                            "`{url}` has a query or fragment; give the base URL only (callers' queries, such as Azure's api-version, are passed through)"
+                        ),
+                    );
+                }
                 Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => {}
                 Ok(_) => {
                     return err(
@@ -555,6 +564,11 @@ mod tests {
         assert_eq!(
             e,
             "line 3: `upstreams.x.url`: `ftp://example.com` must be an http:// or https:// URL with a host"
+        );
+        let e = err("[upstreams.x]\nkind = \"azure\"\nurl = \"https://a.example?api-version=1\"\n");
+        assert!(
+            e.starts_with("line 3: `upstreams.x.url`") && e.contains("base URL only"),
+            "{e}"
         );
         let e = err("[upstreams.x]\nkind = \"gpt\"\nurl = \"http://a\"\n");
         assert!(

@@ -476,3 +476,51 @@ async fn a_decision_reports_its_status_without_another_round_trip() {
     drop(asking.try_acquire("u", Cost::request()).await);
     assert_eq!(permit.status().await.expect("status")[0].remaining, 8);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_concurrency_quota_counts_only_its_own_slots() {
+    let server = RedisServer::start();
+    let build = |quotas: Vec<Quota>| {
+        let mut b = Limiter::builder().redis(server.url()).prefix("cc:");
+        for q in quotas {
+            b = b.quota(q);
+        }
+        b.build()
+    };
+    // A caller's slots over every model, and its slots on one model: two quotas, one
+    // caller, one prefix.
+    let overall = build(vec![Quota::concurrent(3).named("caller.concurrency")])
+        .await
+        .expect("builds");
+    let one_model = build(vec![
+        Quota::concurrent(1).named("caller.gpt-4o.concurrency"),
+    ])
+    .await
+    .expect("builds");
+    let held: Vec<_> = [
+        overall.try_acquire("u", Cost::request()).await,
+        overall.try_acquire("u", Cost::request()).await,
+    ]
+    .into_iter()
+    .map(|p| p.expect("two of three"))
+    .collect();
+    // The model's one slot is free whatever the caller holds elsewhere ...
+    let model = one_model
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("the model's own slot");
+    assert!(one_model.try_acquire("u", Cost::request()).await.is_err());
+    // ... and holding it takes none of the caller's three.
+    assert_eq!(overall.status("u").await.expect("status")[0].remaining, 1);
+    let third = overall
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("the third overall slot");
+    assert!(overall.try_acquire("u", Cost::request()).await.is_err());
+    // Another limiter with the same quota shares its slots.
+    let same = build(vec![Quota::concurrent(3).named("caller.concurrency")])
+        .await
+        .expect("builds");
+    assert!(same.try_acquire("u", Cost::request()).await.is_err());
+    drop((held, model, third));
+}

@@ -440,7 +440,7 @@ impl Limiter {
         let mut slots_after = Vec::new();
         for (slot, k) in slots {
             if let Some((index, limit)) = slot {
-                let lease = self.remote_lease(r, k, limit, deadline).await?;
+                let lease = self.remote_lease(r, k, index, limit, deadline).await?;
                 match lease {
                     Some(l) => {
                         slots_after.push((index, limit, limit.saturating_sub(l.1)));
@@ -519,13 +519,15 @@ impl Limiter {
         &self,
         r: &Remote,
         key: Option<&str>,
+        index: usize,
         limit: u64,
         deadline: Option<u64>,
     ) -> Result<Option<Lease>, Result<Error, StoreUnavailable>> {
         let clock = &self.inner.clock;
+        let quota = self.inner.ids[index].name();
         let mut pause = Duration::from_millis(2);
         loop {
-            if let Some(l) = r.store.lease(key, limit).await.map_err(Err)? {
+            if let Some(l) = r.store.lease(key, quota, limit).await.map_err(Err)? {
                 return Ok(Some(l));
             }
             let now = clock.now();
@@ -581,7 +583,7 @@ impl Limiter {
             .collect();
         for (slot, k) in [(r.key_slots, Some(key)), (r.shared_slots, None)] {
             if let Some((index, limit)) = slot {
-                let free = match r.store.free_slots(k, limit).await {
+                let free = match r.store.free_slots(k, inner.ids[index].name(), limit).await {
                     Ok(f) => f,
                     Err(e) => {
                         self.outage(r, e)?;

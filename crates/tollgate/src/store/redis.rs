@@ -883,13 +883,26 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Take one of `limit` slots of `key` (`None`: the shared slots) as a lease. Returns
-    /// the lease, or `None` when every slot is held.
-    pub(crate) async fn lease(&self, key: Option<&str>, limit: u64) -> Outcome<Option<Lease>> {
-        let zkey = match key {
-            Some(k) => self.key_name("c", k),
-            None => self.shared_name("sc"),
-        };
+    /// The lease set of concurrency quota `quota` (by name) for `key` (`None`: shared).
+    /// Each quota has its own set, so limiters with different concurrency quotas under
+    /// one prefix never count each other's slots; limiters sharing a quota share its set.
+    fn lease_set(&self, key: Option<&str>, quota: &str) -> String {
+        let fp = fingerprint(quota);
+        match key {
+            Some(k) => self.key_name(&format!("c{fp:012x}"), k),
+            None => self.shared_name(&format!("sc{fp:012x}")),
+        }
+    }
+
+    /// Take one of `limit` slots of concurrency quota `quota` for `key` (`None`: the
+    /// shared slots) as a lease. Returns the lease, or `None` when every slot is held.
+    pub(crate) async fn lease(
+        &self,
+        key: Option<&str>,
+        quota: &str,
+        limit: u64,
+    ) -> Outcome<Option<Lease>> {
+        let zkey = self.lease_set(key, quota);
         let n = self.lease_ids.fetch_add(1, Ordering::Relaxed);
         let id = format!("{:016x}{n:x}", self.lease_salt);
         let args = vec![
@@ -925,22 +938,32 @@ impl RedisStore {
                 return Err(e);
             }
         };
-        let v = as_array(&v)?;
-        if num(v, 0)? == 0 {
+        let read = as_array(&v).and_then(|v| Ok((num(v, 0)?, num(v, 1)?)));
+        let (taken, held_now) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                // Unreadable: whatever was taken is given back, never leaked.
+                self.send(release(zkey, id));
+                return Err(e);
+            }
+        };
+        if taken == 0 {
             return Ok(None);
         }
         if let Ok(mut held) = self.leases.lock() {
             held.insert(n, (zkey, id, limit));
         }
-        Ok(Some(Lease(n, num(v, 1)?)))
+        Ok(Some(Lease(n, held_now)))
     }
 
-    /// Free slots of `key` (`None`: the shared slots) now.
-    pub(crate) async fn free_slots(&self, key: Option<&str>, limit: u64) -> Outcome<u64> {
-        let zkey = match key {
-            Some(k) => self.key_name("c", k),
-            None => self.shared_name("sc"),
-        };
+    /// Free slots of concurrency quota `quota` for `key` (`None`: the shared slots) now.
+    pub(crate) async fn free_slots(
+        &self,
+        key: Option<&str>,
+        quota: &str,
+        limit: u64,
+    ) -> Outcome<u64> {
+        let zkey = self.lease_set(key, quota);
         let v = self.call("F", [Some(zkey), None], Vec::new(), None).await?;
         let used = match v {
             Value::Int(n) => u64::try_from(n).unwrap_or(0),
