@@ -712,11 +712,8 @@ impl Limiter {
             .store
             .status(key, now)
             .into_iter()
-            .map(|(index, remaining, reset)| QuotaStatus {
-                quota: inner.ids[index].clone(),
-                limit: inner.quotas[index].quota.amount,
-                remaining,
-                reset: Duration::from_nanos(reset),
+            .map(|(index, remaining, reset)| {
+                self.quota_status(index, remaining, Duration::from_nanos(reset))
             })
             .collect();
         let slots = [
@@ -730,12 +727,7 @@ impl Limiter {
         ];
         for (index, free) in slots.into_iter().flatten() {
             let limit = inner.quotas[index].quota.amount;
-            out.push(QuotaStatus {
-                quota: inner.ids[index].clone(),
-                limit,
-                remaining: free.map_or(limit, |f| f as u64),
-                reset: Duration::ZERO,
-            });
+            out.push(self.quota_status(index, free.map_or(limit, |f| f as u64), Duration::ZERO));
         }
         out.sort_by_key(|s| s.quota.index);
         Ok(out)
@@ -998,6 +990,16 @@ impl Limiter {
             },
         };
         got.ok_or_else(|| self.slots_full(index))
+    }
+
+    /// Quota `index`'s status: its amount as the limit (slots for concurrency).
+    fn quota_status(&self, index: usize, remaining: u64, reset: Duration) -> QuotaStatus {
+        QuotaStatus {
+            quota: self.inner.ids[index].clone(),
+            limit: self.inner.quotas[index].quota.amount,
+            remaining,
+            reset,
+        }
     }
 
     fn slots_full(&self, index: usize) -> Error {

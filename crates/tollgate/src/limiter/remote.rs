@@ -72,9 +72,9 @@ pub(super) struct Remote {
 pub(super) struct Held<'a> {
     pub(super) reserved: RemoteReserved,
     pub(super) charges: [u64; MAX_RATE_QUOTAS],
-    /// Per concurrency quota held: its index, its slots, and the slots free right after
-    /// this call took one.
-    slots: Vec<(usize, u64, u64)>,
+    /// Per concurrency quota held: its index and the slots free right after this call
+    /// took one.
+    slots: Vec<(usize, u64)>,
     _leases: Leases<'a>,
 }
 
@@ -443,7 +443,7 @@ impl Limiter {
                 let lease = self.remote_lease(r, k, index, limit, deadline).await?;
                 match lease {
                     Some(l) => {
-                        slots_after.push((index, limit, limit.saturating_sub(l.1)));
+                        slots_after.push((index, limit.saturating_sub(l.1)));
                         leases.held.push(l);
                     }
                     None => return Err(Ok(self.slots_full(index))),
@@ -574,11 +574,8 @@ impl Limiter {
         };
         let mut out: Vec<QuotaStatus> = rates
             .into_iter()
-            .map(|(index, remaining, reset_us)| QuotaStatus {
-                quota: inner.ids[index].clone(),
-                limit: inner.quotas[index].quota.amount,
-                remaining,
-                reset: Duration::from_micros(reset_us),
+            .map(|(index, remaining, reset_us)| {
+                self.quota_status(index, remaining, Duration::from_micros(reset_us))
             })
             .collect();
         for (slot, k) in [(r.key_slots, Some(key)), (r.shared_slots, None)] {
@@ -590,12 +587,7 @@ impl Limiter {
                         return Ok(None);
                     }
                 };
-                out.push(QuotaStatus {
-                    quota: inner.ids[index].clone(),
-                    limit,
-                    remaining: free,
-                    reset: Duration::ZERO,
-                });
+                out.push(self.quota_status(index, free, Duration::ZERO));
             }
         }
         out.sort_by_key(|s| s.quota.index);
@@ -605,7 +597,6 @@ impl Limiter {
     /// The status a decision on Redis reported (with
     /// [`RedisBuilder::status_with_decisions`]), or `None` when it reported none.
     pub(super) fn held_status(&self, r: &Remote, held: &Held<'_>) -> Option<Vec<QuotaStatus>> {
-        let inner = &*self.inner;
         let quotas = r.store.quotas();
         if held.reserved.status.len() != quotas.len() {
             return None;
@@ -613,21 +604,10 @@ impl Limiter {
         let mut out = Vec::with_capacity(quotas.len() + held.slots.len());
         for (q, s) in quotas.iter().zip(&held.reserved.status) {
             let (remaining, reset_us) = (*s)?;
-            let index = q.rate.index;
-            out.push(QuotaStatus {
-                quota: inner.ids[index].clone(),
-                limit: inner.quotas[index].quota.amount,
-                remaining,
-                reset: Duration::from_micros(reset_us),
-            });
+            out.push(self.quota_status(q.rate.index, remaining, Duration::from_micros(reset_us)));
         }
-        for &(index, limit, free) in &held.slots {
-            out.push(QuotaStatus {
-                quota: inner.ids[index].clone(),
-                limit,
-                remaining: free,
-                reset: Duration::ZERO,
-            });
+        for &(index, free) in &held.slots {
+            out.push(self.quota_status(index, free, Duration::ZERO));
         }
         out.sort_by_key(|s| s.quota.index);
         Some(out)
