@@ -397,6 +397,17 @@ fn ratelimit_headers(st: &State, status: &[QuotaStatus], h: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` is one of the hop-by-hop headers a message's `Connection` header
+/// lists (RFC 9110, 7.6.1): they concern this hop only and are never passed on.
+fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
 /// Request headers never forwarded: hop-by-hop, the caller's credentials, and the
 /// encodings it accepts (the gateway reads the answer to count usage, so it takes it
 /// uncompressed).
@@ -561,7 +572,7 @@ impl Call {
         let status = answer.status();
         let mut headers = HeaderMap::new();
         for (n, v) in answer.headers() {
-            if returnable(n) {
+            if returnable(n) && !named_by_connection(answer.headers(), n) {
                 headers.append(n.clone(), v.clone());
             }
         }
@@ -651,7 +662,10 @@ impl Call {
                 .body(self.body.clone());
             for (n, v) in &self.headers {
                 // A body the gateway rewrote is JSON, whatever the caller said.
-                if forwardable(n) && !(self.json.is_some() && n == header::CONTENT_TYPE) {
+                if forwardable(n)
+                    && !named_by_connection(&self.headers, n)
+                    && !(self.json.is_some() && n == header::CONTENT_TYPE)
+                {
                     req = req.header(n, v);
                 }
             }
@@ -912,4 +926,33 @@ fn build(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_the_connection_header_names_stay_on_their_hop() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Trace"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        for name in ["x-trace", "x-hop", "keep-alive"] {
+            assert!(
+                named_by_connection(&h, &HeaderName::from_static(name)),
+                "{name}"
+            );
+        }
+        assert!(!named_by_connection(
+            &h,
+            &HeaderName::from_static("x-request-id")
+        ));
+        assert!(!named_by_connection(
+            &HeaderMap::new(),
+            &HeaderName::from_static("x-trace")
+        ));
+    }
 }
