@@ -18,7 +18,7 @@
 //! key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
 //! tier = "free"
 //! "#).expect("a valid config");
-//! assert_eq!(config.tiers["free"].limits.requests_per_minute, Some(10));
+//! assert_eq!(config.tiers["free"].limits.requests_per_minute.map(|l| l.limit), Some(10));
 //! ```
 
 use std::collections::BTreeMap;
@@ -96,7 +96,8 @@ impl Kind {
 }
 
 /// Rate and concurrency limits, each optional. Token limits count input + output
-/// tokens.
+/// tokens. Each is a number, or a table giving the limit its own wait-or-reject policy
+/// (see [`Limit`]).
 ///
 /// ```
 /// use tollgate_gateway::config::Limits;
@@ -106,26 +107,27 @@ impl Kind {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Requests per minute.
-    pub requests_per_minute: Option<u64>,
+    pub requests_per_minute: Option<Limit>,
     /// Requests per day.
-    pub requests_per_day: Option<u64>,
+    pub requests_per_day: Option<Limit>,
     /// Input + output tokens per minute.
-    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<Limit>,
     /// Input + output tokens per day.
-    pub tokens_per_day: Option<u64>,
+    pub tokens_per_day: Option<Limit>,
     /// Input (prompt) tokens per minute.
-    pub input_tokens_per_minute: Option<u64>,
+    pub input_tokens_per_minute: Option<Limit>,
     /// Output (completion) tokens per minute.
-    pub output_tokens_per_minute: Option<u64>,
+    pub output_tokens_per_minute: Option<Limit>,
     /// Requests in flight at once.
-    pub concurrency: Option<u64>,
+    pub concurrency: Option<Limit>,
 }
 
 impl Limits {
     /// Whether no limit is set.
     ///
     /// ```
-    /// let l = tollgate_gateway::config::Limits { concurrency: Some(2), ..Default::default() };
+    /// use tollgate_gateway::config::{Limit, Limits};
+    /// let l = Limits { concurrency: Some(Limit::new(2)), ..Default::default() };
     /// assert!(!l.is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
@@ -133,17 +135,152 @@ impl Limits {
     }
 
     /// Each limit by its config name.
-    pub(crate) fn entries(&self) -> impl Iterator<Item = (&'static str, Option<u64>)> {
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&'static str, Option<&Limit>)> {
         [
-            ("requests_per_minute", self.requests_per_minute),
-            ("requests_per_day", self.requests_per_day),
-            ("tokens_per_minute", self.tokens_per_minute),
-            ("tokens_per_day", self.tokens_per_day),
-            ("input_tokens_per_minute", self.input_tokens_per_minute),
-            ("output_tokens_per_minute", self.output_tokens_per_minute),
-            ("concurrency", self.concurrency),
+            ("requests_per_minute", self.requests_per_minute.as_ref()),
+            ("requests_per_day", self.requests_per_day.as_ref()),
+            ("tokens_per_minute", self.tokens_per_minute.as_ref()),
+            ("tokens_per_day", self.tokens_per_day.as_ref()),
+            (
+                "input_tokens_per_minute",
+                self.input_tokens_per_minute.as_ref(),
+            ),
+            (
+                "output_tokens_per_minute",
+                self.output_tokens_per_minute.as_ref(),
+            ),
+            ("concurrency", self.concurrency.as_ref()),
         ]
         .into_iter()
+    }
+}
+
+/// One limit: how much, and, when it has no room, whether a request waits for it and
+/// how long.
+///
+/// Written as a number (`requests_per_minute = 60`: the policy of the tier serving the
+/// request applies) or as a table with a policy of its own:
+/// `tokens_per_minute = { limit = 90000, on_limit = "wait", max_wait = "20s" }`. A
+/// `max_wait` alone means `on_limit = "wait"`; `on_limit = "wait"` alone waits up to the
+/// tier's `max_wait`. A request is refused, naming this limit, as soon as this limit
+/// alone would hold it back longer than it allows, while the request's other limits may
+/// still make it wait: callers over their own limit get a 429 at once while the account
+/// limit paces everyone else.
+///
+/// ```
+/// let c = tollgate_gateway::Config::parse(r#"
+/// [upstreams.openai]
+/// kind = "openai"
+/// url = "https://api.openai.com"
+/// api_key = "sk-test"
+/// limits = { tokens_per_minute = { limit = 90000, on_limit = "wait", max_wait = "20s" } }
+/// [tiers.free]
+/// limits = { requests_per_minute = 10 }
+/// "#).unwrap();
+/// let tpm = c.upstreams["openai"].limits.tokens_per_minute.unwrap();
+/// assert_eq!(tpm.limit, 90_000);
+/// let free = &c.tiers["free"]; // rejects: its own limits answer 429 at once ...
+/// assert_eq!(free.limits.requests_per_minute.unwrap().wait(free), std::time::Duration::ZERO);
+/// // ... while its requests wait up to 20 s for the account's tokens.
+/// assert_eq!(tpm.wait(free), std::time::Duration::from_secs(20));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Units per period (requests, tokens), or slots for `concurrency`.
+    pub limit: u64,
+    /// Wait or reject when this limit has no room; `None`: as the tier says.
+    pub on_limit: Option<OnLimit>,
+    /// The longest this limit holds a request back; `None`: the tier's `max_wait`.
+    pub max_wait: Option<Duration>,
+}
+
+impl Limit {
+    /// A limit with the tier's policy.
+    ///
+    /// ```
+    /// assert_eq!(tollgate_gateway::config::Limit::new(5).limit, 5);
+    /// ```
+    pub fn new(limit: u64) -> Limit {
+        Limit {
+            limit,
+            on_limit: None,
+            max_wait: None,
+        }
+    }
+
+    /// The longest this limit lets a request of `tier` wait (zero: it rejects).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tollgate_gateway::config::{Limit, OnLimit};
+    /// let c = tollgate_gateway::Config::parse(r#"
+    /// [upstreams.sim]
+    /// kind = "sim"
+    /// url = "http://127.0.0.1:9000"
+    /// [tiers.free]
+    /// max_wait = "5s"
+    /// "#).unwrap();
+    /// let free = &c.tiers["free"]; // rejects by default
+    /// assert_eq!(Limit::new(5).wait(free), Duration::ZERO);
+    /// let wait = Limit { on_limit: Some(OnLimit::Wait), ..Limit::new(5) };
+    /// assert_eq!(wait.wait(free), Duration::from_secs(5));
+    /// let own = Limit { max_wait: Some(Duration::from_secs(1)), ..Limit::new(5) };
+    /// assert_eq!(own.wait(free), Duration::from_secs(1));
+    /// ```
+    pub fn wait(&self, tier: &Tier) -> Duration {
+        match (self.on_limit, self.max_wait) {
+            (Some(OnLimit::Reject), _) => Duration::ZERO,
+            (_, Some(w)) => w,
+            (Some(OnLimit::Wait), None) => tier.max_wait,
+            (None, None) => tier.wait(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Limit, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            limit: u64,
+            #[serde(default)]
+            on_limit: Option<OnLimit>,
+            #[serde(default, deserialize_with = "some_duration")]
+            max_wait: Option<Duration>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Limit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a whole number, or a table like { limit = 60, on_limit = \"wait\", max_wait = \"10s\" }",
+                )
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Limit, E> {
+                Ok(Limit::new(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Limit, E> {
+                u64::try_from(v).map(Limit::new).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is negative; a limit is a whole number of at least 1"
+                    ))
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Limit, A::Error> {
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                if t.on_limit == Some(OnLimit::Reject) && t.max_wait.is_some() {
+                    return Err(serde::de::Error::custom(
+                        "max_wait is for on_limit = \"wait\"; a limit that rejects never waits: drop one of them",
+                    ));
+                }
+                Ok(Limit {
+                    limit: t.limit,
+                    on_limit: t.on_limit,
+                    max_wait: t.max_wait,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -158,7 +295,7 @@ pub enum OnLimit {
     /// Answer 429 at once, with `retry-after` the time until the call would fit.
     #[default]
     Reject,
-    /// Queue (FIFO) up to the tier's `max_wait`, then 429.
+    /// Queue (FIFO) up to the limit's `max_wait` (by default the tier's), then 429.
     Wait,
 }
 
@@ -172,7 +309,7 @@ pub enum OnLimit {
 /// api_key = "sk-test"
 /// limits = { requests_per_minute = 500, tokens_per_minute = 90000 }
 /// "#).unwrap();
-/// assert_eq!(c.upstreams["openai"].limits.tokens_per_minute, Some(90_000));
+/// assert_eq!(c.upstreams["openai"].limits.tokens_per_minute.map(|l| l.limit), Some(90_000));
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,7 +355,7 @@ pub struct Upstream {
 /// model_limits."gpt-4o" = { requests_per_minute = 60 }
 /// "#).unwrap();
 /// assert_eq!(c.tiers["pro"].max_wait, std::time::Duration::from_secs(30));
-/// assert_eq!(c.tiers["pro"].model_limits["gpt-4o"].requests_per_minute, Some(60));
+/// assert_eq!(c.tiers["pro"].model_limits["gpt-4o"].requests_per_minute.map(|l| l.limit), Some(60));
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,13 +367,38 @@ pub struct Tier {
     /// requests a minute, 60 of them to the costly model).
     #[serde(default)]
     pub model_limits: BTreeMap<String, Limits>,
-    /// Reject at once or wait when a limit has no room.
+    /// Reject at once or wait when a limit has no room: the policy of the tier's limits
+    /// and of the accounts' limits its requests meet, for each limit without a policy
+    /// of its own ([`Limit`]). Default: reject.
     #[serde(default)]
     pub on_limit: OnLimit,
     /// The longest a request waits for room (`on_limit = "wait"`), and the time within
     /// which upstream 429s and 5xx are retried. Default 30 s.
     #[serde(default = "default_max_wait", deserialize_with = "duration")]
     pub max_wait: Duration,
+}
+
+impl Tier {
+    /// The longest the tier's policy lets a request wait for a limit without a policy
+    /// of its own: `max_wait` when it waits, zero when it rejects.
+    ///
+    /// ```
+    /// let c = tollgate_gateway::Config::parse(r#"
+    /// [upstreams.sim]
+    /// kind = "sim"
+    /// url = "http://127.0.0.1:9000"
+    /// [tiers.pro]
+    /// on_limit = "wait"
+    /// max_wait = "10s"
+    /// "#).unwrap();
+    /// assert_eq!(c.tiers["pro"].wait(), std::time::Duration::from_secs(10));
+    /// ```
+    pub fn wait(&self) -> Duration {
+        match self.on_limit {
+            OnLimit::Reject => Duration::ZERO,
+            OnLimit::Wait => self.max_wait,
+        }
+    }
 }
 
 /// One caller: an app, a team or a user, known by its API key's SHA-256.
@@ -295,6 +457,10 @@ fn default_upstream_timeout() -> Duration {
 }
 fn default_max_wait() -> Duration {
     Duration::from_secs(30)
+}
+
+fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -458,7 +624,7 @@ impl Config {
             );
         }
         for (name, t) in &self.tiers {
-            if t.max_wait > Duration::from_secs(86_400) {
+            if t.max_wait > MAX_WAIT {
                 return err(
                     None,
                     format!("tiers.{name}.max_wait"),
@@ -526,14 +692,23 @@ impl Config {
 
 fn check_limits(l: &Limits, key: &str) -> Result<(), String> {
     for (name, v) in l.entries() {
-        if v == Some(0) {
+        let Some(v) = v else { continue };
+        if v.limit == 0 {
             return Err(format!(
                 "{key}.{name} is 0; a limit must allow at least 1 (leave it out for no limit)"
+            ));
+        }
+        if v.max_wait.is_some_and(|w| w > MAX_WAIT) {
+            return Err(format!(
+                "{key}.{name}.max_wait is over a day; no caller waits that long for an answer"
             ));
         }
     }
     Ok(())
 }
+
+/// The longest wait a configuration may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(86_400);
 
 #[cfg(test)]
 mod tests {
@@ -601,6 +776,53 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_is_a_number_or_a_table_with_its_own_policy() {
+        let c = Config::parse(&format!(
+            "{BASE}limits = {{ requests_per_minute = {{ limit = 500, max_wait = \"2s\" }}, concurrency = {{ limit = 4, on_limit = \"reject\" }} }}\n[tiers.t]\non_limit = \"wait\"\nmax_wait = \"7s\"\nlimits = {{ tokens_per_minute = 1000, requests_per_minute = {{ limit = 5, on_limit = \"wait\" }} }}\n"
+        ))
+        .expect("valid");
+        let (up, t) = (&c.upstreams["sim"].limits, &c.tiers["t"]);
+        let wait = |l: Option<Limit>| l.expect("set").wait(t);
+        assert_eq!(wait(up.requests_per_minute), Duration::from_secs(2));
+        assert_eq!(wait(up.concurrency), Duration::ZERO);
+        assert_eq!(wait(t.limits.tokens_per_minute), Duration::from_secs(7));
+        assert_eq!(wait(t.limits.requests_per_minute), Duration::from_secs(7));
+        assert_eq!(t.limits.requests_per_minute.map(|l| l.limit), Some(5));
+
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = {{ limit = 2, on_limit = \"reject\", max_wait = \"1s\" }} }}\n"
+        ));
+        assert!(
+            e.starts_with("line 5:") && e.contains("max_wait is for on_limit = \"wait\""),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = {{ limt = 2 }} }}\n"
+        ));
+        assert!(e.starts_with("line 5:") && e.contains("limt"), "{e}");
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = {{ limit = 2, max_wait = \"soon\" }} }}\n"
+        ));
+        assert!(e.contains("not a duration"), "{e}");
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = -3 }}\n"
+        ));
+        assert!(e.contains("negative"), "{e}");
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = \"8\" }}\n"
+        ));
+        assert!(e.contains("a whole number, or a table"), "{e}");
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = {{ limit = 0 }} }}\n"
+        ));
+        assert!(e.contains("tiers.t.limits.concurrency is 0"), "{e}");
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = {{ limit = 1, max_wait = \"90000s\" }} }}\n"
+        ));
+        assert!(e.contains("concurrency.max_wait is over a day"), "{e}");
+    }
+
+    #[test]
     fn two_callers_cannot_share_a_key() {
         let h = hash_key("k");
         let e = err(&format!(
@@ -627,7 +849,9 @@ mod tests {
         let c = Config::parse(include_str!("../../../examples/tollgate.toml"))
             .expect("examples/tollgate.toml parses");
         assert_eq!(
-            c.tiers["pro"].model_limits["gpt-4o"].requests_per_minute,
+            c.tiers["pro"].model_limits["gpt-4o"]
+                .requests_per_minute
+                .map(|l| l.limit),
             Some(30)
         );
     }

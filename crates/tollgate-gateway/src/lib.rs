@@ -93,17 +93,26 @@ pub(crate) struct AccountState {
     pub(crate) absorbing: std::sync::atomic::AtomicBool,
 }
 
+/// A limiter, and the longest any of its quotas lets a request wait.
+#[derive(Clone)]
+pub(crate) struct Gate {
+    pub(crate) limiter: Limiter,
+    /// Zero: every quota rejects, so the gateway decides without waiting at all. Each
+    /// quota carries its own wait ([`tollgate::Quota::max_wait`]).
+    pub(crate) wait: Duration,
+}
+
 /// A tier, ready to decide.
 pub(crate) struct TierState {
     pub(crate) name: String,
-    pub(crate) on_limit: config::OnLimit,
+    /// The time within which upstream 429s and 5xx are retried.
     pub(crate) max_wait: Duration,
     /// Per account (same order as `accounts`): the limiter deciding the tier's and the
     /// account's quotas together; `None` when neither has a limit.
-    pub(crate) limiters: Vec<Option<Limiter>>,
+    pub(crate) limiters: Vec<Option<Gate>>,
     /// Each caller's own limits on one model (`model_limits`), decided before the
     /// others and given back if they refuse.
-    pub(crate) models: HashMap<String, Limiter>,
+    pub(crate) models: HashMap<String, Gate>,
 }
 
 /// What the quota named like this limits, for headers and error bodies.
@@ -155,11 +164,18 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-/// The quotas of a set of limits, named `<prefix>.<limit>`, per key or shared.
-fn quotas(limits: &config::Limits, prefix: &str, shared: bool) -> Vec<(Quota, Measure)> {
+/// The quotas of a set of limits, named `<prefix>.<limit>`, per key or shared; with the
+/// wait each allows a request of `tier`, when given.
+fn quotas(
+    limits: &config::Limits,
+    prefix: &str,
+    shared: bool,
+    tier: Option<&config::Tier>,
+) -> Vec<(Quota, Measure)> {
     let mut out = Vec::new();
     for (name, value) in limits.entries() {
-        let Some(n) = value else { continue };
+        let Some(limit) = value else { continue };
+        let n = limit.limit;
         let (q, m) = match name {
             "requests_per_minute" => (Quota::requests(n).per_minute(), Measure::Requests),
             "requests_per_day" => (Quota::requests(n).per_day(), Measure::Requests),
@@ -177,9 +193,22 @@ fn quotas(limits: &config::Limits, prefix: &str, shared: bool) -> Vec<(Quota, Me
             (true, _) => q.shared(),
             (false, _) => q,
         };
+        let q = match tier {
+            Some(t) => q.max_wait(limit.wait(t)),
+            None => q,
+        };
         out.push((q, m));
     }
     out
+}
+
+/// The longest any of these quotas lets a request wait.
+fn longest_wait<'q>(quotas: impl IntoIterator<Item = &'q (Quota, Measure)>) -> Duration {
+    quotas
+        .into_iter()
+        .filter_map(|(q, _)| q.get_max_wait())
+        .max()
+        .unwrap_or(Duration::ZERO)
 }
 
 impl Gateway {
@@ -225,19 +254,18 @@ impl Gateway {
         // Each upstream's budgets: its general limits, then each model's own, with the
         // quotas that describe them.
         let mut accounts = Vec::new();
-        let mut account_quotas: Vec<Vec<(Quota, Measure)>> = Vec::new();
+        // Each account's limits and the prefix of its quotas' names.
+        let mut account_limits: Vec<(&config::Limits, String)> = Vec::new();
         let mut account_names: Vec<String> = Vec::new();
         for (name, u) in &config.upstreams {
-            let mut budgets = vec![(None, quotas(&u.limits, &format!("upstream.{name}"), true))];
+            let mut budgets = vec![(None, &u.limits, format!("upstream.{name}"))];
             for (model, l) in &u.model_limits {
-                budgets.push((
-                    Some(model.clone()),
-                    quotas(l, &format!("upstream.{name}.{model}"), true),
-                ));
+                budgets.push((Some(model.clone()), l, format!("upstream.{name}.{model}")));
             }
             let mut model_accounts = HashMap::new();
             let default_account = accounts.len();
-            for (model, qs) in budgets {
+            for (model, limits, prefix) in budgets {
+                let qs = quotas(limits, &prefix, true, None);
                 let what = match &model {
                     Some(m) => format!("`{name}`, model `{m}`"),
                     None => format!("`{name}`"),
@@ -260,7 +288,7 @@ impl Gateway {
                     limiter,
                     absorbing: std::sync::atomic::AtomicBool::new(false),
                 });
-                account_quotas.push(qs);
+                account_limits.push((limits, prefix));
             }
             let api_key = match (&u.api_key, &u.api_key_env) {
                 (Some(k), _) => Some(k.clone()),
@@ -305,19 +333,21 @@ impl Gateway {
         }
         let mut tiers = Vec::new();
         for (tname, t) in &tier_configs {
-            let own = quotas(&t.limits, &format!("tier.{tname}"), false);
+            let own = quotas(&t.limits, &format!("tier.{tname}"), false, Some(t));
             for (q, m) in &own {
                 measures.insert(q.name(), *m);
             }
-            let mut limiters: Vec<Option<Limiter>> = Vec::new();
+            let mut limiters: Vec<Option<Gate>> = Vec::new();
             let mut first: Option<Limiter> = None;
-            for (ai, account) in account_quotas.iter().enumerate() {
+            for (ai, (limits, prefix)) in account_limits.iter().enumerate() {
+                // The account's quotas, waiting as long as each allows this tier.
+                let account = quotas(limits, prefix, true, Some(t));
                 if own.is_empty() && account.is_empty() {
                     limiters.push(None);
                     continue;
                 }
                 let mut b = Limiter::builder();
-                for (q, _) in own.iter().chain(account) {
+                for (q, _) in own.iter().chain(&account) {
                     b = b.quota(q.clone());
                 }
                 match (&accounts[ai].limiter, &first) {
@@ -334,22 +364,30 @@ impl Gateway {
                 if first.is_none() && !own.is_empty() {
                     first = Some(l.clone());
                 }
-                limiters.push(Some(l));
+                limiters.push(Some(Gate {
+                    limiter: l,
+                    wait: longest_wait(own.iter().chain(&account)),
+                }));
             }
             let mut models = HashMap::new();
             for (model, limits) in &t.model_limits {
-                let own = quotas(limits, &format!("tier.{tname}.model.{model}"), false);
+                let own = quotas(
+                    limits,
+                    &format!("tier.{tname}.model.{model}"),
+                    false,
+                    Some(t),
+                );
+                let wait = longest_wait(&own);
                 let mut b = Limiter::builder().clock(clock.clone());
                 for (q, m) in own {
                     measures.insert(q.name(), m);
                     b = b.quota(q);
                 }
-                let l = build(b, format!("tier `{tname}` on model `{model}`")).await?;
-                models.insert(model.clone(), l);
+                let limiter = build(b, format!("tier `{tname}` on model `{model}`")).await?;
+                models.insert(model.clone(), Gate { limiter, wait });
             }
             tiers.push(TierState {
                 name: tname.clone(),
-                on_limit: t.on_limit,
                 max_wait: t.max_wait,
                 limiters,
                 models,

@@ -21,9 +21,9 @@ use tollgate::provider::{RateLimitHeaders, format_duration};
 use tollgate::retry::Backoff;
 use tollgate::{Cost, Error, Limiter, Permit, QuotaStatus, Usage};
 
-use crate::config::{Kind, OnLimit};
+use crate::config::Kind;
 use crate::usage::{Seen, StreamUsage};
-use crate::{CallerInfo, Measure, State};
+use crate::{CallerInfo, Gate, Measure, State};
 
 type St = AxState<Arc<State>>;
 
@@ -108,9 +108,10 @@ pub(crate) async fn usage(AxState(st): St, headers: HeaderMap) -> Response {
     let tier = &st.tiers[caller.tier];
     let prefix = format!("tier.{}.", tier.name);
     let mut quotas = Vec::new();
-    let mut models: Vec<(&String, &Limiter)> = tier.models.iter().collect();
+    let mut models: Vec<(&String, &Limiter)> =
+        tier.models.iter().map(|(m, g)| (m, &g.limiter)).collect();
     models.sort_by_key(|(m, _)| *m);
-    let tier_wide = tier.limiters.iter().flatten().next();
+    let tier_wide = tier.limiters.iter().flatten().next().map(|g| &g.limiter);
     for l in tier_wide
         .into_iter()
         .chain(models.into_iter().map(|(_, l)| l))
@@ -475,20 +476,13 @@ impl Call {
     async fn run(mut self, tx: oneshot::Sender<Response>) {
         let st = self.st.clone();
         let tier = &st.tiers[self.caller.tier];
-        let limiter = tier.limiters[self.account].clone();
+        let gate = tier.limiters[self.account].clone();
         let key = self.caller.name.clone();
         let started = Instant::now();
         let mut tx = tx;
-        let model_limiter = tier.models.get(&self.model).cloned();
+        let model_gate = tier.models.get(&self.model).cloned();
         let decided = tokio::select! {
-            r = decide(
-                model_limiter.as_ref(),
-                limiter.as_ref(),
-                &key,
-                self.cost,
-                tier.on_limit,
-                tier.max_wait,
-            ) => r,
+            r = decide(model_gate.as_ref(), gate.as_ref(), &key, self.cost) => r,
             // The client went away while waiting: dropping the decision gives back its
             // reservations.
             () = tx.closed() => return,
@@ -498,8 +492,8 @@ impl Call {
             Err(e) => {
                 let mut resp = limiter_error(&st, &self.caller, &e, self.anthropic);
                 let mut status = Vec::new();
-                for l in [&model_limiter, &limiter].into_iter().flatten() {
-                    if let Ok(s) = l.status(&key).await {
+                for g in [&model_gate, &gate].into_iter().flatten() {
+                    if let Ok(s) = g.limiter.status(&key).await {
                         status.extend(s);
                     }
                 }
@@ -889,25 +883,32 @@ impl Drop for GiveBack<'_> {
 /// Decide a request: the caller's limits on the model first, then the tier's and the
 /// account's together. When the second refuses, or the caller leaves while it waits,
 /// the first is given back whole: a refused request costs nothing anywhere.
+/// Decide a request: the caller's model limits first, then the tier's and the
+/// account's together, each quota waiting no longer than it allows (a gate whose quotas
+/// all reject never waits), and the whole no longer than the longest of them.
 async fn decide<'a>(
-    model: Option<&'a Limiter>,
-    main: Option<&'a Limiter>,
+    model: Option<&'a Gate>,
+    main: Option<&'a Gate>,
     key: &'a str,
     cost: Cost,
-    on_limit: OnLimit,
-    max_wait: Duration,
 ) -> Result<Permits<'a>, Error> {
     let started = Instant::now();
-    let one = async |l: &'a Limiter, wait: Duration| match on_limit {
-        OnLimit::Reject => l.try_acquire(key, cost).await,
-        OnLimit::Wait => l.acquire_within(key, cost, wait).await,
+    let longest = model.iter().chain(&main).map(|g| g.wait).max();
+    let longest = longest.unwrap_or(Duration::ZERO);
+    let one = async |g: &'a Gate| {
+        let wait = g.wait.min(longest.saturating_sub(started.elapsed()));
+        if wait.is_zero() {
+            g.limiter.try_acquire(key, cost).await
+        } else {
+            g.limiter.acquire_within(key, cost, wait).await
+        }
     };
     let mut first = GiveBack(None);
-    if let Some(l) = model {
-        first.0 = Some(one(l, max_wait).await?);
+    if let Some(g) = model {
+        first.0 = Some(one(g).await?);
     }
     let second = match main {
-        Some(l) => Some(one(l, max_wait.saturating_sub(started.elapsed())).await?),
+        Some(g) => Some(one(g).await?),
         None => None,
     };
     Ok(Permits([first.0.take(), second]))

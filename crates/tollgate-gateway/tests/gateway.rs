@@ -480,3 +480,63 @@ async fn a_tier_limits_each_caller_on_one_model_and_a_refusal_costs_nothing() {
         1
     );
 }
+
+/// A tier that rejects on its own limits while the account's slot makes callers queue,
+/// each limit with its own policy: over the account's wait, the 429 names the account;
+/// over the caller's own limit, it comes at once and names the caller's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_limit_waits_or_rejects_as_it_says() {
+    let sim = SimConfig {
+        latency: Duration::from_millis(600),
+        ..fast_sim()
+    };
+    let s = setup(
+        sim,
+        "limits = { concurrency = { limit = 1, on_limit = \"wait\", max_wait = \"900ms\" } }\n[tiers.t]\nlimits = { requests_per_minute = 2 }\n",
+    )
+    .await;
+    let s = std::sync::Arc::new(s);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (key, at) in [("key-a", 0), ("key-b", 50), ("key-a", 100)] {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(at)).await;
+            let r = s.post(key, "/v1/chat/completions", &chat(false)).await;
+            let quota = r
+                .headers()
+                .get("x-tollgate-quota")
+                .map(|v| v.to_str().expect("ascii").to_string());
+            (r.status().as_u16(), quota, t.elapsed())
+        }));
+    }
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.expect("task"));
+    }
+    // a1 holds the account's slot for 600 ms; b waits for it (about 550 ms, within the
+    // account's 900 ms) instead of being refused as the tier's own policy would say.
+    assert_eq!(out[0].0, 200, "{out:?}");
+    assert_eq!(out[1].0, 200, "{out:?}");
+    assert!(out[1].2 >= Duration::from_millis(1_100), "{out:?}");
+    // a's second call would wait until b is done (about 1,100 ms): over the account's
+    // 900 ms, it is refused, naming the account's limit, once its wait is spent.
+    assert_eq!(out[2].0, 429, "{out:?}");
+    assert_eq!(out[2].1.as_deref(), Some("upstream.sim.concurrency"));
+    assert!(out[2].2 >= Duration::from_millis(950), "{out:?}");
+    // That refusal cost a nothing: it has one of its 2 requests a minute left, and then
+    // its own limit refuses at once, naming it.
+    let r = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(r.status(), 200);
+    let t = Instant::now();
+    let r = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(r.status(), 429);
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(header(&r, "x-tollgate-quota"), "tier.t.requests_per_minute");
+    let retry: u64 = header(&r, "retry-after").parse().expect("seconds");
+    assert!((25..=31).contains(&retry), "{retry}");
+}

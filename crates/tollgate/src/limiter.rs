@@ -197,7 +197,13 @@ impl LimiterBuilder {
             quotas
                 .iter()
                 .filter(|c| c.quota.scope == scope)
-                .map(|c| (c.name.to_string(), c.quota.clone()))
+                // How long a quota may hold a call back is each limiter's own policy,
+                // not part of the budget they share.
+                .map(|c| {
+                    let mut q = c.quota.clone();
+                    q.max_wait = None;
+                    (c.name.to_string(), q)
+                })
                 .collect()
         };
         let what = match scope {
@@ -411,6 +417,7 @@ impl LimiterBuilder {
                 burndown_milli: c.burndown_milli,
                 accounting: c.accounting,
                 settle_slot: None,
+                max_wait: q.max_wait.map_or(u64::MAX, nanos),
             };
             match q.scope {
                 Scope::PerKey => key_rates.push(rate),
@@ -909,10 +916,12 @@ impl Limiter {
         if let Some(index) = inner.key_slots
             && let Some(sem) = inner.store.key_semaphore(key, inner.clock.now())
         {
-            slots[0] = Some(self.wait_slot(sem, index, deadline).await?);
+            let until = self.slot_deadline(index, deadline);
+            slots[0] = Some(self.wait_slot(sem, index, until).await?);
         }
         if let Some((index, sem)) = &inner.shared_slots {
-            slots[1] = Some(self.wait_slot(sem.clone(), *index, deadline).await?);
+            let until = self.slot_deadline(*index, deadline);
+            slots[1] = Some(self.wait_slot(sem.clone(), *index, until).await?);
         }
         // With both per-key and shared rate quotas, a call first waits for its key's own
         // turn, then queues for the shared ones: a key over its own limit never holds a
@@ -961,6 +970,19 @@ impl Limiter {
         let mut permit = guard.into_permit();
         permit.waited_ns = start.saturating_sub(asked);
         Ok(permit)
+    }
+
+    /// When a wait for concurrency quota `index`'s slot, starting now, must give up: the
+    /// call's deadline, or sooner when the quota's own `max_wait` allows less.
+    pub(super) fn slot_deadline(&self, index: usize, deadline: Option<u64>) -> Option<u64> {
+        let inner = &*self.inner;
+        match inner.quotas[index].quota.max_wait {
+            Some(w) => {
+                let own = inner.clock.now().saturating_add(nanos(w));
+                Some(deadline.map_or(own, |d| d.min(own)))
+            }
+            None => deadline,
+        }
     }
 
     fn try_slot(&self, sem: Arc<Semaphore>, index: usize) -> Result<OwnedSemaphorePermit, Error> {

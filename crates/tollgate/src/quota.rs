@@ -147,6 +147,7 @@ pub struct Quota {
     pub(crate) scope: Scope,
     pub(crate) burndown: f64,
     pub(crate) name: Option<String>,
+    pub(crate) max_wait: Option<Duration>,
 }
 
 impl Quota {
@@ -161,6 +162,7 @@ impl Quota {
             scope: Scope::PerKey,
             burndown: 1.0,
             name: None,
+            max_wait: None,
         }
     }
 
@@ -341,6 +343,38 @@ impl Quota {
         self
     }
 
+    /// The longest this quota may hold a call back: a call that would wait longer for
+    /// this quota's room is refused at once, naming this quota, whatever wait the caller
+    /// accepts. `Duration::ZERO` makes the quota reject instead of queueing, while the
+    /// call's other quotas may still make it wait: a per-user limit that answers 429 at
+    /// once next to an account limit that paces everyone. Default: no limit of its own
+    /// (the caller's `acquire`, `acquire_within` or `try_acquire` decides).
+    ///
+    /// The wait counted is the one this quota alone imposes, from the moment it is
+    /// decided; with per-key and shared quotas together, a shared quota is decided once
+    /// the key's own turn has come (see [`crate::Limiter::acquire`]). A concurrency
+    /// quota's wait is the time until one of its slots frees.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tollgate::{Cost, Error, Limiter, Quota};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let limiter = Limiter::builder()
+    ///     .quota(Quota::requests(1).per_minute().max_wait(Duration::ZERO).named("user-rpm"))
+    ///     .build()?;
+    /// limiter.acquire("u", Cost::request()).await?;
+    /// // The caller would wait a minute; the quota refuses at once instead.
+    /// let Err(Error::Limited(r)) = limiter.acquire("u", Cost::request()).await else { panic!() };
+    /// assert_eq!(r.quota().name(), "user-rpm");
+    /// assert!(r.retry_after() > Some(Duration::from_secs(59)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn max_wait(mut self, max_wait: Duration) -> Quota {
+        self.max_wait = Some(max_wait);
+        self
+    }
+
     /// Name the quota; rejections and status reports use it. Default:
     /// `"<dimension>/<period>"` such as `"tokens/60s"`, with `"shared:"` in front for
     /// shared quotas.
@@ -404,6 +438,17 @@ impl Quota {
             (_, Some(a)) => a,
             (_, None) => Accounting::Actual,
         }
+    }
+
+    /// The longest this quota may hold a call back ([`Quota::max_wait`]), if set.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let q = tollgate::Quota::requests(1).per_second().max_wait(Duration::from_secs(2));
+    /// assert_eq!(q.get_max_wait(), Some(Duration::from_secs(2)));
+    /// ```
+    pub fn get_max_wait(&self) -> Option<Duration> {
+        self.max_wait
     }
 
     /// The scope.

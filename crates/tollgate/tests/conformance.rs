@@ -114,7 +114,117 @@ conformance!(
     a_late_settle_never_refunds_into_a_newer_state,
     a_permit_reports_what_its_decision_left,
     a_cancelled_permit_gives_everything_back,
+    each_quota_holds_a_call_back_no_longer_than_it_allows,
+    a_concurrency_quota_holds_a_call_back_no_longer_than_it_allows,
 );
+
+/// A per-user quota that rejects next to an account quota that paces: the user over
+/// their own limit gets an answer at once, naming their quota, even from `acquire`;
+/// callers under theirs queue for the account, up to the account's own wait.
+async fn each_quota_holds_a_call_back_no_longer_than_it_allows(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::requests(1)
+                .per_minute()
+                .max_wait(Duration::ZERO)
+                .named("user-rpm"),
+            Quota::requests(5)
+                .per_second()
+                .burst(1)
+                .shared()
+                .max_wait(Duration::from_secs(1))
+                .named("account-rps"),
+        ],
+    )
+    .await;
+    f.limiter
+        .acquire("a", Cost::request())
+        .await
+        .expect("first");
+    let p = f
+        .limiter
+        .acquire("b", Cost::request())
+        .await
+        .expect("b waits for the account");
+    assert!(p.waited() >= Duration::from_millis(150), "{:?}", p.waited());
+    let t = Instant::now();
+    let Err(Error::Limited(r)) = f.limiter.acquire("a", Cost::request()).await else {
+        panic!("a is over its own limit, which never waits");
+    };
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.quota().name(), "user-rpm");
+    assert!(r.retry_after() > Some(Duration::from_secs(55)), "{r:?}");
+    // Eight new users at once: the account admits about 1 s of them (one per 200 ms)
+    // and refuses the rest at once, naming itself.
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let l = f.limiter.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("new-{i}");
+            l.acquire(&key, Cost::request())
+                .await
+                .map(|_| Instant::now())
+                .map_err(|e| match e {
+                    Error::Limited(r) => (r.quota().name().to_string(), Instant::now()),
+                    other => panic!("{other}"),
+                })
+        }));
+    }
+    let (mut admitted, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(at) => {
+                admitted += 1;
+                assert!(at - t < Duration::from_millis(1_600), "{:?}", at - t);
+            }
+            Err((quota, at)) => {
+                refused += 1;
+                assert_eq!(quota, "account-rps");
+                assert!(
+                    at - t < Duration::from_millis(500),
+                    "refused at once: {:?}",
+                    at - t
+                );
+            }
+        }
+    }
+    assert!((3..=6).contains(&admitted), "{admitted} admitted");
+    assert_eq!(admitted + refused, 8);
+}
+
+async fn a_concurrency_quota_holds_a_call_back_no_longer_than_it_allows(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::concurrent(1)
+                .max_wait(Duration::from_millis(100))
+                .named("slots"),
+            Quota::requests(100).per_second(),
+        ],
+    )
+    .await;
+    let _held = f
+        .limiter
+        .try_acquire("u", Cost::request())
+        .await
+        .expect("the slot");
+    let t = Instant::now();
+    let Err(Error::Limited(r)) = f.limiter.acquire("u", Cost::request()).await else {
+        panic!("the slot stays held");
+    };
+    assert_eq!(r.quota().name(), "slots");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(90) && waited < Duration::from_secs(2),
+        "gave up after {waited:?}"
+    );
+}
 
 async fn a_cancelled_permit_gives_everything_back(store: Store) {
     let f = fixture(

@@ -440,7 +440,8 @@ impl Limiter {
         let mut slots_after = Vec::new();
         for (slot, k) in slots {
             if let Some((index, limit)) = slot {
-                let lease = self.remote_lease(r, k, index, limit, deadline).await?;
+                let until = self.slot_deadline(index, deadline);
+                let lease = self.remote_lease(r, k, index, limit, until).await?;
                 match lease {
                     Some(l) => {
                         slots_after.push((index, limit.saturating_sub(l.1)));

@@ -70,6 +70,8 @@ pub(crate) struct RateQuota {
     pub(crate) accounting: Accounting,
     /// Position of this quota's snapshot in a permit, if it charges actual usage.
     pub(crate) settle_slot: Option<usize>,
+    /// The longest this quota may hold a call back, ns (`u64::MAX`: no limit of its own).
+    pub(crate) max_wait: u64,
 }
 
 impl RateQuota {
@@ -642,6 +644,7 @@ impl Decision<'_> {
         let (cost, now) = (self.cost, self.now);
         let mut start = now;
         let mut binding = None;
+        let mut over = None;
         scan(
             self.key_quotas,
             key_states,
@@ -649,6 +652,7 @@ impl Decision<'_> {
             now,
             &mut start,
             &mut binding,
+            &mut over,
         )?;
         scan(
             self.shared_quotas,
@@ -657,10 +661,11 @@ impl Decision<'_> {
             now,
             &mut start,
             &mut binding,
+            &mut over,
         )?;
-        if let Some((q, s)) = binding
-            && start - now > self.max_wait
-        {
+        // A quota that would hold the call back longer than it allows names the refusal;
+        // else the call's own wait decides.
+        if let Some((q, s)) = over.or(binding.filter(|_| start - now > self.max_wait)) {
             let (remaining, reset) = s.status(&q.params, now);
             return Err(Refusal::Limited {
                 index: q.index,
@@ -731,7 +736,8 @@ fn charge_at(
     }
 }
 
-/// Find the latest earliest-start among `quotas` for `cost`, and which quota sets it.
+/// Find the latest earliest-start among `quotas` for `cost`, which quota sets it, and
+/// the first quota that would hold the call back longer than its own `max_wait`.
 #[inline(always)]
 fn scan<'q>(
     quotas: &'q [RateQuota],
@@ -740,6 +746,7 @@ fn scan<'q>(
     now: u64,
     start: &mut u64,
     binding: &mut Option<(&'q RateQuota, State)>,
+    over: &mut Option<(&'q RateQuota, State)>,
 ) -> Result<(), Refusal> {
     for (i, q) in quotas.iter().enumerate() {
         let s = State::load(&states[4 * i..4 * i + 4]);
@@ -755,6 +762,9 @@ fn scan<'q>(
             });
         }
         let t = s.earliest(&q.params, now, c);
+        if t.saturating_sub(now) > q.max_wait && over.is_none() {
+            *over = Some((q, s));
+        }
         if t > *start {
             *start = t;
             *binding = Some((q, s));

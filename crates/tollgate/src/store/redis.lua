@@ -3,7 +3,8 @@
 -- The store prepends a header defining Q, the limiter's rate quotas in order:
 --   Q[i] = { algo (1 GCRA, 2 fixed window, 3 sliding window), A (amount), P (period in
 --            units), cap (capacity), u (unit in microseconds), fp (the quota's
---            fingerprint, naming its record), shared (bool) }
+--            fingerprint, naming its record), shared (bool), mw (the longest the quota
+--            may hold a call back, microseconds; -1: no limit of its own) }
 -- so the script's SHA names the exact configuration.
 --
 -- Numbers are Lua doubles: every integer the math produces stays below 2^53 (the store
@@ -431,8 +432,9 @@ local RFMT = '<' .. string.rep('d', 5 + #Q)
 -- Admitted: {1, wait_us, then per quota snap and stamp (-1, 0 when not charged), and with
 -- undo also version and the prior packed state ('' when fresh), then with status per
 -- quota remaining and reset_us after the charge (-1, -1 when not covered)}. Refused: {0,
--- quota, retry_us, remaining, reset_us}. A quota the call does not charge (c_i = 0)
--- neither limits nor records it, as in the memory store.
+-- quota, retry_us, remaining, reset_us}, naming the first quota that would hold the call
+-- back longer than its own mw, else the one that sets the start. A quota the call does
+-- not charge (c_i = 0) neither limits nor records it, as in the memory store.
 local function op_reserve()
   local charges = {sunpack(RFMT, op, 2)}
   local kkey, skey, part, maxw, flags = KEYS[charges[1]], KEYS[charges[2]], charges[3], charges[4], charges[5]
@@ -442,7 +444,7 @@ local function op_reserve()
   end
   local states = load(kkey, skey, part)
   local covered = PART[part]
-  local start_us, bind, ok = now_us, 0, true
+  local start_us, bind, ok, over = now_us, 0, true, 0
   for c = 1, #covered do
     local i = covered[c]
     if charges[i] > 0 then
@@ -456,9 +458,15 @@ local function op_reserve()
         start_us = max(start_us, e_us)
         bind = i
       end
+      if over == 0 and q.mw >= 0 and e_us - now_us > q.mw then
+        over = i
+      end
     end
   end
-  if not ok or (maxw >= 0 and start_us - now_us > maxw) then
+  if ok and over > 0 then
+    bind = over
+  end
+  if not ok or over > 0 or (maxw >= 0 and start_us - now_us > maxw) then
     local q = Q[bind]
     local rem, reset = status(states[bind], q, q.nf)
     return {0, bind, start_us - now_us, rem, reset * q.u}

@@ -144,9 +144,14 @@ fn script_source(quotas: &[RemoteQuota]) -> String {
             Algorithm::FixedWindow => 2,
             Algorithm::SlidingWindow => 3,
         };
+        // The longest the quota may hold a call back, µs (-1: no limit of its own).
+        let mw = match q.rate.max_wait {
+            u64::MAX => -1,
+            ns => i64::try_from(ns / 1_000).unwrap_or(i64::MAX).min(1 << 52),
+        };
         let _ = writeln!(
             s,
-            "  {{algo = {algo}, A = {}, P = {}, cap = {}, u = {}, fp = {}, shared = {}}},",
+            "  {{algo = {algo}, A = {}, P = {}, cap = {}, u = {}, fp = {}, shared = {}, mw = {mw}}},",
             p.amount, q.period, p.capacity, q.unit_us, q.fp, q.shared
         );
     }
@@ -1350,6 +1355,7 @@ mod tests {
             burndown_milli: 1000,
             accounting: Accounting::Estimate,
             settle_slot: None,
+            max_wait: u64::MAX,
         }
     }
 
