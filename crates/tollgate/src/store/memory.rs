@@ -789,3 +789,101 @@ fn adjust_one(
     }
     s.store(words);
 }
+
+#[cfg(test)]
+mod tests {
+    //! The decision rule, per-quota waits included, against a reference model: each
+    //! quota on its own state, the rule spelled out plainly.
+
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::ManualClock;
+    use crate::quota::Algorithm;
+
+    fn quota(index: usize, amount: u64, period_ns: u64, max_wait: Option<u64>) -> RateQuota {
+        RateQuota {
+            index,
+            params: Params {
+                amount,
+                period_ns,
+                capacity: amount,
+                algorithm: Algorithm::Gcra,
+            },
+            dimension: Dimension::Requests,
+            burndown_milli: 1000,
+            accounting: Accounting::Estimate,
+            settle_slot: Some(index),
+            max_wait: max_wait.unwrap_or(u64::MAX),
+        }
+    }
+
+    /// What the reference says a call at `now`, accepting `wait`, gets: its start, or
+    /// the quota named in the refusal.
+    fn reference(
+        quotas: &[RateQuota],
+        states: &mut [State],
+        now: u64,
+        wait: u64,
+    ) -> Result<u64, usize> {
+        let earliest: Vec<u64> = quotas
+            .iter()
+            .zip(states.iter())
+            .map(|(q, s)| s.earliest(&q.params, now, 1))
+            .collect();
+        // A quota that alone would hold the call back longer than it allows refuses it.
+        for (q, &e) in quotas.iter().zip(&earliest) {
+            if e - now > q.max_wait {
+                return Err(q.index);
+            }
+        }
+        let start = earliest.iter().copied().max().unwrap_or(now).max(now);
+        if start - now > wait {
+            // The first quota that sets the start names the refusal.
+            let i = earliest.iter().position(|&e| e == start).unwrap_or(0);
+            return Err(quotas[i].index);
+        }
+        for (q, s) in quotas.iter().zip(states.iter_mut()) {
+            s.apply(&q.params, start, 1);
+        }
+        Ok(start)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn each_quota_holds_a_call_back_no_longer_than_it_allows(
+            limits in proptest::collection::vec(
+                (1..=5u64, 1..=100u64, proptest::option::of(0..=300u64)),
+                1..=3,
+            ),
+            calls in proptest::collection::vec((0..=60u64, 0..=400u64), 1..80),
+        ) {
+            let quotas: Vec<RateQuota> = limits
+                .iter()
+                .enumerate()
+                .map(|(i, &(amount, period, mw))| quota(i, amount, period * 10, mw))
+                .collect();
+            let store = MemoryStore::new(quotas.clone(), Vec::new(), None, None, None);
+            let mut states = vec![State::new(); quotas.len()];
+            let manual = ManualClock::new();
+            let clock = Clock::from(manual.clone());
+            for (dt, wait) in calls {
+                manual.advance(Duration::from_nanos(dt));
+                let now = clock.now();
+                let got = store
+                    .reserve("k", &Cost::request(), &clock, wait, Part::All, None)
+                    .map(|r| r.start)
+                    .map_err(|r| match r {
+                        Refusal::Limited { index, .. } => index,
+                        Refusal::TooLarge { index, .. } => panic!("too large: quota {index}"),
+                    });
+                let want = reference(&quotas, &mut states, now, wait);
+                prop_assert_eq!(got, want, "at {} waiting up to {}", now, wait);
+            }
+        }
+    }
+}
