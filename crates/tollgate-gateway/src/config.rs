@@ -854,6 +854,8 @@ mod tests {
                 .map(|l| l.limit),
             Some(30)
         );
+        let tpm = c.upstreams["sim"].limits.tokens_per_minute.expect("set");
+        assert_eq!(tpm.wait(&c.tiers["free"]), Duration::from_secs(20));
     }
 
     #[test]
