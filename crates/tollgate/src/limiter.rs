@@ -791,7 +791,7 @@ impl Limiter {
                 Dimension::Tokens => headers.tokens,
                 Dimension::InputTokens => headers.input_tokens,
                 Dimension::OutputTokens => headers.output_tokens,
-                Dimension::Concurrency => None,
+                Dimension::Concurrency | Dimension::Spend => None,
             };
             let (Some(remaining), Some(period)) = (budget.and_then(|b| b.remaining), quota.period)
             else {
@@ -1214,6 +1214,7 @@ impl Permit<'_> {
                 requests: self.cost.requests,
                 input: usage.input,
                 output: usage.output,
+                spend: usage.spend,
             };
             if !inner.settles {
                 return Ok(());

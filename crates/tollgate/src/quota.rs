@@ -30,6 +30,9 @@ pub enum Dimension {
     /// Calls in flight at once: a slot is taken by a permit and freed when it is settled
     /// or dropped.
     Concurrency,
+    /// Money: [`Cost::spend`] at admission, [`crate::Usage::spend`] on settle, in
+    /// whatever unit the caller uses for both (micro-dollars, credits).
+    Spend,
 }
 
 impl Dimension {
@@ -40,6 +43,7 @@ impl Dimension {
             Dimension::InputTokens => "input_tokens",
             Dimension::OutputTokens => "output_tokens",
             Dimension::Concurrency => "concurrency",
+            Dimension::Spend => "spend",
         }
     }
 }
@@ -164,6 +168,25 @@ impl Quota {
             name: None,
             max_wait: None,
         }
+    }
+
+    /// `amount` units of spend per period (set the period next): a budget in money, in
+    /// the unit of the [`Cost::spend`] the calls carry (micro-dollars: `5_000_000` is
+    /// $5). Charged the estimate at admission and corrected to [`crate::Usage::spend`]
+    /// on settle.
+    ///
+    /// ```
+    /// use tollgate::{Cost, Limiter, Quota, Usage};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let limiter = Limiter::builder().quota(Quota::spend(5_000_000).per_day()).build()?; // $5 a day
+    /// let permit = limiter.acquire("team-a", Cost::input(1_000).output(500).spend(7_500)).await?;
+    /// permit.settle(Usage::new(1_000, 120).spend(3_700)).await?;   // it cost $0.0037
+    /// assert_eq!(limiter.status("team-a").await?[0].remaining, 4_996_300);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn spend(amount: u64) -> Quota {
+        Quota::new(Dimension::Spend, amount)
     }
 
     /// `amount` requests per period (set the period next).
@@ -513,6 +536,7 @@ pub(crate) fn charge(dimension: Dimension, burndown_milli: u64, cost: &Cost) -> 
         Dimension::InputTokens => cost.input,
         Dimension::OutputTokens => cost.output,
         Dimension::Concurrency => 1,
+        Dimension::Spend => cost.spend,
         Dimension::Tokens => {
             let weighted = if burndown_milli == 1000 {
                 u128::from(cost.output)

@@ -116,7 +116,46 @@ conformance!(
     a_cancelled_permit_gives_everything_back,
     each_quota_holds_a_call_back_no_longer_than_it_allows,
     a_concurrency_quota_holds_a_call_back_no_longer_than_it_allows,
+    a_spend_budget_is_charged_what_calls_cost,
 );
+
+/// A budget in money: the estimate at admission, corrected to the real cost on settle,
+/// and a call that would overspend refused, naming the budget.
+async fn a_spend_budget_is_charged_what_calls_cost(store: Store) {
+    let f = fixture(
+        store,
+        vec![
+            Quota::spend(10_000).per_day().named("dollars"),
+            Quota::requests(100).per_minute(),
+        ],
+    )
+    .await;
+    let p = f
+        .limiter
+        .try_acquire("u", Cost::input(1_000).output(500).spend(7_500))
+        .await
+        .expect("within the budget");
+    let Err(Error::Limited(r)) = f
+        .limiter
+        .try_acquire("u", Cost::input(1_000).spend(3_000))
+        .await
+    else {
+        panic!("7,500 + 3,000 is over 10,000");
+    };
+    assert_eq!(r.quota().name(), "dollars");
+    assert!(r.retry_after() > Some(Duration::from_secs(3_600)), "{r:?}");
+    p.settle(Usage::new(1_000, 100).spend(3_500))
+        .await
+        .expect("settle");
+    let status = f.limiter.status("u").await.expect("status");
+    assert_eq!(status[0].remaining, 6_500);
+    f.limiter
+        .try_acquire("u", Cost::input(1_000).spend(3_000))
+        .await
+        .expect("fits once the real cost is known");
+    let status = f.limiter.status("other").await.expect("status");
+    assert_eq!(status[0].remaining, 10_000, "budgets are per key");
+}
 
 /// A per-user quota that rejects next to an account quota that paces: the user over
 /// their own limit gets an answer at once, naming their quota, even from `acquire`;

@@ -495,6 +495,7 @@ impl MemoryStore {
             requests: cost.requests,
             input: usage.input,
             output: usage.output,
+            spend: usage.spend,
         };
         let snap = |_, q: &RateQuota| q.settle_slot.map(|slot| reserved.settle[slot]);
         self.adjust(key, reserved.epoch, now, snap, |q| match q.accounting {
