@@ -103,7 +103,7 @@ impl Kind {
 /// use tollgate_gateway::config::Limits;
 /// assert!(Limits::default().is_empty());
 /// ```
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Requests per minute.
@@ -120,6 +120,11 @@ pub struct Limits {
     pub output_tokens_per_minute: Option<Limit>,
     /// Requests in flight at once.
     pub concurrency: Option<Limit>,
+    /// Dollars per day, at the models' `[prices]`: charged the estimate at admission,
+    /// then what the call cost.
+    pub spend_per_day: Option<Limit<f64>>,
+    /// Dollars per 30 days, at the models' `[prices]`.
+    pub spend_per_month: Option<Limit<f64>>,
 }
 
 impl Limits {
@@ -131,7 +136,25 @@ impl Limits {
     /// assert!(!l.is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
-        self.entries().all(|(_, v)| v.is_none())
+        self.entries().all(|(_, v)| v.is_none()) && self.spends().all(|(_, v)| v.is_none())
+    }
+
+    /// Each spend limit by its config name, with its period.
+    pub(crate) fn spends(
+        &self,
+    ) -> impl Iterator<Item = (&'static str, Option<(&Limit<f64>, Duration)>)> {
+        const DAY: Duration = Duration::from_secs(86_400);
+        [
+            (
+                "spend_per_day",
+                self.spend_per_day.as_ref().map(|l| (l, DAY)),
+            ),
+            (
+                "spend_per_month",
+                self.spend_per_month.as_ref().map(|l| (l, DAY * 30)),
+            ),
+        ]
+        .into_iter()
     }
 
     /// Each limit by its config name.
@@ -185,22 +208,23 @@ impl Limits {
 /// assert_eq!(tpm.wait(free), std::time::Duration::from_secs(20));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limit {
-    /// Units per period (requests, tokens), or slots for `concurrency`.
-    pub limit: u64,
+pub struct Limit<N = u64> {
+    /// Units per period (requests, tokens), slots for `concurrency`, or dollars for
+    /// spend limits.
+    pub limit: N,
     /// Wait or reject when this limit has no room; `None`: as the tier says.
     pub on_limit: Option<OnLimit>,
     /// The longest this limit holds a request back; `None`: the tier's `max_wait`.
     pub max_wait: Option<Duration>,
 }
 
-impl Limit {
+impl<N> Limit<N> {
     /// A limit with the tier's policy.
     ///
     /// ```
     /// assert_eq!(tollgate_gateway::config::Limit::new(5).limit, 5);
     /// ```
-    pub fn new(limit: u64) -> Limit {
+    pub fn new(limit: N) -> Limit<N> {
         Limit {
             limit,
             on_limit: None,
@@ -237,37 +261,96 @@ impl Limit {
     }
 }
 
-impl<'de> Deserialize<'de> for Limit {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Limit, D::Error> {
+/// The number a [`Limit`] holds: whole units (`u64`: requests, tokens, slots) or dollars
+/// (`f64`: spend limits).
+///
+/// ```
+/// use tollgate_gateway::config::Amount;
+/// assert!(<u64 as Amount>::from_f64(1.5).is_err());
+/// assert_eq!(<f64 as Amount>::from_u64(5), 5.0);
+/// ```
+pub trait Amount: Copy + for<'de> Deserialize<'de> {
+    /// What the configuration may write, for error messages.
+    const EXPECTING: &'static str;
+    /// From a TOML integer that is not negative.
+    fn from_u64(v: u64) -> Self;
+    /// From a TOML integer.
+    ///
+    /// # Errors
+    ///
+    /// Why it is not a limit, for the configuration error.
+    fn from_i64(v: i64) -> Result<Self, String>;
+    /// From a TOML float.
+    ///
+    /// # Errors
+    ///
+    /// Why it is not a limit, for the configuration error.
+    fn from_f64(v: f64) -> Result<Self, String>;
+}
+
+impl Amount for u64 {
+    const EXPECTING: &'static str =
+        "a whole number, or a table like { limit = 60, on_limit = \"wait\", max_wait = \"10s\" }";
+    fn from_u64(v: u64) -> u64 {
+        v
+    }
+    fn from_i64(v: i64) -> Result<u64, String> {
+        u64::try_from(v)
+            .map_err(|_| format!("{v} is negative; a limit is a whole number of at least 1"))
+    }
+    fn from_f64(v: f64) -> Result<u64, String> {
+        Err(format!(
+            "{v} is not a whole number; this limit counts whole units"
+        ))
+    }
+}
+
+impl Amount for f64 {
+    const EXPECTING: &'static str =
+        "an amount in dollars, or a table like { limit = 25.0, on_limit = \"reject\" }";
+    fn from_u64(v: u64) -> f64 {
+        v as f64
+    }
+    fn from_i64(v: i64) -> Result<f64, String> {
+        if v < 0 {
+            Err(format!("{v} is negative; a budget is more than 0 dollars"))
+        } else {
+            Ok(v as f64)
+        }
+    }
+    fn from_f64(v: f64) -> Result<f64, String> {
+        Ok(v)
+    }
+}
+
+impl<'de, N: Amount> Deserialize<'de> for Limit<N> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Limit<N>, D::Error> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
-        struct Table {
-            limit: u64,
+        struct Table<N> {
+            limit: N,
             #[serde(default)]
             on_limit: Option<OnLimit>,
             #[serde(default, deserialize_with = "some_duration")]
             max_wait: Option<Duration>,
         }
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Limit;
+        struct Visitor<N>(std::marker::PhantomData<N>);
+        impl<'de, N: Amount> serde::de::Visitor<'de> for Visitor<N> {
+            type Value = Limit<N>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(
-                    "a whole number, or a table like { limit = 60, on_limit = \"wait\", max_wait = \"10s\" }",
-                )
+                f.write_str(N::EXPECTING)
             }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Limit, E> {
-                Ok(Limit::new(v))
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Limit<N>, E> {
+                Ok(Limit::new(N::from_u64(v)))
             }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Limit, E> {
-                u64::try_from(v).map(Limit::new).map_err(|_| {
-                    E::custom(format!(
-                        "{v} is negative; a limit is a whole number of at least 1"
-                    ))
-                })
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Limit<N>, E> {
+                N::from_i64(v).map(Limit::new).map_err(E::custom)
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Limit, A::Error> {
-                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Limit<N>, E> {
+                N::from_f64(v).map(Limit::new).map_err(E::custom)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Limit<N>, A::Error> {
+                let t = Table::<N>::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 if t.on_limit == Some(OnLimit::Reject) && t.max_wait.is_some() {
                     return Err(serde::de::Error::custom(
                         "max_wait is for on_limit = \"wait\"; a limit that rejects never waits: drop one of them",
@@ -280,7 +363,47 @@ impl<'de> Deserialize<'de> for Limit {
                 })
             }
         }
-        d.deserialize_any(Visitor)
+        d.deserialize_any(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// A model's price, in dollars per million tokens, for spend limits.
+///
+/// ```
+/// let c = tollgate_gateway::Config::parse(r#"
+/// [upstreams.sim]
+/// kind = "sim"
+/// url = "http://127.0.0.1:9000"
+/// [prices]
+/// "gpt-4o" = { input = 2.50, output = 10.00 }
+/// "*" = { input = 5, output = 15 }
+/// "#).unwrap();
+/// let p = c.prices["gpt-4o"];
+/// assert_eq!(p.micro_dollars(1_000, 500), 7_500); // $0.0075
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Dollars per million input (prompt) tokens.
+    pub input: f64,
+    /// Dollars per million output (completion) tokens.
+    pub output: f64,
+}
+
+impl Price {
+    /// What `input` and `output` tokens cost, in micro-dollars (the unit of spend
+    /// quotas), rounded up.
+    ///
+    /// ```
+    /// let p = tollgate_gateway::config::Price { input: 0.15, output: 0.60 };
+    /// assert_eq!(p.micro_dollars(100, 0), 15);
+    /// assert_eq!(p.micro_dollars(1, 1), 1); // 0.75 µ$, rounded up
+    /// ```
+    pub fn micro_dollars(&self, input: u64, output: u64) -> u64 {
+        // $ per million tokens is µ$ per token.
+        let v = (input as f64) * self.input + (output as f64) * self.output;
+        // Saturates for absurd figures (and NaN, which config checks rule out, is 0).
+        v.ceil() as u64
     }
 }
 
@@ -441,6 +564,9 @@ pub struct Config {
     /// caller `anonymous` in the tier `default` (unlimited when there is no such tier).
     #[serde(default)]
     pub callers: BTreeMap<String, Caller>,
+    /// Models' prices, for spend limits; `"*"` prices every model not listed.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
 }
 
 fn default_listen() -> String {
@@ -638,6 +764,34 @@ impl Config {
                 check_limits(l, &key).map_err(|m| ConfigError::at(src, None, &key, m))?;
             }
         }
+        for (model, p) in &self.prices {
+            for (side, v) in [("input", p.input), ("output", p.output)] {
+                if !(v.is_finite() && (0.0..=1e6).contains(&v)) {
+                    return err(
+                        None,
+                        format!("prices.{model}.{side}"),
+                        format!("is {v}; a price is dollars per million tokens, from 0 to 1000000"),
+                    );
+                }
+            }
+        }
+        let spends = self
+            .upstreams
+            .values()
+            .flat_map(|u| std::iter::once(&u.limits).chain(u.model_limits.values()))
+            .chain(
+                self.tiers
+                    .values()
+                    .flat_map(|t| std::iter::once(&t.limits).chain(t.model_limits.values())),
+            )
+            .any(|l| l.spends().any(|(_, v)| v.is_some()));
+        if spends && self.prices.is_empty() {
+            return err(
+                None,
+                "prices".into(),
+                "spend limits are set but no model has a price: add [prices] with each model's dollars per million tokens, e.g. \"gpt-4o\" = { input = 2.50, output = 10.00 }, or \"*\" for every model".into(),
+            );
+        }
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, c) in &self.callers {
             if name.is_empty() || name.len() > tollgate::MAX_KEY_LEN {
@@ -704,8 +858,25 @@ fn check_limits(l: &Limits, key: &str) -> Result<(), String> {
             ));
         }
     }
+    for (name, v) in l.spends() {
+        let Some((v, _)) = v else { continue };
+        if !(v.limit.is_finite() && v.limit >= 0.000_001 && v.limit <= MAX_DOLLARS) {
+            return Err(format!(
+                "{key}.{name} is {}; a budget is a number of dollars from 0.000001 to {MAX_DOLLARS}",
+                v.limit
+            ));
+        }
+        if v.max_wait.is_some_and(|w| w > MAX_WAIT) {
+            return Err(format!(
+                "{key}.{name}.max_wait is over a day; no caller waits that long for an answer"
+            ));
+        }
+    }
     Ok(())
 }
+
+/// The largest spend limit, in dollars (a billion: micro-dollars stay exact).
+const MAX_DOLLARS: f64 = 1e9;
 
 /// The longest wait a configuration may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(86_400);
@@ -820,6 +991,46 @@ mod tests {
             "{BASE}[tiers.t]\nlimits = {{ concurrency = {{ limit = 1, max_wait = \"90000s\" }} }}\n"
         ));
         assert!(e.contains("concurrency.max_wait is over a day"), "{e}");
+    }
+
+    #[test]
+    fn spend_limits_are_dollars_and_need_prices() {
+        let c = Config::parse(&format!(
+            "{BASE}[prices]\n\"*\" = {{ input = 1, output = 2.5 }}\n[tiers.t]\nlimits = {{ spend_per_day = 5, spend_per_month = {{ limit = 100.25, on_limit = \"reject\" }} }}\n"
+        ))
+        .expect("valid");
+        let l = &c.tiers["t"].limits;
+        assert_eq!(l.spend_per_day.map(|l| l.limit), Some(5.0));
+        assert_eq!(l.spend_per_month.map(|l| l.limit), Some(100.25));
+        assert!(!l.is_empty());
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ spend_per_day = 5 }}\n"
+        ));
+        assert!(
+            e.contains("`prices`: spend limits are set but no model has a price"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{BASE}[prices]\nm = {{ input = 1, output = 1 }}\n[tiers.t]\nlimits = {{ spend_per_day = -5 }}\n"
+        ));
+        assert!(e.contains("negative"), "{e}");
+        let e = err(&format!(
+            "{BASE}[prices]\nm = {{ input = 1, output = 1 }}\n[tiers.t]\nlimits = {{ spend_per_day = 0.0 }}\n"
+        ));
+        assert!(e.contains("tiers.t.limits.spend_per_day is 0"), "{e}");
+        let e = err(&format!(
+            "{BASE}[prices]\nm = {{ input = -1, output = 1 }}\n"
+        ));
+        assert!(e.contains("`prices.m.input`: is -1"), "{e}");
+        let e = err(&format!("{BASE}[prices]\nm = {{ input = 1 }}\n"));
+        assert!(e.contains("output"), "{e}");
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ requests_per_minute = 1.5 }}\n"
+        ));
+        assert!(
+            e.starts_with("line 5:") && e.contains("not a whole number"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -100,6 +100,8 @@ pub(crate) struct Gate {
     /// Zero: every quota rejects, so the gateway decides without waiting at all. Each
     /// quota carries its own wait ([`tollgate::Quota::max_wait`]).
     pub(crate) wait: Duration,
+    /// Whether any quota is a spend limit (requests then need their model's price).
+    pub(crate) spends: bool,
 }
 
 /// A tier, ready to decide.
@@ -121,6 +123,8 @@ pub(crate) enum Measure {
     Requests,
     Tokens,
     Concurrency,
+    /// Micro-dollars.
+    Spend,
 }
 
 pub(crate) struct State {
@@ -135,6 +139,9 @@ pub(crate) struct State {
     pub(crate) metrics: metrics::Metrics,
     pub(crate) max_body: usize,
     pub(crate) upstream_timeout: Duration,
+    /// Models' prices, for spend limits, and the price of every other model (`"*"`).
+    pub(crate) prices: HashMap<String, config::Price>,
+    pub(crate) default_price: Option<config::Price>,
 }
 
 /// A configured gateway, ready to serve.
@@ -198,6 +205,23 @@ fn quotas(
             None => q,
         };
         out.push((q, m));
+    }
+    // Budgets in micro-dollars, charged the estimate, then what the call cost (an
+    // account's as much as a caller's: that is what the provider bills).
+    for (name, value) in limits.spends() {
+        let Some((limit, period)) = value else {
+            continue;
+        };
+        let micros = (limit.limit * 1e6).round() as u64;
+        let q = Quota::spend(micros)
+            .per(period)
+            .named(format!("{prefix}.{name}"));
+        let q = if shared { q.shared() } else { q };
+        let q = match tier {
+            Some(t) => q.max_wait(limit.wait(t)),
+            None => q,
+        };
+        out.push((q, Measure::Spend));
     }
     out
 }
@@ -367,6 +391,10 @@ impl Gateway {
                 limiters.push(Some(Gate {
                     limiter: l,
                     wait: longest_wait(own.iter().chain(&account)),
+                    spends: own
+                        .iter()
+                        .chain(&account)
+                        .any(|(_, m)| *m == Measure::Spend),
                 }));
             }
             let mut models = HashMap::new();
@@ -378,13 +406,21 @@ impl Gateway {
                     Some(t),
                 );
                 let wait = longest_wait(&own);
+                let spends = own.iter().any(|(_, m)| *m == Measure::Spend);
                 let mut b = Limiter::builder().clock(clock.clone());
                 for (q, m) in own {
                     measures.insert(q.name(), m);
                     b = b.quota(q);
                 }
                 let limiter = build(b, format!("tier `{tname}` on model `{model}`")).await?;
-                models.insert(model.clone(), Gate { limiter, wait });
+                models.insert(
+                    model.clone(),
+                    Gate {
+                        limiter,
+                        wait,
+                        spends,
+                    },
+                );
             }
             tiers.push(TierState {
                 name: tname.clone(),
@@ -430,6 +466,13 @@ impl Gateway {
                 metrics: metrics::Metrics::default(),
                 max_body: config.max_body_bytes,
                 upstream_timeout: config.upstream_timeout,
+                prices: config
+                    .prices
+                    .iter()
+                    .filter(|(m, _)| m.as_str() != "*")
+                    .map(|(m, p)| (m.clone(), *p))
+                    .collect(),
+                default_price: config.prices.get("*").copied(),
             }),
         })
     }

@@ -48,6 +48,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "Tokens charged after settling, by caller, upstream and kind (input, output).",
     ),
     (
+        "tollgate_spend_micro_usd_total",
+        "counter",
+        "What settled requests cost at the models' prices, in micro-dollars, by caller and upstream.",
+    ),
+    (
         "tollgate_upstream_responses_total",
         "counter",
         "Upstream answers, by upstream and status code (0: no answer).",

@@ -21,7 +21,7 @@ use tollgate::provider::{RateLimitHeaders, format_duration};
 use tollgate::retry::Backoff;
 use tollgate::{Cost, Error, Limiter, Permit, QuotaStatus, Usage};
 
-use crate::config::Kind;
+use crate::config::{Kind, Price};
 use crate::usage::{Seen, StreamUsage};
 use crate::{CallerInfo, Gate, Measure, State};
 
@@ -122,12 +122,19 @@ pub(crate) async fn usage(AxState(st): St, headers: HeaderMap) -> Response {
                     .iter()
                     .filter(|s| s.quota.name().starts_with(&prefix))
                 {
-                    quotas.push(json!({
+                    let mut q = json!({
                         "name": s.quota.name(),
                         "limit": s.limit,
                         "remaining": s.remaining,
                         "reset_ms": s.reset.as_millis() as u64,
-                    }));
+                    });
+                    // Spend limits count micro-dollars; say so, and give dollars too.
+                    if st.measures.get(s.quota.name()) == Some(&Measure::Spend) {
+                        q["unit"] = json!("usd_micros");
+                        q["limit_usd"] = json!(s.limit as f64 / 1e6);
+                        q["remaining_usd"] = json!(s.remaining as f64 / 1e6);
+                    }
+                    quotas.push(q);
                 }
             }
             Err(e) => return limiter_error(&st, &caller, &e, false),
@@ -211,6 +218,27 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
         .get(&model)
         .copied()
         .unwrap_or(u.default_account);
+    // Spend: the estimate at the model's price. Known endpoints need a price when a
+    // spend limit applies; other routes count as requests only.
+    let price = st.prices.get(&model).copied().or(st.default_price);
+    if let Some(p) = price {
+        cost = cost.spend(p.micro_dollars(cost.input, cost.output));
+    } else if json_body.is_some() {
+        let tier = &st.tiers[caller.tier];
+        let spends = tier.limiters[account].as_ref().is_some_and(|g| g.spends)
+            || tier.models.get(&model).is_some_and(|g| g.spends);
+        if spends {
+            return error(
+                StatusCode::BAD_REQUEST,
+                anthropic,
+                "invalid_request_error",
+                "model_not_priced",
+                &format!(
+                    "This gateway has spend limits and no price for model `{model}`; its operator must add it under [prices] (or a \"*\" price) before it can be used."
+                ),
+            );
+        }
+    }
     let call = Call {
         st: st.clone(),
         caller,
@@ -227,6 +255,7 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
         endpoint,
         model,
         cost,
+        price,
         anthropic,
     };
     let (tx, rx) = oneshot::channel();
@@ -281,9 +310,17 @@ fn limiter_error(st: &State, caller: &CallerInfo, e: &Error, anthropic: bool) ->
                 Measure::Requests => "requests",
                 Measure::Tokens => "tokens",
                 Measure::Concurrency => "concurrency",
+                Measure::Spend => "spend",
             };
             let wait = r.retry_after();
             let message = match wait {
+                Some(w) if measure == Measure::Spend => format!(
+                    "Spend limit reached for caller `{}` on quota `{name}`: budget {}, remaining {}. Please try again in {}.",
+                    caller.name,
+                    dollars(r.limit()),
+                    dollars(r.remaining()),
+                    format_duration(w)
+                ),
                 Some(w) => format!(
                     "Rate limit reached for caller `{}` on quota `{name}`: limit {}, remaining {}. Please try again in {}.",
                     caller.name,
@@ -314,6 +351,26 @@ fn limiter_error(st: &State, caller: &CallerInfo, e: &Error, anthropic: bool) ->
             insert(h, "retry-after-ms", &wait.as_millis().max(1).to_string());
             insert(h, "x-tollgate-quota", name);
             resp
+        }
+        Error::TooLarge(t) if st.measures.get(t.quota().name()) == Some(&Measure::Spend) => {
+            st.metrics.count(
+                "tollgate_rejected_total",
+                &[("caller", &caller.name), ("quota", t.quota().name())],
+                1,
+            );
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                anthropic,
+                "spend",
+                "request_too_large",
+                &format!(
+                    "Request too costly for caller `{}` on quota `{}`: at most {} and the budget holds {}. Ask for fewer tokens (max_tokens) or a shorter prompt.",
+                    caller.name,
+                    t.quota().name(),
+                    dollars(t.cost()),
+                    dollars(t.capacity())
+                ),
+            )
         }
         Error::TooLarge(t) => {
             st.metrics.count(
@@ -353,6 +410,17 @@ fn limiter_error(st: &State, caller: &CallerInfo, e: &Error, anthropic: bool) ->
             "invalid_request",
             &other.to_string(),
         ),
+    }
+}
+
+/// Micro-dollars as dollars: `$0.0075`, `$5.00`.
+fn dollars(micros: u64) -> String {
+    let (whole, frac) = (micros / 1_000_000, micros % 1_000_000);
+    if frac % 10_000 == 0 {
+        format!("${whole}.{:02}", frac / 10_000)
+    } else {
+        let digits = format!("{frac:06}");
+        format!("${whole}.{}", digits.trim_end_matches('0'))
     }
 }
 
@@ -464,6 +532,8 @@ struct Call {
     endpoint: Option<Endpoint>,
     model: String,
     cost: Cost,
+    /// The model's price, for spend limits.
+    price: Option<Price>,
     anthropic: bool,
 }
 
@@ -550,7 +620,7 @@ impl Call {
             a = self.forward(deadline) => a,
             () = tx.closed() => {
                 // Gone before the upstream answered: charge the estimate's prompt only.
-                settle(permit, Usage::new(self.cost.input, 0)).await;
+                settle(permit, Usage::new(self.cost.input, 0), self.price).await;
                 return;
             }
         };
@@ -559,7 +629,7 @@ impl Call {
             Forwarded::Failed(mut resp) => {
                 resp.headers_mut().extend(rl);
                 let _ = tx.send(resp);
-                settle(permit, Usage::new(0, 0)).await;
+                settle(permit, Usage::new(0, 0), self.price).await;
                 return;
             }
         };
@@ -584,7 +654,7 @@ impl Call {
                 .and_then(Result::ok)
                 .unwrap_or_default();
             let _ = tx.send(build(status, headers, Body::from(body)));
-            settle(permit, Usage::new(0, 0)).await;
+            settle(permit, Usage::new(0, 0), self.price).await;
             return;
         }
         if is_stream {
@@ -605,7 +675,7 @@ impl Call {
                         upstream.name
                     ),
                 ));
-                settle(permit, Usage::new(self.cost.input, 0)).await;
+                settle(permit, Usage::new(self.cost.input, 0), self.price).await;
                 return;
             }
         };
@@ -614,7 +684,7 @@ impl Call {
         let _ = tx.send(build(status, headers, Body::from(body)));
         if let Some(u) = used {
             self.count_tokens(u);
-            settle(permit, u).await;
+            settle(permit, u, self.price).await;
         }
         // No usage reported: the estimate stands (the permit drops unsettled).
     }
@@ -630,6 +700,13 @@ impl Call {
                     ("kind", kind),
                 ],
                 n,
+            );
+        }
+        if let Some(p) = self.price {
+            self.st.metrics.count(
+                "tollgate_spend_micro_usd_total",
+                &[("caller", &self.caller.name), ("upstream", up)],
+                p.micro_dollars(u.input, u.output),
             );
         }
     }
@@ -784,7 +861,7 @@ impl Call {
             .send(build(status, headers, Body::from_stream(body)))
             .is_err()
         {
-            settle(permit, Usage::new(self.cost.input, 0)).await;
+            settle(permit, Usage::new(self.cost.input, 0), self.price).await;
             return;
         }
         let mut tracker = StreamUsage::new(&self.model, self.cost.input);
@@ -839,7 +916,7 @@ impl Call {
         }
         let used = tracker.usage();
         self.count_tokens(used);
-        settle(permit, used).await;
+        settle(permit, used, self.price).await;
     }
 }
 
@@ -914,7 +991,12 @@ async fn decide<'a>(
     Ok(Permits([first.0.take(), second]))
 }
 
-async fn settle(permits: Permits<'_>, usage: Usage) {
+/// Settle a request's permits with what it used, and what that cost at its price.
+async fn settle(permits: Permits<'_>, usage: Usage, price: Option<Price>) {
+    let usage = match price {
+        Some(p) => usage.spend(p.micro_dollars(usage.input, usage.output)),
+        None => usage,
+    };
     for p in permits.0.into_iter().flatten() {
         if let Err(e) = p.settle(usage).await {
             tracing::warn!(error = %e, "could not settle a request's usage");

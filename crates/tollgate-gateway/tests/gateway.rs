@@ -540,3 +540,82 @@ async fn each_limit_waits_or_rejects_as_it_says() {
     let retry: u64 = header(&r, "retry-after").parse().expect("seconds");
     assert!((25..=31).contains(&retry), "{retry}");
 }
+
+/// A caller's budget in dollars: each request is charged what it cost at the model's
+/// price (the estimate while it runs, then the usage the upstream reports), the request
+/// that would overspend is refused naming the budget, and a model without a price is
+/// refused rather than served for free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_spends_its_budget_at_the_models_prices() {
+    let s = setup(
+        fast_sim(),
+        // $1,000 / $2,000 per million tokens: a token in costs $0.001, out $0.002.
+        "[prices]\n\"gpt-4o-mini\" = { input = 1000, output = 2000 }\n[tiers.t]\nlimits = { spend_per_day = 0.5 }\n",
+    )
+    .await;
+    let spend_left = |v: &Value| -> u64 {
+        let q = v["quotas"]
+            .as_array()
+            .expect("quotas")
+            .iter()
+            .find(|q| q["name"] == "tier.t.spend_per_day")
+            .unwrap_or_else(|| panic!("no spend quota in {v}"))
+            .clone();
+        assert_eq!(q["unit"], "usd_micros");
+        assert_eq!(q["limit_usd"], 0.5);
+        q["remaining"].as_u64().expect("a number")
+    };
+    assert_eq!(spend_left(&s.usage("key-a").await), 500_000);
+    let mut spent = 0;
+    let mut served = 0;
+    let refused = loop {
+        let r = s.post("key-a", "/v1/chat/completions", &chat(false)).await;
+        if r.status() == 429 {
+            break r;
+        }
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.expect("json");
+        let (p, c) = (
+            body["usage"]["prompt_tokens"].as_u64().expect("prompt"),
+            body["usage"]["completion_tokens"]
+                .as_u64()
+                .expect("completion"),
+        );
+        spent += p * 1_000 + c * 2_000;
+        served += 1;
+        // The settle lands just after the answer.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let left = spend_left(&s.usage("key-a").await);
+        // A day's refill is 5.8 µ$ a second: what is left is the budget less the real
+        // cost of what was served, give or take the refill.
+        assert!(
+            left >= 500_000 - spent && left <= 500_000 - spent + 100,
+            "{left} left after spending {spent}"
+        );
+        assert!(served < 20, "the budget never ran out");
+    };
+    assert!(served >= 3, "only {served} served");
+    assert_eq!(header(&refused, "x-tollgate-quota"), "tier.t.spend_per_day");
+    let body: Value = refused.json().await.expect("json");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("Spend limit reached") && message.contains("budget $0.50"),
+        "{message}"
+    );
+    // b's budget is its own.
+    let r = s.post("key-b", "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(r.status(), 200);
+    // A model with no price cannot be served while a spend limit applies.
+    let before = s.sim.stats().requests;
+    let r = s
+        .post(
+            "key-b",
+            "/v1/embeddings",
+            &json!({"model": "text-embedding-3-small", "input": "hello"}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "model_not_priced");
+    assert_eq!(s.sim.stats().requests, before);
+}
