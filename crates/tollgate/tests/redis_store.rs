@@ -264,6 +264,51 @@ async fn coarse_time_units_stay_exact() {
     );
 }
 
+/// A budget too large for second units (a month of micro-dollars) counts in days on
+/// Redis: it still charges, refunds, refuses and reports exactly, and never sees more
+/// time pass than has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monthly_budget_counts_in_days_and_stays_exact() {
+    let server = RedisServer::start();
+    let budget = 100_000_000_000; // $100,000 in micro-dollars
+    let limiter = Limiter::builder()
+        .redis(server.url())
+        .quota(Quota::spend(budget).per(Duration::from_secs(30 * 86_400)))
+        .build()
+        .await
+        .expect("a month of micro-dollars fits on Redis");
+    let p = limiter
+        .try_acquire("team", Cost::input(1).spend(60_000_000_000))
+        .await
+        .expect("within the budget");
+    let Err(Error::Limited(r)) = limiter
+        .try_acquire("team", Cost::input(1).spend(50_000_000_000))
+        .await
+    else {
+        panic!("60 + 50 is over 100 thousand dollars");
+    };
+    // The month refills $3,333 a day: $10,000 more takes three days or more.
+    assert!(
+        r.retry_after() >= Some(Duration::from_secs(2 * 86_400)),
+        "{r:?}"
+    );
+    p.settle(tollgate::Usage::new(1, 0).spend(20_000_000_000))
+        .await
+        .expect("settle");
+    // Counted in days, the budget sees time as the start of the current day and charges
+    // a call at the end of it: what is left lags by at most one day's refill ($3,333),
+    // never more than is really left.
+    let left = limiter.status("team").await.expect("status")[0].remaining;
+    assert!(
+        (80_000_000_000 - 3_333_333_334..=80_000_000_000).contains(&left),
+        "{left} left after $20,000"
+    );
+    limiter
+        .try_acquire("team", Cost::input(1).spend(50_000_000_000))
+        .await
+        .expect("fits once the real cost is known");
+}
+
 /// On a cluster, concurrent calls for many identities (spread over every node) and one
 /// account-wide quota: each batch goes to its own slot, and the shared quota, reserved
 /// after each identity's own, admits exactly its limit.

@@ -73,8 +73,27 @@ pub(crate) struct RemoteQuota {
     fp: u64,
 }
 
-/// Pick the finest time unit (1 µs, 10 µs, ... 1 s) that divides the period and keeps
-/// capacity × period exact in the script's doubles.
+/// Time units the script may count a quota's time in, finest first (µs).
+const UNITS_US: [u64; 12] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    60_000_000,
+    600_000_000,
+    3_600_000_000,
+    86_400_000_000,
+];
+
+/// Pick the finest time unit (1 µs, 10 µs, ... 1 s, 10 s, a minute, ten minutes, an hour,
+/// a day) that divides the period and keeps capacity × period exact in the script's
+/// doubles. A coarse unit only makes the quota stricter: the script sees the time as the
+/// start of the current unit, so refills land at unit boundaries (a budget of millions of
+/// micro-dollars a month counts in hours or days).
 pub(crate) fn remote_quota(
     rate: &RateQuota,
     name: &str,
@@ -88,40 +107,37 @@ pub(crate) fn remote_quota(
         ));
     }
     let period_us = p.period_ns / 1_000;
-    let mut unit = 1u64;
-    loop {
-        if period_us.is_multiple_of(unit) {
-            let period = period_us / unit;
-            let span = u128::from(p.capacity) * u128::from(period);
-            if span < MAX_SPAN && u128::from(p.amount) < MAX_SPAN {
-                let algo = match p.algorithm {
-                    Algorithm::Gcra => 1,
-                    Algorithm::FixedWindow => 2,
-                    Algorithm::SlidingWindow => 3,
-                };
-                let fp = fingerprint(&format!(
-                    "{name}|{shared}|{algo}|{}|{}|{}|{:?}|{}",
-                    p.amount, p.period_ns, p.capacity, rate.dimension, rate.burndown_milli
-                ));
-                return Ok(RemoteQuota {
-                    rate: rate.clone(),
-                    shared,
-                    unit_us: unit,
-                    period,
-                    fp,
-                });
-            }
+    for unit in UNITS_US {
+        if !period_us.is_multiple_of(unit) {
+            continue;
         }
-        if unit >= 1_000_000 {
-            return Err(format!(
-                "capacity {} over {} µs is too large to count exactly on Redis \
-                 (capacity × period must stay below 2^43 seconds·units); use a shorter period \
-                 or a smaller burst",
-                p.capacity, period_us
+        let period = period_us / unit;
+        let span = u128::from(p.capacity) * u128::from(period);
+        if span < MAX_SPAN && u128::from(p.amount) < MAX_SPAN {
+            let algo = match p.algorithm {
+                Algorithm::Gcra => 1,
+                Algorithm::FixedWindow => 2,
+                Algorithm::SlidingWindow => 3,
+            };
+            let fp = fingerprint(&format!(
+                "{name}|{shared}|{algo}|{}|{}|{}|{:?}|{}",
+                p.amount, p.period_ns, p.capacity, rate.dimension, rate.burndown_milli
             ));
+            return Ok(RemoteQuota {
+                rate: rate.clone(),
+                shared,
+                unit_us: unit,
+                period,
+                fp,
+            });
         }
-        unit *= 10;
     }
+    Err(format!(
+        "capacity {} over {} µs is too large to count exactly on Redis (capacity × period \
+         in the coarsest unit that divides the period must stay below 2^43); use a shorter \
+         period or a smaller burst",
+        p.capacity, period_us
+    ))
 }
 
 /// FNV-1a, 48 bits: a stable name for a quota's record across processes and versions.
@@ -1373,6 +1389,17 @@ mod tests {
         assert!(
             remote_quota(&rate(1, 1_500, 1), "x", false)
                 .is_err_and(|e| e.contains("whole microseconds"))
+        );
+        // $100,000 a month in micro-dollars counts in days; $10,000 a day in ten minutes.
+        let month = 30 * 86_400_000_000_000;
+        let q = remote_quota(&rate(100_000_000_000, month, 100_000_000_000), "s", false);
+        assert_eq!(q.map(|q| q.unit_us), Ok(86_400_000_000));
+        let day = 86_400_000_000_000;
+        let q = remote_quota(&rate(10_000_000_000, day, 10_000_000_000), "s", false);
+        assert_eq!(q.map(|q| q.unit_us), Ok(600_000_000));
+        assert!(
+            remote_quota(&rate(u64::MAX / 2, month, u64::MAX / 2), "s", false)
+                .is_err_and(|e| e.contains("too large"))
         );
     }
 
