@@ -1067,6 +1067,10 @@ mod tests {
         );
         let tpm = c.upstreams["sim"].limits.tokens_per_minute.expect("set");
         assert_eq!(tpm.wait(&c.tiers["free"]), Duration::from_secs(20));
+        assert_eq!(
+            c.tiers["free"].limits.spend_per_day.map(|l| l.limit),
+            Some(0.05)
+        );
     }
 
     #[test]
