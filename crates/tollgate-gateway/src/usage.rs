@@ -146,8 +146,11 @@ impl StreamUsage {
                 return Seen::Other;
             }
             Some("content_block_delta") => {
-                if let Some(t) = v.pointer("/delta/text").and_then(Value::as_str) {
-                    self.text.push_str(t);
+                // Text, a tool call's arguments, or extended thinking: all output.
+                for field in ["/delta/text", "/delta/partial_json", "/delta/thinking"] {
+                    if let Some(t) = v.pointer(field).and_then(Value::as_str) {
+                        self.text.push_str(t);
+                    }
                 }
                 return Seen::Other;
             }
@@ -158,7 +161,11 @@ impl StreamUsage {
                 }
                 return Seen::Other;
             }
-            Some("response.output_text.delta") => {
+            Some(
+                "response.output_text.delta"
+                | "response.function_call_arguments.delta"
+                | "response.refusal.delta",
+            ) => {
                 if let Some(t) = v.get("delta").and_then(Value::as_str) {
                     self.text.push_str(t);
                 }
@@ -172,6 +179,21 @@ impl StreamUsage {
                     self.text.push_str(t);
                 } else if let Some(t) = c.get("text").and_then(Value::as_str) {
                     self.text.push_str(t);
+                }
+                // Tool calls are output too: their names and arguments as they stream
+                // (and the older `function_call`).
+                let calls = c.pointer("/delta/tool_calls").and_then(Value::as_array);
+                let functions = calls
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t.get("function"))
+                    .chain(c.pointer("/delta/function_call"));
+                for f in functions {
+                    for field in ["name", "arguments"] {
+                        if let Some(t) = f.get(field).and_then(Value::as_str) {
+                            self.text.push_str(t);
+                        }
+                    }
                 }
             }
             if let Some(u) = v.get("usage").and_then(usage_object) {
@@ -206,5 +228,51 @@ impl StreamUsage {
             .output
             .unwrap_or_else(|| tollgate::tokens::count_text(&self.model, &self.text));
         Usage::new(self.input.unwrap_or(self.estimated_input), output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that reports no usage is charged the output it streamed, tool calls
+    /// included: for OpenAI chat, Anthropic messages and the Responses API alike.
+    #[test]
+    fn streamed_tool_calls_count_as_output() {
+        let model = "gpt-4o";
+        let args = r#"{"city": "Paris", "unit": "celsius", "days": 3}"#;
+        let (a, b) = args.split_at(10);
+        let want = tollgate::tokens::count_text(model, &format!("get_weather{args}"));
+        assert!(want > 10, "{want}");
+
+        let mut s = StreamUsage::new(model, 5);
+        let first = serde_json::json!({"choices": [{"delta": {"tool_calls": [
+            {"index": 0, "function": {"name": "get_weather", "arguments": a}}]}}]});
+        let second = serde_json::json!({"choices": [{"delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": b}}]}}]});
+        s.observe(None, &first.to_string());
+        s.observe(None, &second.to_string());
+        assert_eq!(s.usage(), Usage::new(5, want));
+
+        let mut s = StreamUsage::new(model, 5);
+        s.observe(
+            None,
+            &serde_json::json!({"choices": [{"delta": {"function_call": {"name": "get_weather", "arguments": args}}}]}).to_string(),
+        );
+        assert_eq!(s.usage().output, want);
+
+        let mut s = StreamUsage::new(model, 5);
+        for part in [a, b] {
+            let ev = serde_json::json!({"type": "content_block_delta", "index": 1,
+                "delta": {"type": "input_json_delta", "partial_json": part}});
+            s.observe(Some("content_block_delta"), &ev.to_string());
+        }
+        assert_eq!(s.usage().output, tollgate::tokens::count_text(model, args));
+
+        let mut s = StreamUsage::new(model, 5);
+        let ev =
+            serde_json::json!({"type": "response.function_call_arguments.delta", "delta": args});
+        s.observe(None, &ev.to_string());
+        assert_eq!(s.usage().output, tollgate::tokens::count_text(model, args));
     }
 }
