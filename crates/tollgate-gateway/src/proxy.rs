@@ -1016,6 +1016,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn micro_dollars_read_as_dollars() {
+        assert_eq!(dollars(5_000_000), "$5.00");
+        assert_eq!(dollars(1_230_000), "$1.23");
+        assert_eq!(dollars(7_500), "$0.0075");
+        assert_eq!(dollars(3_100), "$0.0031");
+        assert_eq!(dollars(1), "$0.000001");
+        assert_eq!(dollars(0), "$0.00");
+    }
+
+    #[test]
     fn headers_the_connection_header_names_stay_on_their_hop() {
         let mut h = HeaderMap::new();
         h.append(
