@@ -352,44 +352,40 @@ fn limiter_error(st: &State, caller: &CallerInfo, e: &Error, anthropic: bool) ->
             insert(h, "x-tollgate-quota", name);
             resp
         }
-        Error::TooLarge(t) if st.measures.get(t.quota().name()) == Some(&Measure::Spend) => {
-            st.metrics.count(
-                "tollgate_rejected_total",
-                &[("caller", &caller.name), ("quota", t.quota().name())],
-                1,
-            );
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                anthropic,
-                "spend",
-                "request_too_large",
-                &format!(
-                    "Request too costly for caller `{}` on quota `{}`: at most {} and the budget holds {}. Ask for fewer tokens (max_tokens) or a shorter prompt.",
-                    caller.name,
-                    t.quota().name(),
-                    dollars(t.cost()),
-                    dollars(t.capacity())
-                ),
-            )
-        }
         Error::TooLarge(t) => {
+            let name = t.quota().name();
             st.metrics.count(
                 "tollgate_rejected_total",
-                &[("caller", &caller.name), ("quota", t.quota().name())],
+                &[("caller", &caller.name), ("quota", name)],
                 1,
             );
+            let (kind, message) = if st.measures.get(name) == Some(&Measure::Spend) {
+                (
+                    "spend",
+                    format!(
+                        "Request too costly for caller `{}` on quota `{name}`: at most {} and the budget holds {}. Ask for fewer tokens (max_tokens) or a shorter prompt.",
+                        caller.name,
+                        dollars(t.cost()),
+                        dollars(t.capacity())
+                    ),
+                )
+            } else {
+                (
+                    "tokens",
+                    format!(
+                        "Request too large for caller `{}` on quota `{name}`: it needs {} and the quota holds at most {}. Ask for fewer tokens (max_tokens) or a shorter prompt.",
+                        caller.name,
+                        t.cost(),
+                        t.capacity()
+                    ),
+                )
+            };
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 anthropic,
-                "tokens",
+                kind,
                 "request_too_large",
-                &format!(
-                    "Request too large for caller `{}` on quota `{}`: it needs {} and the quota holds at most {}. Ask for fewer tokens (max_tokens) or a shorter prompt.",
-                    caller.name,
-                    t.quota().name(),
-                    t.cost(),
-                    t.capacity()
-                ),
+                &message,
             )
         }
         Error::Unavailable(u) => {

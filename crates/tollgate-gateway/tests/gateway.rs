@@ -605,6 +605,17 @@ async fn a_caller_spends_its_budget_at_the_models_prices() {
     // b's budget is its own.
     let r = s.post("key-b", "/v1/chat/completions", &chat(false)).await;
     assert_eq!(r.status(), 200);
+    // A request that could cost more than the whole budget is refused as too costly.
+    let mut costly = chat(false);
+    costly["max_tokens"] = json!(1_000_000);
+    let r = s.post("key-b", "/v1/chat/completions", &costly).await;
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.expect("json");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("too costly") && message.contains("the budget holds $0.50"),
+        "{message}"
+    );
     // A model with no price cannot be served while a spend limit applies.
     let before = s.sim.stats().requests;
     let r = s
