@@ -29,7 +29,9 @@ local tm = rcall('TIME')
 local now_us = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
 
 local function fdiv(x, d)
-  local q = floor(x / d)
+  -- y - y % 1 is floor(y), exactly, without a function call.
+  local q = x / d
+  q = q - q % 1
   local r = x - q * d
   if r < 0 then
     q = q - 1
@@ -80,7 +82,10 @@ end
 local function earliest(s, q, now, c)
   local e
   if q.algo == 1 then
-    local l = max(0, lead(s, q, now))
+    local l = 0
+    if s[1] >= now then
+      l = (s[1] - now) * q.A + s[2]
+    end
     if l + c * q.P > LIMIT then
       return now + cdiv(l, q.A), false
     end
@@ -90,6 +95,10 @@ local function earliest(s, q, now, c)
     else
       e = now + cdiv(need, q.A)
     end
+    if e < s[4] then
+      e = s[4]
+    end
+    return e, true
   elseif q.algo == 2 then
     local w = max(floor(now / q.P), s[1])
     local used = 0
@@ -131,8 +140,15 @@ end
 -- later callers may start from the one rounded down: FIFO to within one unit).
 local function apply(s, q, start, c, first)
   s.fresh = nil
-  s[4] = max(s[4], first or start)
-  s[5] = (s[5] + c) % TWO50
+  first = first or start
+  if s[4] < first then
+    s[4] = first
+  end
+  local ch = s[5] + c
+  if ch >= TWO50 then
+    ch = ch % TWO50
+  end
+  s[5] = ch
   s[6] = s[6] + 1
   if q.algo == 1 then
     if s[3] == 0 then
@@ -250,13 +266,16 @@ end
 
 -- Microseconds from now until forgetting the state changes nothing.
 local function horizon(s, q, now)
-  local h = s[4] - now
+  local h
   if q.algo == 1 then
-    h = max(h, s[1] + 1 - now)
+    h = s[1] + 1 - now
   elseif q.algo == 2 then
-    h = max(h, (s[1] + 1) * q.P - now)
+    h = (s[1] + 1) * q.P - now
   else
-    h = max(h, (s[1] + 2) * q.P - now)
+    h = (s[1] + 2) * q.P - now
+  end
+  if h < s[4] - now then
+    h = s[4] - now
   end
   return h * q.u
 end
@@ -385,23 +404,32 @@ local function replace(kkey, skey, i, s)
 end
 
 -- Write every changed entry back once, expiring when all its states are idle.
+local VALS = {}
 local function flush()
   for k = 1, #order do
     local key = order[k]
     local e = cache[key]
     if e.dirty then
-      local vals, ttl = {}, 1
+      local ttl = 1
       local group = e.group
+      local st = e.st
+      local b = 0
       for g = 1, #group do
         local i = group[g]
-        local q, s = Q[i], e.st[i]
-        local b = #vals
-        vals[b + 1], vals[b + 2], vals[b + 3], vals[b + 4] = q.fp, s[1], s[2], s[3]
-        vals[b + 5], vals[b + 6], vals[b + 7] = s[4], s[5], s[6]
-        ttl = max(ttl, horizon(s, q, q.nf))
+        local q, s = Q[i], st[i]
+        VALS[b + 1], VALS[b + 2], VALS[b + 3], VALS[b + 4] = q.fp, s[1], s[2], s[3]
+        VALS[b + 5], VALS[b + 6], VALS[b + 7] = s[4], s[5], s[6]
+        b = b + 7
+        local h = horizon(s, q, q.nf)
+        if h > ttl then
+          ttl = h
+        end
       end
-      local v = spack(FMT[#e.group], unpack(vals))
-      local ms = min(ceil(ttl / 1000) + 1000, 1099511627776)
+      local v = spack(FMT[#group], unpack(VALS, 1, b))
+      local ms = ceil(ttl / 1000) + 1000
+      if ms > 1099511627776 then
+        ms = 1099511627776
+      end
       if e.other ~= '' then
         -- Another configuration's records: never expire them sooner than they would.
         v = v .. e.other
@@ -454,8 +482,10 @@ local function op_reserve()
       if not sched then
         ok = false
       end
-      if e_us > start_us or (not sched and bind == 0) then
-        start_us = max(start_us, e_us)
+      if e_us > start_us then
+        start_us = e_us
+        bind = i
+      elseif not sched and bind == 0 then
         bind = i
       end
       if over == 0 and q.mw >= 0 and e_us - now_us > q.mw then
@@ -481,10 +511,13 @@ local function op_reserve()
       if undo == 1 and not s.fresh then
         prior = pack_state(s)
       end
-      local first = floor(start_us / q.u)
-      local st = first
-      if q.algo == 1 then
-        st = cdiv(start_us, q.u)
+      local first, st = start_us, start_us
+      if q.u ~= 1 then
+        first = floor(start_us / q.u)
+        st = first
+        if q.algo == 1 then
+          st = cdiv(start_us, q.u)
+        end
       end
       out[n + 1] = apply(s, q, st, charges[i], first)
       out[n + 2] = 0
