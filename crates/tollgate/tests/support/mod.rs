@@ -15,9 +15,50 @@ pub struct RedisServer {
     dir: std::path::PathBuf,
 }
 
+/// The lowest port handed out; a cluster node also listens on its port + 10,000 (the
+/// cluster bus), and Redis refuses ports above 55,535 in cluster mode.
+const FIRST_PORT: u32 = 10_000;
+/// Ports handed out lie in `FIRST_PORT .. FIRST_PORT + SPAN`, so a node's bus port stays
+/// below 32,768, where Linux starts the ephemeral ports it gives outgoing connections
+/// (a bus port taken by some client's socket made a node exit at start).
+const SPAN: u32 = 12_768;
+
+/// A port on 127.0.0.1 that is free now, with its cluster bus port (+10,000) free too.
+///
+/// Ports are handed out in turn from a per-process starting point, so tests running in
+/// parallel in one process never get the same port, and test processes started one after
+/// another rarely meet.
 fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = u16::try_from(FIRST_PORT + n).expect("ports fit in u16");
+        let bus = port + 10_000;
+        let both_free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", bus)).is_ok();
+        if both_free {
+            return port;
+        }
+    }
+    panic!(
+        "no free port pair (p, p + 10000) for p in {FIRST_PORT}..{}",
+        FIRST_PORT + SPAN
+    );
+}
+
+/// Whether a Redis server on `port` answers PING (a bare TCP connect could reach a
+/// server that is about to exit).
+fn answers_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 7];
+    c.write_all(b"PING\r\n").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
 impl RedisServer {
@@ -107,6 +148,17 @@ impl RedisServer {
     }
 
     fn start_with(&mut self, extra: &[&str]) {
+        if let Err(e) = self.try_start_with(extra) {
+            panic!("{e}");
+        }
+    }
+
+    /// Start `redis-server` and wait until it answers PING; on failure, say why, with the
+    /// end of its log.
+    fn try_start_with(&mut self, extra: &[&str]) -> Result<(), String> {
+        let log = self.dir.join("redis.log");
+        // A TLS-only server does not speak plain RESP: a TCP connect is the check there.
+        let tls = extra.contains(&"--tls-port");
         // Options given twice: the later wins, so `extra` may override the port.
         let child = Command::new("redis-server")
             .args([
@@ -120,6 +172,8 @@ impl RedisServer {
                 "no",
                 "--dir",
                 self.dir.to_str().expect("utf-8 temp dir"),
+                "--logfile",
+                log.to_str().expect("utf-8 temp dir"),
             ])
             .args(extra)
             .stdout(Stdio::null())
@@ -132,17 +186,36 @@ impl RedisServer {
                 )
             });
         self.child = Some(child);
+        let tail = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        };
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(10) {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Err(format!(
+                    "redis-server on port {} exited ({status}) at start:\n{}",
+                    self.port,
+                    tail()
+                ));
+            }
+            let up = if tls {
+                std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                answers_ping(self.port)
+            };
+            if up {
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        panic!(
-            "redis-server did not listen on port {} within 10 s",
-            self.port
-        );
+        Err(format!(
+            "redis-server did not answer on port {} within 10 s:\n{}",
+            self.port,
+            tail()
+        ))
     }
 
     /// Kill the server (SIGKILL), as a crash would.
@@ -168,28 +241,45 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     /// Start three nodes in cluster mode, join them, and wait until every slot is served.
+    ///
+    /// A node or the join can fail for reasons outside the test (a port taken between
+    /// choosing and binding it); the whole cluster is then started again on new ports,
+    /// up to three times, and the last failure is reported in full.
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| {
-                let port = free_port();
-                let dir = std::env::temp_dir()
-                    .join(format!("tollgate-cluster-{port}-{}", std::process::id()));
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir_all(&dir).expect("create a directory for redis-server");
-                let mut s = RedisServer {
-                    child: None,
-                    port,
-                    dir,
-                };
-                s.start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                ]);
-                s
-            })
-            .collect();
+        let mut last = String::new();
+        for attempt in 1..=3 {
+            match Self::try_start() {
+                Ok(c) => return c,
+                Err(e) => {
+                    eprintln!("Redis Cluster start, attempt {attempt} of 3, failed: {e}");
+                    last = e;
+                }
+            }
+        }
+        panic!("the Redis Cluster did not start in 3 attempts; the last failure: {last}");
+    }
+
+    fn try_start() -> Result<RedisCluster, String> {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let dir = std::env::temp_dir()
+                .join(format!("tollgate-cluster-{port}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create a directory for redis-server");
+            let mut s = RedisServer {
+                child: None,
+                port,
+                dir,
+            };
+            s.try_start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])?;
+            nodes.push(s);
+        }
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
         args.extend([
@@ -201,11 +291,14 @@ impl RedisCluster {
             .args(&args)
             .output()
             .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install redis-tools"));
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        if !out.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
         let t = Instant::now();
         'wait: while t.elapsed() < Duration::from_secs(20) {
             for n in &nodes {
@@ -218,9 +311,9 @@ impl RedisCluster {
                     continue 'wait;
                 }
             }
-            return RedisCluster { nodes };
+            return Ok(RedisCluster { nodes });
         }
-        panic!("the Redis Cluster did not reach cluster_state:ok within 20 s");
+        Err("the Redis Cluster did not reach cluster_state:ok within 20 s".into())
     }
 
     pub fn urls(&self) -> Vec<String> {
