@@ -139,7 +139,11 @@ end
 -- the start rounded down (GCRA charges from the start rounded up, which is safe, but
 -- later callers may start from the one rounded down: FIFO to within one unit).
 local function apply(s, q, start, c, first)
-  s.fresh = nil
+  -- Only when set: in Lua 5.1, assigning nil to an absent key still inserts it (a
+  -- table resize and an allocation for every state read from Redis).
+  if s.fresh then
+    s.fresh = nil
+  end
   first = first or start
   if s[4] < first then
     s[4] = first
@@ -194,7 +198,9 @@ local function refund(s, q, now, units, snap, stamp)
   -- Any change ends exact restores of earlier reservations: restoring a state from
   -- before this refund would take it back.
   s[6] = s[6] + 1
-  s.fresh = nil
+  if s.fresh then
+    s.fresh = nil
+  end
   if q.algo == 1 then
     local after = (s[5] - snap) % TWO50
     -- s[4] is the latest start rounded down; one unit more bounds it from above.
