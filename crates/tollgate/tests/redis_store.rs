@@ -569,3 +569,68 @@ async fn each_concurrency_quota_counts_only_its_own_slots() {
     assert!(same.try_acquire("u", Cost::request()).await.is_err());
     drop((held, model, third));
 }
+
+/// Operations reach Redis in the order the process issued them: a slot given back by a
+/// dropped permit is free for the very next call, and a cancelled reservation's capacity
+/// for the next caller, even while other script calls are in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_reach_redis_in_the_order_they_were_issued() {
+    let server = RedisServer::start();
+    let limiter = Limiter::builder()
+        .redis(server.url())
+        .quota(Quota::concurrent(1))
+        .quota(Quota::requests(1).per_minute().named("one a minute"))
+        .build()
+        .await
+        .expect("limiter");
+    // Background traffic on other keys keeps script calls in flight, so each of the
+    // calls below may go out in a batch of its own.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Stops the traffic however this test ends (a failed assertion included).
+    struct Stop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _stop_on_exit = Stop(stop.clone());
+    let mut noise = Vec::new();
+    for t in 0..8 {
+        let (l, stop) = (limiter.clone(), stop.clone());
+        noise.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                l.try_acquire(&format!("noise-{t}-{n}"), Cost::request())
+                    .await
+                    .expect("the noise is admitted");
+            }
+        }));
+    }
+    for i in 0..300 {
+        let key = format!("user-{i}");
+        let p = limiter
+            .try_acquire(&key, Cost::request())
+            .await
+            .expect("the first call of a key");
+        // The slot: given back when the permit goes.
+        p.cancel();
+        let p = limiter
+            .try_acquire(&key, Cost::request())
+            .await
+            .unwrap_or_else(|e| panic!("round {i}: the cancelled call gave everything back: {e}"));
+        drop(p);
+        let Err(Error::Limited(r)) = limiter.try_acquire(&key, Cost::request()).await else {
+            panic!("round {i}: one request a minute is spent");
+        };
+        assert_eq!(
+            r.quota().name(),
+            "one a minute",
+            "round {i}: the slot was free"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for n in noise {
+        n.await.expect("noise task");
+    }
+}

@@ -4,7 +4,8 @@
 //! call of one Lua script (`redis.lua`), which reads the time from Redis itself, so
 //! client clocks never matter. Concurrent calls from one process are coalesced: a single
 //! task gathers whatever operations are waiting and sends them as one `EVALSHA` over a
-//! multiplexed connection, with two such batches in flight. Each identity's states live
+//! multiplexed connection, with two such batches in flight, sent in the order they were
+//! made (so operations reach Redis in the order they were issued). Each identity's states live
 //! in one string; each call's Redis work is O(number of quotas), whatever the traffic.
 //!
 //! This module knows nothing of HTTP, never sleeps on behalf of a caller (the limiter
@@ -13,6 +14,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -1188,9 +1190,10 @@ async fn batcher(
         let Some(s) = shared.upgrade() else { return };
         let batch = std::mem::replace(&mut jobs, Vec::with_capacity(MAX_BATCH));
         if !cluster {
-            tokio::spawn(async move {
+            send_in_order(async move {
                 run_batch(&s, batch, permit).await;
-            });
+            })
+            .await;
             continue;
         }
         let mut by_slot: Vec<(u16, Vec<Job>)> = Vec::new();
@@ -1215,10 +1218,26 @@ async fn batcher(
                 },
             };
             let s = s.clone();
-            tokio::spawn(async move {
+            send_in_order(async move {
                 run_batch(&s, group, p).await;
-            });
+            })
+            .await;
         }
+    }
+}
+
+/// Run a batch's script call on its own task, after polling it once here: that first
+/// poll queues the call on the connection, so calls reach Redis in the order the
+/// batches were made, and so do the operations in them (a slot given back by a dropped
+/// permit is free for the very next call). Spawned tasks alone may start in any order.
+///
+/// The call opts out of Tokio's cooperative budget, which could otherwise make that
+/// first poll return before queuing anything.
+async fn send_in_order(call: impl Future<Output = ()> + Send + 'static) {
+    let mut call = Box::pin(tokio::task::unconstrained(call));
+    let pending = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx).is_pending())).await;
+    if pending {
+        tokio::spawn(call);
     }
 }
 
