@@ -39,6 +39,8 @@ const TOK_BURST: u64 = 300;
 /// processes stalled longer (the probe's latest timer) gets that stall plus 2 ms instead:
 /// a task woken that late is observed admitted that late.
 const SLACK_US: u64 = 10_000;
+/// The longest stall of a worker's runtime the judgement accepts.
+const MAX_STALL_US: u64 = 100_000;
 
 fn now_us() -> u64 {
     let d = SystemTime::now()
@@ -94,9 +96,12 @@ fn worker(url: &str) {
         let wait = start_at.saturating_sub(now_us());
         tokio::time::sleep(Duration::from_micros(wait)).await;
         let end = start_at + u64::try_from(RUN.as_micros()).expect("fits");
+        // Measures until every task is done: admissions go on while the queue drains.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let probing = done.clone();
         let probe = tokio::spawn(async move {
             let mut worst = 0u64;
-            while now_us() < end {
+            while !probing.load(std::sync::atomic::Ordering::Relaxed) {
                 let before = now_us();
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 worst = worst.max(now_us().saturating_sub(before + 1_000));
@@ -132,6 +137,7 @@ fn worker(url: &str) {
                 lines.push_str(&format!("{a} {s} {b} {t}\n"));
             }
         }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
         let stall = probe.await.expect("probe");
         lines.push_str(&format!("stall {stall}\n"));
         lines
@@ -175,6 +181,14 @@ fn parent() {
     records.sort_by_key(|r| r.1);
     let n = records.len();
     assert!(n > 200, "only {n} admissions");
+    // The slack below grows with the longest stall; a limiter that blocked its runtime
+    // for long must not excuse itself that way.
+    assert!(
+        stall <= MAX_STALL_US,
+        "a worker's runtime stalled {stall} µs (more than {MAX_STALL_US} µs): the run cannot \
+         judge the bound or FIFO order to a few milliseconds; rerun on a less loaded machine, \
+         or look for something blocking the runtime"
+    );
 
     // The bound, in every interval [i, j] of admissions, for both quotas.
     let slack = SLACK_US.max(stall + 2_000);

@@ -287,10 +287,11 @@ impl RedisCluster {
             "0".into(),
             "--cluster-yes".into(),
         ]);
-        let out = Command::new("redis-cli")
-            .args(&args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install redis-tools"));
+        // redis-cli waits for the nodes to join without ever giving up: bounded here.
+        let out = output_within(
+            Command::new("redis-cli").args(&args),
+            Duration::from_secs(30),
+        )?;
         if !out.status.success() {
             return Err(format!(
                 "redis-cli --cluster create failed ({}): {}{}",
@@ -302,10 +303,10 @@ impl RedisCluster {
         let t = Instant::now();
         'wait: while t.elapsed() < Duration::from_secs(20) {
             for n in &nodes {
-                let info = Command::new("redis-cli")
-                    .args(["-p", &n.port.to_string(), "cluster", "info"])
-                    .output()
-                    .expect("redis-cli cluster info");
+                let info = output_within(
+                    Command::new("redis-cli").args(["-p", &n.port.to_string(), "cluster", "info"]),
+                    Duration::from_secs(5),
+                )?;
                 if !String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
                     std::thread::sleep(Duration::from_millis(50));
                     continue 'wait;
@@ -319,4 +320,31 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
+}
+
+/// Run a command to its end, killing it if it takes longer than `limit`; its output is
+/// small (pipes are read once it has exited).
+fn output_within(cmd: &mut Command, limit: Duration) -> Result<std::process::Output, String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} ({e}); install redis-tools"));
+    let t = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if t.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                return Err(format!(
+                    "{cmd:?} did not finish within {limit:?}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+    }
+    child.wait_with_output().map_err(|e| e.to_string())
 }
