@@ -4,8 +4,9 @@
 Wall-clock throughput on a shared 2-core machine moves by 30 % from run to run; the
 instruction count of the server does not. This runs `redis-server` under valgrind's
 callgrind, loads the script (`crates/tollgate/src/store/redis.lua`, or the file given),
-and sends it the batches the store sends under load: 24 reserve operations over 12
-identities per call, two GCRA quotas, every call admitted. It prints instructions per
+and sends it batches shaped like those `try_acquire` sends under load: 24 reserve
+operations over 12 identities per call, two GCRA quotas, no undo data, every call
+admitted. It prints instructions per
 call and per decision, after subtracting a run with no calls (start-up and script load).
 
     scripts/redis_script_cost.py                  # the script in the tree
@@ -103,7 +104,8 @@ def instructions(lua, calls, port):
             conn = Conn(port)
             conn.call("PING")
             break
-        except OSError:
+        except (OSError, RuntimeError):  # not listening yet, or -LOADING
+            conn = None
             time.sleep(0.1)
     if conn is None:
         server.kill()
