@@ -62,17 +62,24 @@ fn answers_ping(port: u16) -> bool {
 }
 
 impl RedisServer {
-    /// Start a server on a free port and wait until it answers.
-    pub fn start() -> RedisServer {
+    /// A server not yet started: a free port and an empty directory of its own, named
+    /// `tollgate-{kind}-{port}-{pid}`.
+    fn unstarted(kind: &str) -> RedisServer {
         let port = free_port();
         let dir =
-            std::env::temp_dir().join(format!("tollgate-redis-{port}-{}", std::process::id()));
+            std::env::temp_dir().join(format!("tollgate-{kind}-{port}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create a directory for redis-server");
-        let mut s = RedisServer {
+        RedisServer {
             child: None,
             port,
             dir,
-        };
+        }
+    }
+
+    /// Start a server on a free port and wait until it answers.
+    pub fn start() -> RedisServer {
+        let mut s = RedisServer::unstarted("redis");
         s.restart();
         s
     }
@@ -89,11 +96,10 @@ impl RedisServer {
     /// A server listening for TLS only (a self-signed certificate made with `openssl`),
     /// and on a unix socket; `url()` is then its `rediss://` URL.
     pub fn start_tls_and_unix() -> (RedisServer, String, String) {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("tollgate-tls-{port}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create a directory for redis-server");
-        let cert = dir.join("cert.pem");
-        let key = dir.join("key.pem");
+        let mut s = RedisServer::unstarted("tls");
+        let port = s.port;
+        let cert = s.dir.join("cert.pem");
+        let key = s.dir.join("key.pem");
         let ok = Command::new("openssl")
             .args([
                 "req",
@@ -115,12 +121,7 @@ impl RedisServer {
             .status()
             .expect("openssl makes a test certificate");
         assert!(ok.success(), "openssl failed");
-        let socket = dir.join("redis.sock");
-        let mut s = RedisServer {
-            child: None,
-            port,
-            dir,
-        };
+        let socket = s.dir.join("redis.sock");
         let (cert, key, sock) = (
             cert.to_string_lossy().into_owned(),
             key.to_string_lossy().into_owned(),
@@ -262,16 +263,7 @@ impl RedisCluster {
     fn try_start() -> Result<RedisCluster, String> {
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            let port = free_port();
-            let dir = std::env::temp_dir()
-                .join(format!("tollgate-cluster-{port}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("create a directory for redis-server");
-            let mut s = RedisServer {
-                child: None,
-                port,
-                dir,
-            };
+            let mut s = RedisServer::unstarted("cluster");
             s.try_start_with(&[
                 "--cluster-enabled",
                 "yes",
