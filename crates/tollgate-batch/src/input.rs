@@ -190,6 +190,26 @@ mod tests {
         assert!(err(br#"{"custom_id":5}"#).contains("custom_id"));
     }
 
+    /// A result line is the request printed back: read again on resume, it must give the
+    /// same identity, or a finished line would be sent (and written) twice. Long floats
+    /// such as sampled temperatures are where a parser that does not round-trip slips.
+    #[test]
+    fn identity_survives_writing_and_reading_back_long_floats() {
+        let mut x: f64 = 0.091_443_385_120_928_87;
+        for _ in 0..5_000 {
+            let line = format!(r#"{{"model":"m","temperature":{x},"top_p":{}}}"#, x / 3.0);
+            let job = parse(1, line.as_bytes()).expect("valid line");
+            let written = serde_json::to_string(&job.body).expect("print");
+            let read: Value = serde_json::from_str(&written).expect("read back");
+            assert_eq!(
+                request_identity(&read, None),
+                job.identity,
+                "{line} came back as {written}"
+            );
+            x = (x * 7.389_056_098_930_65 + 0.123_456_789).fract();
+        }
+    }
+
     #[test]
     fn identity_ignores_key_order_and_whitespace() {
         let a = parse(1, br#"{"b":1,"a":[1, 2]}"#).expect("a");
