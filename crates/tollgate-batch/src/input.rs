@@ -2,6 +2,9 @@
 //! body, with an optional `metadata` field carried to the output) or the OpenAI Batch
 //! API's (`custom_id`, `method`, `url`, `body`).
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
 use serde_json::{Map, Value};
 
 /// Which input format a line is in; its output line uses the same one.
@@ -37,6 +40,20 @@ pub(crate) struct Malformed {
     pub(crate) custom_id: Option<String>,
 }
 
+/// The deepest nesting of arrays and objects serde_json reads back (its recursion
+/// limit), and so the deepest an output line may be: a line written deeper could not be
+/// read on resume.
+pub(crate) const MAX_DEPTH: usize = 127;
+
+/// How deeply arrays and objects nest in `value` (a scalar is 0, `[]` is 1).
+pub(crate) fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// FNV-1a, 64 bits: stable across runs and builds, which resuming needs.
 pub(crate) fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -55,6 +72,44 @@ pub(crate) fn request_identity(request: &Value, metadata: Option<&Value>) -> u64
 /// The identity of a Batch API line: the hash of its `custom_id`.
 pub(crate) fn custom_id_identity(custom_id: &str) -> u64 {
     fnv(custom_id.as_bytes()) ^ 0x9e37_79b9_7f4a_7c15
+}
+
+/// The first line of each `custom_id` seen so far. The Batch API requires each request
+/// to have its own; two lines sharing one could not be told apart on resume (a rerun
+/// would skip one and send the other twice), so every later line with it is refused.
+///
+/// Kept as 64-bit hashes (8 bytes of key per Batch API line), as resume identifies
+/// results.
+#[derive(Debug, Default)]
+pub(crate) struct CustomIds(HashMap<u64, u64>);
+
+impl CustomIds {
+    /// Passes `parsed` through, or refuses it when its `custom_id` was used by an
+    /// earlier line. Malformed lines count as uses, so which line is refused depends
+    /// on the input alone, the same in every run.
+    pub(crate) fn check(&mut self, parsed: Result<Job, Malformed>) -> Result<Job, Malformed> {
+        let (line, id) = match &parsed {
+            Ok(job) => (job.line, job.custom_id.as_deref()),
+            Err(bad) => (bad.line, bad.custom_id.as_deref()),
+        };
+        let Some(id) = id else {
+            return parsed;
+        };
+        match self.0.entry(custom_id_identity(id)) {
+            Entry::Vacant(first) => {
+                first.insert(line);
+                parsed
+            }
+            Entry::Occupied(first) => Err(Malformed {
+                line,
+                error: format!(
+                    "line {line}: custom_id {id:?} is already used by line {}; give each request its own (the Batch API requires it)",
+                    first.get()
+                ),
+                custom_id: Some(id.to_owned()),
+            }),
+        }
+    }
 }
 
 /// Parses one input line (without its line terminator).
@@ -85,6 +140,14 @@ pub(crate) fn parse(line: u64, bytes: &[u8]) -> Result<Job, Malformed> {
     }
     let metadata = object.remove("metadata");
     let body = Value::Object(object);
+    // Its output line nests the request one level deeper.
+    if depth(&body) >= MAX_DEPTH {
+        return Err(malformed(format!(
+            "line {line} nests arrays and objects {} levels deep; its output line could not be read back, so at most {} are accepted",
+            depth(&body),
+            MAX_DEPTH - 1
+        )));
+    }
     Ok(Job {
         line,
         format: Format::Cookbook,
@@ -218,6 +281,61 @@ mod tests {
         assert_ne!(
             a.identity,
             parse(3, br#"{"a":[2,1],"b":1}"#).expect("c").identity
+        );
+    }
+
+    /// serde_json reads at most `MAX_DEPTH` levels; a request at that depth cannot be
+    /// written into an output line that resume reads back, so it is refused up front.
+    #[test]
+    fn requests_too_deep_to_read_back_are_refused() {
+        let nested = |levels: usize| {
+            format!(
+                "{{\"model\":\"m\",\"x\":{}1{}}}",
+                "[".repeat(levels - 1),
+                "]".repeat(levels - 1)
+            )
+        };
+        let deepest = nested(MAX_DEPTH - 1);
+        let job = parse(1, deepest.as_bytes()).expect("126 levels fit");
+        let written = serde_json::to_string(&serde_json::json!([job.body, {}])).expect("print");
+        serde_json::from_str::<Value>(&written).expect("and read back");
+        let err = parse(2, nested(MAX_DEPTH).as_bytes()).expect_err("127 levels do not");
+        assert!(err.error.contains("127 levels deep"), "{}", err.error);
+        assert!(
+            serde_json::from_str::<Value>(&format!("[{}]", nested(MAX_DEPTH))).is_err(),
+            "serde_json's limit is MAX_DEPTH"
+        );
+    }
+
+    #[test]
+    fn a_custom_id_used_twice_is_refused_on_its_later_lines() {
+        let line = |id: &str, url: &str| {
+            format!(r#"{{"custom_id":"{id}","method":"POST","url":"{url}","body":{{}}}}"#)
+        };
+        let mut ids = CustomIds::default();
+        let mut check = |n: u64, text: String| ids.check(parse(n, text.as_bytes()));
+        assert!(check(1, line("a", "/v1/x")).is_ok());
+        assert!(check(2, line("b", "nowhere")).is_err(), "malformed");
+        let again = check(3, line("a", "/v1/x")).expect_err("a again");
+        assert_eq!(again.custom_id.as_deref(), Some("a"));
+        assert!(
+            again.error.contains("already used by line 1"),
+            "{}",
+            again.error
+        );
+        let after_malformed = check(4, line("b", "/v1/x")).expect_err("b again");
+        assert!(
+            after_malformed.error.contains("line 2"),
+            "{}",
+            after_malformed.error
+        );
+        assert!(
+            check(5, r#"{"model":"m"}"#.to_owned()).is_ok(),
+            "cookbook lines pass"
+        );
+        assert!(
+            check(6, r#"{"model":"m"}"#.to_owned()).is_ok(),
+            "even twice"
         );
     }
 }

@@ -13,9 +13,11 @@
 //!
 //! - Limits come from [`BatchConfig::rpm`] / [`BatchConfig::tpm`], or are learned from
 //!   the provider's `x-ratelimit-limit-*` headers of the first answers (sent one at a time).
-//! - A 429 pauses every request until the provider's `retry-after` / reset, and each
-//!   response's `x-ratelimit-remaining-*` pulls the limiter down when the provider has
-//!   less left than it thinks ([`tollgate::Limiter::absorb`]).
+//! - A 429 pauses every request until the provider's `retry-after` / reset (when that
+//!   is more than [`tollgate::retry::Backoff::max_hint`] away, the run stops instead and
+//!   [`Summary::stopped_because`] says why), and each response's
+//!   `x-ratelimit-remaining-*` pulls the limiter down when the provider has less left
+//!   than it thinks ([`tollgate::Limiter::absorb`]).
 //! - 429, 5xx, timeouts and dropped connections are retried with exponential backoff and
 //!   full jitter ([`tollgate::retry::Backoff`]); 400, 401, a prompt over the limit, or a
 //!   request that keeps failing goes to the failures file.
@@ -97,14 +99,15 @@ pub struct BatchConfig {
     pub rpm: Option<u64>,
     /// Tokens per minute (prompt + `max_tokens × n`, as OpenAI counts); learned when `None`.
     pub tpm: Option<u64>,
-    /// Requests waiting or in flight at once.
+    /// Requests waiting or in flight at once: 1 to [`MAX_IN_FLIGHT`].
     pub max_in_flight: usize,
     /// A Redis URL to share the limits with other processes using the same account.
     pub redis: Option<String>,
     /// The API key, sent as `Authorization: Bearer` (`x-api-key` to `/v1/messages`).
     pub api_key: Option<String>,
     /// The limiter key naming the provider account; default: a hash of the URL's origin
-    /// and the API key, so processes with the same both share one budget.
+    /// and the API key, so processes with the same both share one budget. 1 to
+    /// [`tollgate::MAX_KEY_LEN`] bytes.
     pub account: Option<String>,
     /// Attempts per line before it goes to the failures file.
     pub max_attempts: u32,
@@ -250,6 +253,9 @@ pub struct Summary {
     pub elapsed_secs: f64,
     /// Whether the run was interrupted before every line was finished.
     pub interrupted: bool,
+    /// Why the run stopped by itself (the provider asked to wait longer than the run
+    /// waits), when it did; `None` after Ctrl-C or a finished run.
+    pub stopped_because: Option<String>,
 }
 
 /// Runs a batch until every line is finished or `shutdown` completes; on shutdown, no
@@ -275,10 +281,20 @@ pub async fn run(
             config.url
         )));
     }
-    if config.max_in_flight == 0 {
-        return Err(BatchError::Config(
-            "--max-in-flight must be at least 1".into(),
-        ));
+    if !(1..=MAX_IN_FLIGHT).contains(&config.max_in_flight) {
+        return Err(BatchError::Config(format!(
+            "--max-in-flight must be 1 to {MAX_IN_FLIGHT}, not {}",
+            config.max_in_flight
+        )));
+    }
+    if let Some(account) = &config.account
+        && (account.is_empty() || account.len() > tollgate::MAX_KEY_LEN)
+    {
+        return Err(BatchError::Config(format!(
+            "--account must be 1 to {} bytes long, not {}",
+            tollgate::MAX_KEY_LEN,
+            account.len()
+        )));
     }
     if config.max_attempts == 0 {
         return Err(BatchError::Config(
@@ -291,6 +307,7 @@ pub async fn run(
         }
     }
     let failures = config.failures_path();
+    check_distinct(&config.input, &config.output, &failures)?;
     let _ = tokio::task::spawn_blocking(|| {
         tollgate::tokens::Encoding::O200kBase.warm_up();
         tollgate::tokens::Encoding::Cl100kBase.warm_up();
@@ -370,14 +387,18 @@ pub async fn run(
         backoff: Backoff::default(),
         max_attempts: config.max_attempts,
         stop: stop.clone(),
+        stop_tx: stop_tx.clone(),
+        stop_reason: Arc::default(),
         timeout: config.timeout,
     };
+    let stop_reason = ctx.stop_reason.clone();
     let mut probes = if config.rpm.is_none() || config.tpm.is_none() {
         PROBES
     } else {
         0
     };
-    if probes == 0 {
+    // A limit given is enforced from the first request, while the other is learned.
+    if config.rpm.is_some() || config.tpm.is_some() {
         ctx.limiter = Some(build_limiter(&config, config.rpm, config.tpm).await?);
     }
     let mut ctx = Arc::new(ctx);
@@ -387,6 +408,10 @@ pub async fn run(
         tokio::io::BufReader::with_capacity(256 * 1024, tokio::fs::File::from_std(input_file));
     let mut line_no = 0u64;
     let mut buf = Vec::new();
+    let mut custom_ids = input::CustomIds::default();
+    // An error that ends the run early; the requests in flight still finish and are
+    // written first, so nothing paid for is lost.
+    let mut failed = None;
     let mut stopped = false;
     loop {
         if *stop.borrow() {
@@ -396,10 +421,13 @@ pub async fn run(
         buf.clear();
         let mut stop_read = stop.clone();
         let n = tokio::select! {
-            n = reader.read_until(b'\n', &mut buf) => n.map_err(|source| BatchError::Input {
-                path: config.input.clone(),
-                source,
-            })?,
+            n = reader.read_until(b'\n', &mut buf) => match n {
+                Ok(n) => n,
+                Err(source) => {
+                    failed = Some(BatchError::Input { path: config.input.clone(), source });
+                    break;
+                }
+            },
             _ = stop_read.wait_for(|s| *s) => { stopped = true; break; }
         };
         if n == 0 {
@@ -409,7 +437,7 @@ pub async fn run(
         while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             buf.pop();
         }
-        let job = match input::parse(line_no, &buf) {
+        let job = match custom_ids.check(input::parse(line_no, &buf)) {
             Ok(job) => job,
             Err(bad) => {
                 if done.take(line_no, None) {
@@ -456,9 +484,15 @@ pub async fn run(
                 tracing::warn!(
                     "the provider sent no rate-limit headers and no --rpm or --tpm was given: sending up to --max-in-flight at once, pausing only on 429s"
                 );
-            } else {
+            } else if (rpm, tpm) != (config.rpm, config.tpm) {
                 tracing::info!(?rpm, ?tpm, "limits learned from the provider's headers");
-                let limiter = build_limiter(&config, rpm, tpm).await?;
+                let limiter = match build_limiter(&config, rpm, tpm).await {
+                    Ok(limiter) => limiter,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                };
                 if let Some(seen) = &seen {
                     let _ = limiter
                         .absorb(&ctx.account, seen, Duration::from_secs(1))
@@ -477,6 +511,9 @@ pub async fn run(
             drop(slot);
         });
     }
+    if failed.is_some() {
+        let _ = stop_tx.send(true);
+    }
     // Every task holds a slot until it has finished: taking them all waits for the last.
     let all = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
     let _ = slots.acquire_many(all).await;
@@ -484,7 +521,7 @@ pub async fn run(
     let writer_error = writer_error.await.unwrap_or(None);
     let _ = progress_stop.send(true);
     let _ = progress.await;
-    if let Some(e) = writer_error {
+    if let Some(e) = writer_error.or(failed) {
         return Err(e);
     }
     let c = &counters;
@@ -514,7 +551,45 @@ pub async fn run(
         tpm,
         elapsed_secs: started.elapsed().as_secs_f64(),
         interrupted: stopped || lines > finished,
+        stopped_because: stop_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
     })
+}
+
+/// Refuses a results or failures path that names the input or each other: appending
+/// to the input would feed the run its own output, and one file cannot be both.
+fn check_distinct(input: &Path, results: &Path, failures: &Path) -> Result<(), BatchError> {
+    // Where a path leads: the file itself when it exists, else its directory's real
+    // path with its name, so `./out.jsonl` and `out.jsonl` compare equal.
+    let resolve = |path: &Path| {
+        std::fs::canonicalize(path).ok().or_else(|| {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            let dir = std::fs::canonicalize(parent.unwrap_or(Path::new("."))).ok()?;
+            Some(dir.join(path.file_name()?))
+        })
+    };
+    let [input_at, results_at, failures_at] = [input, results, failures].map(resolve);
+    let same = |a: &Option<PathBuf>, b: &Option<PathBuf>| a.is_some() && a == b;
+    for (name, path, at) in [
+        ("results file (-o)", results, &results_at),
+        ("failures file (--failures)", failures, &failures_at),
+    ] {
+        if same(at, &input_at) {
+            return Err(BatchError::Config(format!(
+                "the {name} {} is the input file; write the output to another file",
+                path.display()
+            )));
+        }
+    }
+    if same(&results_at, &failures_at) {
+        return Err(BatchError::Config(format!(
+            "the results and failures files are both {}; give --failures another path",
+            results.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Counts the lines of a file (a last line without a newline counts).
@@ -618,6 +693,10 @@ struct Ctx {
     backoff: Backoff,
     max_attempts: u32,
     stop: watch::Receiver<bool>,
+    /// Stops the run (no new request; those in flight finish).
+    stop_tx: Arc<watch::Sender<bool>>,
+    /// Why the run stopped by itself, when it did.
+    stop_reason: Arc<Mutex<Option<String>>>,
     timeout: Duration,
 }
 
@@ -750,6 +829,19 @@ impl Ctx {
         }
     }
 
+    /// Stops the run for `reason` (the first reason given is kept).
+    fn stop_for(&self, reason: String) {
+        let mut slot = self
+            .stop_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            tracing::error!("stopping: {reason}");
+            *slot = Some(reason);
+        }
+        let _ = self.stop_tx.send(true);
+    }
+
     fn pause_until(&self, until: Instant) {
         let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
         if gate.is_none_or(|g| g < until) {
@@ -870,9 +962,14 @@ impl Ctx {
                     self.check_limits(&headers_seen);
                     let hint = headers_seen.wait_hint();
                     seen = Some(headers_seen);
-                    let response: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                        Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                    });
+                    // Kept as text when it is not JSON, or nests too deep for its output
+                    // line to be read back on resume.
+                    let response = serde_json::from_slice::<Value>(&bytes)
+                        .ok()
+                        .filter(|v| input::depth(v) + 2 <= input::MAX_DEPTH)
+                        .unwrap_or_else(|| {
+                            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                        });
                     if status.is_success() {
                         let (input, output) = usage(&response);
                         self.counters.prompt_tokens.fetch_add(input, Relaxed);
@@ -908,8 +1005,19 @@ impl Ctx {
                             self.fail(job, failure);
                             return seen;
                         }
-                        if let Some(hint) = hint {
-                            self.pause_until(Instant::now() + hint);
+                        match hint {
+                            // A daily limit, most likely: waiting that long inside the run
+                            // helps no one. Stop cleanly; a rerun after the reset resumes.
+                            Some(hint) if hint > self.backoff.max_hint() => {
+                                self.stop_for(format!(
+                                    "the provider answered 429 and asked to wait {} (longer than the {} a run waits); run the same command again after that to finish",
+                                    human(hint),
+                                    human(self.backoff.max_hint())
+                                ));
+                                return seen;
+                            }
+                            Some(hint) => self.pause_until(Instant::now() + hint),
+                            None => {}
                         }
                     } else if status.is_server_error() {
                         self.counters.server_errors.fetch_add(1, Relaxed);
@@ -950,6 +1058,7 @@ impl Ctx {
                 return seen;
             }
             self.counters.retries.fetch_add(1, Relaxed);
+            let hint = hint.map(|h| h.min(self.backoff.max_hint()));
             if !self.sleep(self.backoff.delay(attempt - 1, hint)).await {
                 return seen;
             }
@@ -982,6 +1091,16 @@ impl Ctx {
         let headers = response.headers().clone();
         let bytes = response.bytes().await?;
         Ok((status, headers, bytes))
+    }
+}
+
+/// A long wait as people read it: `23h0m`, `5m0s`.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 3600 {
+        format!("{}m{}s", s / 60, s % 60)
+    } else {
+        format!("{}h{}m", s / 3600, s % 3600 / 60)
     }
 }
 

@@ -4,9 +4,12 @@
 //! A line is done once its output line has been written (and flushed to the operating
 //! system, which keeps it across a `kill -9`). A line cut short by a crash has no
 //! newline; it is removed before the rerun appends anything.
+//!
+//! What this module must never do: change a file it has not read whole and found to
+//! hold only lines this runner writes.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, Seek, SeekFrom, Write};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -50,99 +53,131 @@ impl Done {
     }
 }
 
-/// Cuts an unfinished last line (no newline) off `path`, if the file exists.
-fn truncate_partial(path: &Path) -> Result<(), BatchError> {
+/// What to do with a file's last line when it has no newline.
+enum Tail {
+    /// The file ends with a newline (or is empty or missing).
+    Clean,
+    /// A whole record without its newline: keep it and end it.
+    Unterminated,
+    /// A record cut short by a crash, from this offset on: cut it off.
+    Torn(u64),
+}
+
+/// Reads one output file into `done`, touching nothing; says what its last line needs.
+fn read_file(path: &Path, is_failures: bool, done: &mut Done) -> Result<Tail, BatchError> {
     let io = |source| BatchError::Output {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-    {
+    let corrupt = |line: u64| BatchError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+    };
+    let file = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Tail::Clean),
         Err(e) => return Err(io(e)),
     };
-    let len = file.metadata().map_err(io)?.len();
-    let mut keep = len;
-    let mut buf = [0u8; 4096];
-    while keep > 0 {
-        let start = keep.saturating_sub(buf.len() as u64);
-        let chunk = &mut buf[..usize::try_from(keep - start).unwrap_or(0)];
-        file.seek(SeekFrom::Start(start)).map_err(io)?;
-        std::io::Read::read_exact(&mut file, chunk).map_err(io)?;
-        if let Some(pos) = chunk.iter().rposition(|&b| b == b'\n') {
-            keep = start + pos as u64 + 1;
-            break;
+    let mut reader = std::io::BufReader::new(file);
+    let (mut line, mut offset, mut n) = (Vec::new(), 0u64, 0u64);
+    loop {
+        line.clear();
+        let read = reader.read_until(b'\n', &mut line).map_err(io)?;
+        if read == 0 {
+            return Ok(Tail::Clean);
         }
-        keep = start;
-    }
-    if keep < len {
-        tracing::warn!(path = %path.display(), bytes = len - keep, "removing a line cut short by an earlier crash");
-        file.set_len(keep).map_err(io)?;
-    }
-    Ok(())
-}
-
-/// Reads what the results and failures files already hold.
-pub(crate) fn scan(results: &Path, failures: &Path) -> Result<Done, BatchError> {
-    let mut done = Done::default();
-    for (path, is_failures) in [(results, false), (failures, true)] {
-        truncate_partial(path)?;
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => {
-                return Err(BatchError::Output {
-                    path: path.to_path_buf(),
-                    source,
-                });
+        n += 1;
+        let terminated = line.last() == Some(&b'\n');
+        let Ok(value) = serde_json::from_slice::<Value>(&line) else {
+            // The start of a record this runner writes, cut short by a crash. (A whole
+            // JSON value is never a cut record: its outer bracket closes last.)
+            if !terminated && matches!(line.first(), Some(b'[' | b'{')) {
+                return Ok(Tail::Torn(offset));
             }
+            return Err(corrupt(n));
         };
-        for (n, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
-            let line = line.map_err(|source| BatchError::Output {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            let Ok(value) = serde_json::from_slice::<Value>(&line) else {
-                return Err(BatchError::Corrupt {
-                    path: path.to_path_buf(),
-                    line: n as u64 + 1,
-                });
-            };
-            done.count += 1;
-            if is_failures {
-                match value.get("line").and_then(Value::as_u64) {
-                    Some(line) => {
+        match record_identity(&value, is_failures) {
+            Some(found) => {
+                done.count += 1;
+                match found {
+                    Found::Failure(line) => {
                         done.failed_lines.insert(line);
                     }
-                    None => {
-                        return Err(BatchError::Corrupt {
-                            path: path.to_path_buf(),
-                            line: n as u64 + 1,
-                        });
-                    }
+                    Found::Result(identity) => *done.results.entry(identity).or_insert(0) += 1,
                 }
-                continue;
+                if !terminated {
+                    return Ok(Tail::Unterminated);
+                }
             }
-            let identity = match &value {
-                Value::Array(items) => items.first().map(|r| request_identity(r, items.get(2))),
-                Value::Object(o) => o
-                    .get("custom_id")
-                    .and_then(Value::as_str)
-                    .map(custom_id_identity),
-                _ => None,
-            };
-            let Some(identity) = identity else {
-                return Err(BatchError::Corrupt {
-                    path: path.to_path_buf(),
-                    line: n as u64 + 1,
-                });
-            };
-            *done.results.entry(identity).or_insert(0) += 1;
+            None => return Err(corrupt(n)),
         }
+        offset += read as u64;
+    }
+}
+
+/// What an output line records.
+enum Found {
+    /// A failure of this input line.
+    Failure(u64),
+    /// A result with this identity.
+    Result(u64),
+}
+
+/// What one output line records; `None` when it is not a line this runner writes.
+fn record_identity(value: &Value, is_failures: bool) -> Option<Found> {
+    if is_failures {
+        return value
+            .get("line")
+            .and_then(Value::as_u64)
+            .map(Found::Failure);
+    }
+    match value {
+        Value::Array(items) => items.first().map(|r| request_identity(r, items.get(2))),
+        Value::Object(o) => o
+            .get("custom_id")
+            .and_then(Value::as_str)
+            .map(custom_id_identity),
+        _ => None,
+    }
+    .map(Found::Result)
+}
+
+/// Ends an unterminated last line, or cuts a torn one off.
+fn mend(path: &Path, tail: Tail) -> Result<(), BatchError> {
+    let io = |source| BatchError::Output {
+        path: path.to_path_buf(),
+        source,
+    };
+    match tail {
+        Tail::Clean => Ok(()),
+        Tail::Unterminated => std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(b"\n"))
+            .map_err(io),
+        Tail::Torn(keep) => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io)?;
+            let len = file.metadata().map_err(io)?.len();
+            tracing::warn!(path = %path.display(), bytes = len - keep, "removing a line cut short by an earlier crash");
+            file.set_len(keep).map_err(io)
+        }
+    }
+}
+
+/// Reads what the results and failures files already hold. Both files are read whole
+/// before either is changed: a file holding a line this runner does not write is an
+/// error and is left as it is; only then is a line cut short by a crash removed.
+pub(crate) fn scan(results: &Path, failures: &Path) -> Result<Done, BatchError> {
+    let mut done = Done::default();
+    let tails = [
+        read_file(results, false, &mut done)?,
+        read_file(failures, true, &mut done)?,
+    ];
+    for (path, tail) in [results, failures].into_iter().zip(tails) {
+        mend(path, tail)?;
     }
     Ok(done)
 }
@@ -253,5 +288,58 @@ mod tests {
         std::fs::write(&results, "garbage\n[{},{}]\n").expect("write");
         let err = scan(&results, &dir.path().join("f.jsonl")).expect_err("corrupt");
         assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    /// `-o` pointed at a file this runner did not write: the run refuses to start and
+    /// changes nothing, not even the file's last line.
+    #[test]
+    fn a_foreign_file_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (results, failures) = (dir.path().join("r.jsonl"), dir.path().join("f.jsonl"));
+        for text in [
+            "[{},{}]\nnotes: call Bob",
+            "{\"not\": \"ours\"}",
+            "just text",
+        ] {
+            std::fs::write(&results, text).expect("write");
+            let err = scan(&results, &failures).expect_err("not a tollgate file");
+            assert!(matches!(err, BatchError::Corrupt { .. }), "{err}");
+            assert_eq!(std::fs::read_to_string(&results).expect("read"), text);
+        }
+        // A torn results line is not cut while the failures file is foreign.
+        std::fs::write(&results, "[{},{}]\n[{\"to").expect("write");
+        std::fs::write(&failures, "{\"line\":1}\nhello").expect("write");
+        assert!(scan(&results, &failures).is_err());
+        assert_eq!(
+            std::fs::read_to_string(&results).expect("read"),
+            "[{},{}]\n[{\"to"
+        );
+    }
+
+    /// A whole record whose newline was not written counts as done and gets its newline,
+    /// so the next record starts on a line of its own.
+    #[test]
+    fn a_whole_last_line_without_its_newline_is_kept_and_ended() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (results, failures) = (dir.path().join("r.jsonl"), dir.path().join("f.jsonl"));
+        std::fs::write(&results, "[{\"a\":1},{}]\n[{\"a\":2},{}]").expect("write");
+        std::fs::write(&failures, "{\"line\":9,\"error\":{}}").expect("write");
+        let mut done = scan(&results, &failures).expect("scan");
+        assert_eq!(done.count, 3);
+        assert!(done.take(
+            1,
+            Some(request_identity(&serde_json::json!({"a": 2}), None))
+        ));
+        assert!(done.take(9, None));
+        assert!(
+            std::fs::read_to_string(&results)
+                .expect("read")
+                .ends_with("{}]\n")
+        );
+        assert!(
+            std::fs::read_to_string(&failures)
+                .expect("read")
+                .ends_with("}}\n")
+        );
     }
 }

@@ -116,7 +116,7 @@ struct BatchArgs {
     /// Tokens per minute, counted as prompt + max_tokens × n [default: learned].
     #[arg(long)]
     tpm: Option<u64>,
-    /// Requests waiting or in flight at once.
+    /// Requests waiting or in flight at once (1 to 10000).
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
     /// Share the limits through this Redis with every process using the same account.
@@ -308,6 +308,11 @@ async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
         let json = serde_json::to_string_pretty(&summary)?;
         std::fs::write(&path, json + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(reason) = &summary.stopped_because {
+        eprintln!("tollgate batch: stopped: {reason}");
+        // EX_TEMPFAIL: nothing is wrong, try again later.
+        return Ok(ExitCode::from(75));
     }
     if summary.interrupted {
         eprintln!("tollgate batch: interrupted; run the same command again to finish");
