@@ -463,12 +463,24 @@ end
 local RFMT = '<' .. string.rep('d', 5 + #Q)
 
 -- R kidx sidx part max_wait_us flags (c_i for each quota); flags: 1 undo, 2 status
--- Admitted: {1, wait_us, then per quota snap and stamp (-1, 0 when not charged), and with
--- undo also version and the prior packed state ('' when fresh), then with status per
--- quota remaining and reset_us after the charge (-1, -1 when not covered)}. Refused: {0,
--- quota, retry_us, remaining, reset_us}, naming the first quota that would hold the call
--- back longer than its own mw, else the one that sets the start. A quota the call does
--- not charge (c_i = 0) neither limits nor records it, as in the memory store.
+-- The reply is one string of little-endian doubles (Redis turns a table of numbers into a
+-- nested reply for a sizeable share of the script's time; one string costs next to
+-- nothing). Admitted: 1, wait_us, then per quota snap and stamp (-1, 0 when not
+-- charged), and with undo also version and the length of the prior packed state (0 when
+-- fresh), then with status per quota remaining and reset_us after the charge (-1, -1
+-- when not covered); then the prior states' bytes in quota order. Refused: 0, quota,
+-- retry_us, remaining, reset_us, naming the first quota that would hold the call back
+-- longer than its own mw, else the one that sets the start. A quota the call does not
+-- charge (c_i = 0) neither limits nor records it, as in the memory store.
+local DFMT = {}
+local function doubles(t, n)
+  local f = DFMT[n]
+  if not f then
+    f = '<' .. string.rep('d', n)
+    DFMT[n] = f
+  end
+  return spack(f, unpack(t, 1, n))
+end
 local function op_reserve()
   local charges = {sunpack(RFMT, op, 2)}
   local kkey, skey, part, maxw, flags = KEYS[charges[1]], KEYS[charges[2]], charges[3], charges[4], charges[5]
@@ -505,10 +517,10 @@ local function op_reserve()
   if not ok or over > 0 or (maxw >= 0 and start_us - now_us > maxw) then
     local q = Q[bind]
     local rem, reset = status(states[bind], q, q.nf)
-    return {0, bind, start_us - now_us, rem, reset * q.u}
+    return spack('<ddddd', 0, bind, start_us - now_us, rem, reset * q.u)
   end
   touch(kkey, skey, part)
-  local out, n = {1, start_us - now_us}, 2
+  local out, n, priors = {1, start_us - now_us}, 2, nil
   for i = 1, #Q do
     local q = Q[i]
     local s = states[i]
@@ -533,8 +545,10 @@ local function op_reserve()
       n = n + 2
       if undo == 1 then
         out[n + 1] = s[6]
-        out[n + 2] = prior
+        out[n + 2] = #prior
         n = n + 2
+        priors = priors or {}
+        priors[#priors + 1] = prior
       end
     else
       out[n + 1] = -1
@@ -542,7 +556,7 @@ local function op_reserve()
       n = n + 2
       if undo == 1 then
         out[n + 1] = 0
-        out[n + 2] = ''
+        out[n + 2] = 0
         n = n + 2
       end
     end
@@ -561,7 +575,10 @@ local function op_reserve()
       n = n + 2
     end
   end
-  return out
+  if priors then
+    return doubles(out, n) .. table.concat(priors)
+  end
+  return doubles(out, n)
 end
 
 -- C kidx sidx part (units_i snap_i version_i stamp_i priorlen_i for each quota), priors

@@ -304,53 +304,65 @@ fn cancel_jobs(ctx: &CancelCtx, charges: &[u64], r: &RemoteReserved) -> Vec<Job>
         .collect()
 }
 
+/// How the script marks the reply of an operation that failed on its own.
+const OP_ERROR: &[u8] = b"tollgate error: ";
+
 /// A reserve reply: admitted (wait µs, reservation) or refused (quota position from 1,
 /// retry µs, remaining, reset µs).
 type Parsed = Result<(u64, RemoteReserved), (u64, u64, u64, u64)>;
 
+/// Reads a reserve reply: one string of little-endian doubles, then the prior states'
+/// bytes (see `op_reserve` in the script).
 fn parse_reserved(v: &Value, quotas: usize, undo: bool, status: bool) -> Outcome<Parsed> {
-    let v = as_array(v)?;
-    if num(v, 0)? == 0 {
-        return Ok(Err((num(v, 1)?, num(v, 2)?, num(v, 3)?, num(v, 4)?)));
+    let Value::BulkString(bytes) = v else {
+        return Err(malformed_reply());
+    };
+    let mut r = Doubles { bytes, at: 0 };
+    if r.unsigned()? == 0 {
+        return Ok(Err((
+            r.unsigned()?,
+            r.unsigned()?,
+            r.unsigned()?,
+            r.unsigned()?,
+        )));
     }
-    let wait = num(v, 1)?;
-    let stride = if undo { 4 } else { 2 };
+    let wait = r.unsigned()?;
     let mut snaps = Vec::with_capacity(quotas);
-    for i in 0..quotas {
-        let at = 2 + i * stride;
-        let snap = signed(v, at)?;
+    let mut prior_lens = Vec::new();
+    for _ in 0..quotas {
+        let snap = r.signed()?;
+        let stamp = r.unsigned()?;
+        let (version, prior_len) = if undo {
+            (r.unsigned()?, r.unsigned()?)
+        } else {
+            (0, 0)
+        };
         if snap < 0 {
             snaps.push(Snap::default());
             continue;
         }
-        let (version, prior) = if undo {
-            let prior = match v.get(at + 3) {
-                Some(Value::BulkString(b)) => b.clone(),
-                _ => Vec::new(),
-            };
-            (num(v, at + 2)?, prior)
-        } else {
-            (0, Vec::new())
-        };
+        prior_lens.push((snaps.len(), prior_len));
         snaps.push(Snap {
             charged: true,
             snap: snap.unsigned_abs(),
-            stamp: num(v, at + 1)?,
+            stamp,
             version,
-            prior,
+            prior: Vec::new(),
         });
     }
     let mut after = Vec::new();
     if status {
-        let from = 2 + quotas * stride;
-        for i in 0..quotas {
-            let remaining = signed(v, from + 2 * i)?;
-            after.push(if remaining >= 0 {
-                Some((remaining.unsigned_abs(), num(v, from + 2 * i + 1)?))
-            } else {
-                None
-            });
+        for _ in 0..quotas {
+            let remaining = r.signed()?;
+            let reset = r.unsigned()?;
+            after.push((remaining >= 0).then_some((remaining.unsigned_abs(), reset)));
         }
+    }
+    for (i, len) in prior_lens {
+        let len = usize::try_from(len).map_err(|_| malformed_reply())?;
+        let prior = bytes.get(r.at..r.at + len).ok_or_else(malformed_reply)?;
+        snaps[i].prior = prior.to_vec();
+        r.at += len;
     }
     Ok(Ok((
         wait,
@@ -359,6 +371,34 @@ fn parse_reserved(v: &Value, quotas: usize, undo: bool, status: bool) -> Outcome
             status: after,
         },
     )))
+}
+
+fn malformed_reply() -> StoreUnavailable {
+    StoreUnavailable::new("malformed reply from the script")
+}
+
+/// Little-endian doubles read in turn; each is an integer the script computed exactly,
+/// truncated as Redis truncates a Lua number it replies with.
+struct Doubles<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Doubles<'_> {
+    fn signed(&mut self) -> Outcome<i64> {
+        let raw = self
+            .bytes
+            .get(self.at..self.at + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .ok_or_else(malformed_reply)?;
+        self.at += 8;
+        // `as` truncates toward zero and saturates, as Redis's reply conversion does.
+        Ok(f64::from_le_bytes(raw) as i64)
+    }
+
+    fn unsigned(&mut self) -> Outcome<u64> {
+        self.signed().map(|n| u64::try_from(n).unwrap_or(0))
+    }
 }
 
 enum Arg {
@@ -718,10 +758,12 @@ impl RedisStore {
         // Queueing counts too: a call waits at most two timeouts in all.
         match tokio::time::timeout(self.shared.timeout * 2, rx).await {
             // The script marks an operation that failed on its own with a string.
-            Ok(Ok(Ok(Value::BulkString(e)))) => Err(StoreUnavailable::new(&format!(
-                "Redis refused this operation ({})",
-                String::from_utf8_lossy(&e)
-            ))),
+            Ok(Ok(Ok(Value::BulkString(e)))) if e.starts_with(OP_ERROR) => {
+                Err(StoreUnavailable::new(&format!(
+                    "Redis refused this operation ({})",
+                    String::from_utf8_lossy(&e)
+                )))
+            }
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Err(StoreUnavailable::new("the Redis batcher stopped")),
             Err(_) => {
@@ -1392,6 +1434,56 @@ mod tests {
             settle_slot: None,
             max_wait: u64::MAX,
         }
+    }
+
+    fn packed(numbers: &[f64], tail: &[u8]) -> Value {
+        let mut bytes: Vec<u8> = numbers.iter().flat_map(|n| n.to_le_bytes()).collect();
+        bytes.extend_from_slice(tail);
+        Value::BulkString(bytes)
+    }
+
+    #[test]
+    fn reserve_replies_are_read_whole_and_bad_ones_are_errors_not_panics() {
+        // Admitted after 250 µs, with undo and status, over two quotas: the first charged
+        // (its prior state is 3 bytes), the second not.
+        let reply = packed(
+            &[
+                1.0, 250.0, 7.0, 9.0, 11.0, 3.0, -1.0, 0.0, 0.0, 0.0, 5.0, 60.0, -1.0, -1.0,
+            ],
+            b"abc",
+        );
+        let (wait, reserved) = parse_reserved(&reply, 2, true, true)
+            .expect("well formed")
+            .expect("admitted");
+        assert_eq!(wait, 250);
+        let s = &reserved.snaps;
+        assert!(s[0].charged && !s[1].charged);
+        assert_eq!((s[0].snap, s[0].stamp, s[0].version), (7, 9, 11));
+        assert_eq!(s[0].prior, b"abc");
+        assert_eq!(reserved.status, vec![Some((5, 60)), None]);
+        // Refused by quota 2: retry in 1.5 ms (truncated as Redis would), 0 left.
+        let refused = parse_reserved(
+            &packed(&[0.0, 2.0, 1500.9, 0.0, 4000.0], b""),
+            2,
+            false,
+            false,
+        );
+        assert_eq!(
+            refused.expect("well formed").err(),
+            Some((2, 1500, 0, 4000))
+        );
+        // Cut short anywhere, or naming more prior bytes than it holds: an error.
+        let Value::BulkString(whole) = reply else {
+            unreachable!()
+        };
+        for cut in 0..whole.len() {
+            let short = Value::BulkString(whole[..cut].to_vec());
+            assert!(
+                parse_reserved(&short, 2, true, true).is_err(),
+                "cut at {cut}"
+            );
+        }
+        assert!(parse_reserved(&Value::Int(1), 2, false, false).is_err());
     }
 
     #[test]
