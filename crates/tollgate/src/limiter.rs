@@ -587,7 +587,9 @@ impl Limiter {
     /// In memory, decided in one step without awaiting; dropping the future before it is
     /// polled does nothing. On Redis, a future dropped while its decision is in flight
     /// gives back what the decision took (its reservation, its concurrency lease) when
-    /// Redis's answer arrives.
+    /// Redis's answer arrives. Several calls of one key abandoned at once may be given
+    /// back out of order; the refund rule (`docs/LIMITS.md`) then keeps part of them
+    /// counted until it refills, which only ever under-admits.
     ///
     /// ```
     /// use tollgate::{Cost, Error, Limiter, Quota};

@@ -634,3 +634,46 @@ async fn operations_reach_redis_in_the_order_they_were_issued() {
         n.await.expect("noise task");
     }
 }
+
+/// A call whose caller goes away while its reservation is on its way to Redis (the
+/// future dropped after sending, before the reply) gives the reservation back when the
+/// reply lands, in the identity's quotas and in the shared ones alike. (One at a time:
+/// several abandoned at once may be given back out of order, and the refund rule then
+/// keeps part of them counted until it refills; see docs/LIMITS.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_whose_caller_went_away_mid_call_is_given_back() {
+    let server = RedisServer::start();
+    let limiter = Limiter::builder()
+        .redis(server.url())
+        .quota(Quota::requests(1_000).per_day())
+        .quota(Quota::tokens(100_000).per_day().shared())
+        .build()
+        .await
+        .expect("limiter");
+    // Per day: what refills during the test is far below one request.
+    for round in 0..20 {
+        {
+            let call = limiter.try_acquire("u", Cost::input(100));
+            tokio::pin!(call);
+            // One poll sends the reservation; then the caller goes away.
+            let polled = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(call.as_mut().poll(cx).is_pending())
+            })
+            .await;
+            assert!(polled, "the call waits for Redis");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = limiter.status("u").await.expect("status");
+            let left: Vec<u64> = status.iter().map(|s| s.remaining).collect();
+            if left == [1_000, 100_000] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the abandoned reservation is still held: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

@@ -247,11 +247,12 @@ struct Job {
     orphan: Option<Orphan>,
 }
 
-type Orphan = Box<dyn FnOnce(Value) + Send>;
+/// Runs on the reply and the job's keys.
+type Orphan = Box<dyn FnOnce(Value, &[Option<String>; 2]) + Send>;
 
-/// What giving a reservation back needs besides the reservation itself.
+/// What giving a reservation back needs besides the reservation and the identity's key:
+/// the same for every call of one store, built once.
 struct CancelCtx {
-    kkey: Option<String>,
     skey: Option<String>,
     /// Per quota, whether it is shared.
     shared: Vec<bool>,
@@ -259,8 +260,14 @@ struct CancelCtx {
     split: bool,
 }
 
-/// The cancel operations for reservation `r` of `charges`.
-fn cancel_jobs(ctx: &CancelCtx, charges: &[u64], r: &RemoteReserved) -> Vec<Job> {
+/// The cancel operations for reservation `r` of `charges` on the identity whose key is
+/// `kkey` (`None` when the limiter has no per-key quota).
+fn cancel_jobs(
+    ctx: &CancelCtx,
+    kkey: Option<&str>,
+    charges: &[u64],
+    r: &RemoteReserved,
+) -> Vec<Job> {
     let mut part = 0;
     for (s, shared) in r.snaps.iter().zip(&ctx.shared) {
         if s.charged {
@@ -293,7 +300,7 @@ fn cancel_jobs(ctx: &CancelCtx, charges: &[u64], r: &RemoteReserved) -> Vec<Job>
             Job {
                 letter: "C",
                 keys: [
-                    ctx.kkey.clone().filter(|_| part & 1 != 0),
+                    kkey.filter(|_| part & 1 != 0).map(str::to_owned),
                     ctx.skey.clone().filter(|_| part & 2 != 0),
                 ],
                 args,
@@ -494,6 +501,7 @@ pub(crate) struct RedisStore {
     pub(crate) lease_us: u64,
     /// Whether reserve replies carry every covered quota's status after the decision.
     status: bool,
+    cancel: Arc<CancelCtx>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -637,6 +645,11 @@ impl RedisStore {
             probe: tokio::sync::Notify::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        let cancel = Arc::new(CancelCtx {
+            skey: (quotas.len() > key_rates.len()).then(|| shared_name(&settings.prefix, "s")),
+            shared: quotas.iter().map(|q| q.shared).collect(),
+            split: cluster,
+        });
         tokio::spawn(batcher(rx, Arc::downgrade(&shared), cluster));
         tokio::spawn(prober(Arc::downgrade(&shared)));
         Ok(RedisStore {
@@ -651,6 +664,7 @@ impl RedisStore {
             lease_salt: fastrand::u64(..),
             lease_us: u64::try_from(settings.lease.as_micros()).unwrap_or(u64::MAX),
             status: settings.status,
+            cancel,
         })
     }
 
@@ -719,13 +733,9 @@ impl RedisStore {
         s
     }
 
-    fn shared_name(&self, kind: &str) -> String {
-        format!("{}{kind}{{shared}}", self.prefix)
-    }
-
     fn keys(&self, key: &str, part: i64) -> [Option<String>; 2] {
         let k = (part & 1 != 0 && self.key_count > 0).then(|| self.key_name("k", key));
-        let s = (part & 2 != 0 && self.has_shared()).then(|| self.shared_name("s"));
+        let s = self.cancel.skey.clone().filter(|_| part & 2 != 0);
         [k, s]
     }
 
@@ -776,15 +786,6 @@ impl RedisStore {
         }
     }
 
-    fn cancel_ctx(&self, key: &str) -> CancelCtx {
-        CancelCtx {
-            kkey: (self.key_count > 0).then(|| self.key_name("k", key)),
-            skey: self.has_shared().then(|| self.shared_name("s")),
-            shared: self.quotas.iter().map(|q| q.shared).collect(),
-            split: self.cluster,
-        }
-    }
-
     /// Reserve `charges` (one per quota, per-key first) for `key` if the start is at most
     /// `max_wait_us` away (`None`: any wait). Returns the wait in µs from Redis's now.
     /// With `undo`, the reply carries what an exact cancel needs (callers that may give
@@ -798,7 +799,7 @@ impl RedisStore {
         undo: bool,
     ) -> Outcome<Result<(u64, RemoteReserved), RemoteRefusal>> {
         let part = part_code(part);
-        if let [first, second] = self.parts(part)[..] {
+        if let &[first, second] = self.parts(part) {
             // A cluster: the identity's quotas, then the shared ones; a refusal of the
             // second gives the first back (reserve-then-refund, never over a limit).
             let (w1, r1) = match self
@@ -834,11 +835,12 @@ impl RedisStore {
 
     /// The script calls an operation on `part` takes: one, or on a cluster, one per
     /// group of keys (the identity's, the shared ones).
-    fn parts(&self, part: i64) -> Vec<i64> {
-        if self.cluster && part == 3 && self.key_count > 0 && self.has_shared() {
-            vec![1, 2]
-        } else {
-            vec![part]
+    fn parts(&self, part: i64) -> &'static [i64] {
+        match part {
+            3 if self.cluster && self.key_count > 0 && self.has_shared() => &[1, 2],
+            1 => &[1],
+            2 => &[2],
+            _ => &[3],
         }
     }
 
@@ -857,11 +859,14 @@ impl RedisStore {
         args.push(Arg::Int(i64::from(undo) | (i64::from(status) << 1)));
         args.extend(charges.iter().map(|&c| int(c)));
         // If the caller goes away mid-call, the reservation is given back when it lands.
-        let (ctx, tx, owned) = (self.cancel_ctx(key), self.tx.clone(), charges.to_vec());
+        // (Nothing here allocates but the box: the keys come with the job.)
+        let (ctx, tx) = (self.cancel.clone(), self.tx.clone());
         let n = self.quotas.len();
-        let orphan: Orphan = Box::new(move |v| {
+        let mut owned = [0; MAX_RATE_QUOTAS];
+        owned[..n].copy_from_slice(&charges[..n]);
+        let orphan: Orphan = Box::new(move |v, keys| {
             if let Ok(Ok((_, r))) = parse_reserved(&v, n, undo, status) {
-                for job in cancel_jobs(&ctx, &owned, &r) {
+                for job in cancel_jobs(&ctx, keys[0].as_deref(), &owned[..n], &r) {
                     let _ = tx.send(job);
                 }
             }
@@ -894,7 +899,8 @@ impl RedisStore {
         if !self.is_up() {
             return;
         }
-        for job in cancel_jobs(&self.cancel_ctx(key), charges, r) {
+        let kkey = (self.key_count > 0).then(|| self.key_name("k", key));
+        for job in cancel_jobs(&self.cancel, kkey.as_deref(), charges, r) {
             self.send(job);
         }
     }
@@ -910,7 +916,7 @@ impl RedisStore {
         if deltas.iter().all(|d| *d == (0, 0)) {
             return Ok(());
         }
-        for part in self.parts(3) {
+        for &part in self.parts(3) {
             let mut args = Vec::with_capacity(1 + 3 * self.quotas.len());
             args.push(Arg::Int(part));
             for (i, (refund, extra)) in deltas.iter().enumerate() {
@@ -929,7 +935,7 @@ impl RedisStore {
     /// Per quota (per-key first): units remaining and µs until fully replenished.
     pub(crate) async fn status(&self, key: &str) -> Outcome<Vec<(usize, u64, u64)>> {
         let mut out = Vec::with_capacity(self.quotas.len());
-        for part in self.parts(3) {
+        for &part in self.parts(3) {
             let v = self
                 .call("T", self.keys(key, part), vec![Arg::Int(part)], None)
                 .await?;
@@ -955,7 +961,7 @@ impl RedisStore {
         let fp = fingerprint(quota);
         match key {
             Some(k) => self.key_name(&format!("c{fp:012x}"), k),
-            None => self.shared_name(&format!("sc{fp:012x}")),
+            None => shared_name(&self.prefix, &format!("sc{fp:012x}")),
         }
     }
 
@@ -984,7 +990,7 @@ impl RedisStore {
         };
         // If the caller goes away mid-call, a lease taken meanwhile is released.
         let (tx, z, i) = (self.tx.clone(), zkey.clone(), id.clone());
-        let orphan: Orphan = Box::new(move |v| {
+        let orphan: Orphan = Box::new(move |v, _| {
             if let Value::Array(a) = v
                 && num(&a, 0).is_ok_and(|ok| ok == 1)
             {
@@ -1147,6 +1153,11 @@ fn signed(v: &[Value], i: usize) -> Outcome<i64> {
         Some(Value::Int(n)) => Ok(*n),
         _ => Err(StoreUnavailable::new("malformed number in a script reply")),
     }
+}
+
+/// The key of the shared (account-wide) quotas' states, or of their `kind` of record.
+fn shared_name(prefix: &str, kind: &str) -> String {
+    format!("{prefix}{kind}{{shared}}")
 }
 
 /// Hide the password of a Redis URL.
@@ -1392,7 +1403,7 @@ async fn run_batch(shared: &Shared, batch: Vec<Job>, slot: tokio::sync::OwnedSem
                     && let Err(Ok(v)) = tx.send(Ok(v))
                     && let Some(orphan) = job.orphan
                 {
-                    orphan(v);
+                    orphan(v, &job.keys);
                 }
             }
         }
