@@ -335,8 +335,8 @@ fn parse_reserved(v: &Value, quotas: usize, undo: bool, status: bool) -> Outcome
     }
     let wait = r.unsigned()?;
     let mut snaps = Vec::with_capacity(quotas);
-    let mut prior_lens = Vec::new();
-    for _ in 0..quotas {
+    let mut prior_lens = [0u64; MAX_RATE_QUOTAS];
+    for i in 0..quotas {
         let snap = r.signed()?;
         let stamp = r.unsigned()?;
         let (version, prior_len) = if undo {
@@ -348,7 +348,7 @@ fn parse_reserved(v: &Value, quotas: usize, undo: bool, status: bool) -> Outcome
             snaps.push(Snap::default());
             continue;
         }
-        prior_lens.push((snaps.len(), prior_len));
+        *prior_lens.get_mut(i).ok_or_else(malformed_reply)? = prior_len;
         snaps.push(Snap {
             charged: true,
             snap: snap.unsigned_abs(),
@@ -365,11 +365,15 @@ fn parse_reserved(v: &Value, quotas: usize, undo: bool, status: bool) -> Outcome
             after.push((remaining >= 0).then_some((remaining.unsigned_abs(), reset)));
         }
     }
-    for (i, len) in prior_lens {
+    for (snap, &len) in snaps
+        .iter_mut()
+        .zip(&prior_lens)
+        .filter(|(_, len)| **len > 0)
+    {
         let len = usize::try_from(len).map_err(|_| malformed_reply())?;
-        let prior = bytes.get(r.at..r.at + len).ok_or_else(malformed_reply)?;
-        snaps[i].prior = prior.to_vec();
-        r.at += len;
+        let end = r.at.checked_add(len).ok_or_else(malformed_reply)?;
+        snap.prior = bytes.get(r.at..end).ok_or_else(malformed_reply)?.to_vec();
+        r.at = end;
     }
     Ok(Ok((
         wait,
