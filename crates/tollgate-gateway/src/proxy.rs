@@ -143,12 +143,86 @@ pub(crate) async fn usage(AxState(st): St, headers: HeaderMap) -> Response {
     axum::Json(json!({"caller": caller.name, "tier": tier.name, "quotas": quotas})).into_response()
 }
 
+/// The request path as it is classified and forwarded, one spelling for one route:
+/// escapes of unreserved characters decoded (RFC 3986 §6.2.2.2; `/v1/chat/completion%73`
+/// is the chat route, and is estimated and limited as one), other escapes kept. A path
+/// that could leave the upstream's base path or be read two ways is refused: a `.` or
+/// `..` segment, an encoded `/` or `\`, a raw `\`, a `%` not followed by two hex digits.
+/// (Tested in `tests::paths_have_one_spelling_and_cannot_climb`.)
+fn normalize_path(raw: &str) -> Result<String, &'static str> {
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'\\' {
+            return Err("a `\\` in the path");
+        }
+        if b != b'%' {
+            if b.is_ascii() {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+            i += 1;
+            continue;
+        }
+        let hex = |c: u8| char::from(c).to_digit(16);
+        let (Some(hi), Some(lo)) = (
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err("a `%` not followed by two hex digits in the path");
+        };
+        let c = u8::try_from(hi * 16 + lo).unwrap_or(0);
+        match c {
+            b'/' | b'\\' => return Err("an encoded `/` or `\\` in the path"),
+            c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
+                out.push(char::from(c));
+            }
+            c => out.push_str(&format!("%{c:02X}")),
+        }
+        i += 3;
+    }
+    if out.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("a `.` or `..` segment in the path");
+    }
+    Ok(out)
+}
+
+/// The estimated endpoint a normalized path names, and whether it is Anthropic's API.
+/// OpenAI routes match by their last segments (so an Azure deployment path counts);
+/// Anthropic's only as `/v1/messages` itself, and anything under it goes to Anthropic
+/// unestimated (`/v1/messages/count_tokens`, batches), so OpenAI's
+/// `/v1/threads/{id}/messages` is not taken for it.
+fn classify(path: &str) -> (Option<Endpoint>, bool) {
+    let trimmed = path.trim_end_matches('/');
+    if trimmed == "/v1/messages" {
+        return (Some(Endpoint::Messages), true);
+    }
+    if path.starts_with("/v1/messages/") {
+        return (None, true);
+    }
+    let endpoint = Endpoint::from_path(path).filter(|e| *e != Endpoint::Messages);
+    (endpoint, false)
+}
+
 /// Everything else: proxied.
 pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path().to_string();
-    let endpoint = Endpoint::from_path(&path);
-    let anthropic = endpoint == Some(Endpoint::Messages);
+    let path = match normalize_path(parts.uri.path()) {
+        Ok(path) => path,
+        Err(why) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                parts.uri.path().starts_with("/v1/messages"),
+                "invalid_request_error",
+                "invalid_path",
+                &format!("This gateway does not accept {why}."),
+            );
+        }
+    };
+    let (endpoint, anthropic) = classify(&path);
     let Some(caller) = authenticate(&st, &parts.headers) else {
         return unauthorized(anthropic);
     };
@@ -245,10 +319,10 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
         up,
         account,
         method: parts.method,
-        path_and_query: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| path.clone(), |p| p.as_str().to_string()),
+        path_and_query: match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        },
         headers: parts.headers,
         body,
         json: json_body,
@@ -497,7 +571,8 @@ fn forwardable(name: &HeaderName) -> bool {
 }
 
 /// Response headers never passed back: hop-by-hop, the length (the body may change), the
-/// upstream account's identity and its rate-limit headers (the caller gets its own).
+/// upstream account's identity, cookies (the upstream's, shared by every caller) and its
+/// rate-limit headers (the caller gets its own).
 fn returnable(name: &HeaderName) -> bool {
     let n = name.as_str();
     !(matches!(
@@ -510,6 +585,8 @@ fn returnable(name: &HeaderName) -> bool {
             | "upgrade"
             | "openai-organization"
             | "openai-project"
+            | "anthropic-organization-id"
+            | "set-cookie"
     ) || n.starts_with("x-ratelimit-")
         || n.starts_with("anthropic-ratelimit-"))
 }
@@ -612,13 +689,20 @@ impl Call {
         let deadline = started
             .checked_add(tier.max_wait)
             .unwrap_or(started + Duration::from_secs(86_400));
-        let answer = tokio::select! {
-            a = self.forward(deadline) => a,
-            () = tx.closed() => {
-                // Gone before the upstream answered: charge the estimate's prompt only.
-                settle(permit, Usage::new(self.cost.input, 0), self.price).await;
-                return;
+        let answer = if streaming {
+            tokio::select! {
+                a = self.forward(deadline) => a,
+                () = tx.closed() => {
+                    // Gone before the stream began: dropping the upstream connection
+                    // stops the generation, so charge the estimate's prompt only.
+                    settle(permit, Usage::new(self.cost.input, 0), self.price).await;
+                    return;
+                }
             }
+        } else {
+            // A whole answer is generated, and billed, whether or not the caller stays
+            // for it: wait for it and charge what it used (the sends below go nowhere).
+            self.forward(deadline).await
         };
         let answer = match answer {
             Forwarded::Answer(a) => a,
@@ -849,10 +933,14 @@ impl Call {
         strip: bool,
         tx: oneshot::Sender<Response>,
     ) {
-        let (chunks, rx) = mpsc::channel::<Bytes>(64);
-        let body = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-        });
+        // An `Err` aborts the caller's body, so a stream the upstream broke off does
+        // not look finished.
+        let (chunks, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+        let body =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
+            );
         if tx
             .send(build(status, headers, Body::from_stream(body)))
             .is_err()
@@ -864,6 +952,7 @@ impl Call {
         let mut parser = crate::sse::Parser::new();
         let mut upstream = answer.bytes_stream();
         let mut gone = false;
+        let mut broken = None;
         'read: loop {
             let next = tokio::select! {
                 n = tokio::time::timeout(self.st.upstream_timeout, upstream.next()) => n,
@@ -874,10 +963,12 @@ impl Call {
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, "upstream stream failed");
+                    broken = Some("the upstream's stream failed");
                     break;
                 }
                 Err(_) => {
                     tracing::warn!("upstream stream idle past the upstream timeout");
+                    broken = Some("the upstream's stream went idle past the timeout");
                     break;
                 }
             };
@@ -885,6 +976,7 @@ impl Call {
                 Ok(ev) => ev,
                 Err(e) => {
                     tracing::warn!(error = %e, "upstream stream unreadable");
+                    broken = Some("the upstream's stream could not be read");
                     break;
                 }
             };
@@ -893,15 +985,17 @@ impl Call {
                 if strip && seen == Seen::UsageOnlyChunk {
                     continue;
                 }
-                if chunks.send(ev.raw).await.is_err() {
+                if chunks.send(Ok(ev.raw)).await.is_err() {
                     gone = true;
                     break 'read;
                 }
             }
         }
-        if !gone && let Some(ev) = std::mem::take(&mut parser).finish() {
+        if let Some(why) = broken {
+            let _ = chunks.send(Err(std::io::Error::other(why))).await;
+        } else if !gone && let Some(ev) = std::mem::take(&mut parser).finish() {
             tracker.observe(ev.event.as_deref(), &ev.data);
-            let _ = chunks.send(ev.raw).await;
+            let _ = chunks.send(Ok(ev.raw)).await;
         }
         if gone {
             self.st.metrics.count(
@@ -1010,6 +1104,42 @@ fn build(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_have_one_spelling_and_cannot_climb() {
+        let ok = |p: &str| normalize_path(p).expect(p);
+        assert_eq!(ok("/v1/chat/completion%73"), "/v1/chat/completions");
+        assert_eq!(ok("/v1/%65mbeddings"), "/v1/embeddings");
+        assert_eq!(ok("/v1/files/a%20b%3f"), "/v1/files/a%20b%3F");
+        assert_eq!(ok("/v1/models/gpt-4o.x_y~z"), "/v1/models/gpt-4o.x_y~z");
+        for bad in [
+            "/%2e%2e/admin",
+            "/v1/../admin",
+            "/v1/./x",
+            "/v1/%2E",
+            "/v1/a%2Fb",
+            "/v1/a%5cb",
+            "/v1/a\\b",
+            "/v1/a%2",
+            "/v1/a%zz",
+        ] {
+            assert!(normalize_path(bad).is_err(), "{bad} is refused");
+        }
+    }
+
+    #[test]
+    fn anthropic_is_its_own_path_and_openai_routes_match_by_their_end() {
+        assert_eq!(classify("/v1/messages"), (Some(Endpoint::Messages), true));
+        assert_eq!(classify("/v1/messages/"), (Some(Endpoint::Messages), true));
+        assert_eq!(classify("/v1/messages/count_tokens"), (None, true));
+        assert_eq!(classify("/v1/messages/batches"), (None, true));
+        assert_eq!(classify("/v1/threads/t_1/messages"), (None, false));
+        assert_eq!(
+            classify("/openai/deployments/gpt4o/chat/completions"),
+            (Some(Endpoint::ChatCompletions), false)
+        );
+        assert_eq!(classify("/v1/files"), (None, false));
+    }
 
     #[test]
     fn micro_dollars_read_as_dollars() {

@@ -1,0 +1,288 @@
+//! The gateway against an upstream that records the request lines it receives and
+//! answers as each test says: one spelling per route (an escaped path is limited as the
+//! route it names, a path cannot climb out of the upstream's base), a caller that leaves
+//! before a whole answer still pays what was generated, and a stream the upstream broke
+//! off does not reach the caller as a finished one.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate_gateway::config::hash_key;
+use tollgate_gateway::{Config, Gateway};
+
+#[derive(Clone, Copy)]
+enum Answer {
+    /// A chat completion reporting `output` completion tokens, after `delay_ms`.
+    Json { delay_ms: u64, output: u64 },
+    /// One streamed event, then the connection dropped mid-body.
+    BrokenStream,
+}
+
+/// An upstream on a local port; returns its address and the request lines it saw.
+async fn upstream(answer: Answer) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let Some(line) = read_request(&mut sock).await else {
+                    return;
+                };
+                log.lock().expect("log").push(line);
+                let response = match answer {
+                    Answer::Json { delay_ms, output } => {
+                        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                        let body = json!({"choices": [{"message": {"content": "hi"}}],
+                            "usage": {"prompt_tokens": 10, "completion_tokens": output}})
+                        .to_string();
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    }
+                    Answer::BrokenStream => {
+                        let event = "data: {\"choices\":[{\"delta\":{\"content\":\"par\"}}]}\n\n";
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+                            event.len()
+                        )
+                    }
+                };
+                let _ = sock.write_all(response.as_bytes()).await;
+                // A broken stream: the closing chunk never comes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Reads one request (head and `content-length` body); returns its request line.
+async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = sock.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let length: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < end + 4 + length {
+            let n = sock.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        return head.lines().next().map(str::to_owned);
+    }
+}
+
+/// A gateway in front of `base` (an address with an optional path), caller `a` (key
+/// `key-a`) in tier `t` configured by `tier`; returns its URL.
+async fn gateway(base: &str, tier: &str) -> String {
+    let src = format!(
+        "[upstreams.u]\nkind = \"openai\"\nurl = \"http://{base}\"\napi_key = \"sk-upstream\"\n\n[tiers.t]\n{tier}\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
+        hash_key("key-a")
+    );
+    let gateway = Gateway::new(Config::parse(&src).expect("config"))
+        .await
+        .expect("gateway");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { gateway.serve(listener, std::future::pending()).await });
+    url
+}
+
+/// Sends a raw request line (reqwest would clean the path itself); returns the status.
+async fn raw_get(url: &str, target: &str) -> u16 {
+    let host = url.trim_start_matches("http://");
+    let mut sock = tokio::net::TcpStream::connect(host)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer key-a\r\nconnection: close\r\n\r\n"
+    );
+    sock.write_all(request.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    let _ = sock.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line")
+}
+
+fn chat(max_tokens: u64, stream: bool) -> Value {
+    json!({"model": "gpt-4o", "max_tokens": max_tokens, "stream": stream,
+        "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn remaining(url: &str, quota: &str) -> u64 {
+    let usage: Value = reqwest::Client::new()
+        .get(format!("{url}/v1/usage"))
+        .bearer_auth("key-a")
+        .send()
+        .await
+        .expect("usage")
+        .json()
+        .await
+        .expect("usage JSON");
+    usage["quotas"]
+        .as_array()
+        .and_then(|qs| qs.iter().find(|q| q["name"] == quota))
+        .and_then(|q| q["remaining"].as_u64())
+        .unwrap_or_else(|| panic!("no quota {quota} in {usage}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escaped_path_is_limited_as_the_route_it_names() {
+    let (addr, seen) = upstream(Answer::Json {
+        delay_ms: 0,
+        output: 5,
+    })
+    .await;
+    let url = gateway(
+        &addr,
+        "limits = { tokens_per_minute = 1000 }\nmodel_limits.\"gpt-4o\" = { requests_per_minute = 1 }",
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let post = |path: &'static str, body: Value| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            http.post(format!("{url}{path}"))
+                .bearer_auth("key-a")
+                .json(&body)
+                .send()
+                .await
+                .expect("send")
+                .status()
+                .as_u16()
+        }
+    };
+    // Over the token limit however it is spelled.
+    assert_eq!(post("/v1/chat/completions", chat(100_000, false)).await, 413);
+    assert_eq!(post("/v1/chat/completion%73", chat(100_000, false)).await, 413);
+    // Within it: the model's one request a minute holds for both spellings.
+    assert_eq!(post("/v1/chat/completion%73", chat(10, false)).await, 200);
+    assert_eq!(post("/v1/chat/completions", chat(10, false)).await, 429);
+    assert_eq!(post("/v1/chat/completion%73", chat(10, false)).await, 429);
+    let seen = seen.lock().expect("log").clone();
+    assert_eq!(seen, ["POST /v1/chat/completions HTTP/1.1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_cannot_climb_out_of_the_upstreams_base() {
+    let (addr, seen) = upstream(Answer::Json {
+        delay_ms: 0,
+        output: 1,
+    })
+    .await;
+    let url = gateway(&format!("{addr}/tenant-a"), "").await;
+    for target in [
+        "/%2e%2e/admin/keys",
+        "/v1/../../admin",
+        "/v1/%2E%2E/%2e%2e/admin",
+        "/v1/a%2F..%2Fb",
+    ] {
+        assert_eq!(raw_get(&url, target).await, 400, "{target}");
+    }
+    assert_eq!(raw_get(&url, "/v1/files").await, 200);
+    let seen = seen.lock().expect("log").clone();
+    assert_eq!(seen, ["GET /tenant-a/v1/files HTTP/1.1"]);
+}
+
+/// OpenAI's Assistants route ends in `/messages` but is not Anthropic's Messages API: it
+/// is passed through as an OpenAI route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_route_ending_in_messages_is_not_taken_for_anthropic() {
+    let (addr, seen) = upstream(Answer::Json {
+        delay_ms: 0,
+        output: 1,
+    })
+    .await;
+    let url = gateway(&addr, "").await;
+    let status = reqwest::Client::new()
+        .post(format!("{url}/v1/threads/thread_1/messages"))
+        .bearer_auth("key-a")
+        .json(&json!({"role": "user", "content": "hi"}))
+        .send()
+        .await
+        .expect("send")
+        .status();
+    assert_eq!(status, 200);
+    let seen = seen.lock().expect("log").clone();
+    assert_eq!(seen, ["POST /v1/threads/thread_1/messages HTTP/1.1"]);
+}
+
+/// A whole answer is generated and billed whether or not the caller waits for it: a
+/// caller that leaves first is charged what the upstream reports, not the prompt only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_leaves_before_a_whole_answer_pays_what_was_generated() {
+    let (addr, seen) = upstream(Answer::Json {
+        delay_ms: 400,
+        output: 900,
+    })
+    .await;
+    let url = gateway(&addr, "limits = { tokens_per_day = 100000 }").await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(150))
+        .build()
+        .expect("client");
+    for _ in 0..3 {
+        let gone = impatient
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth("key-a")
+            .json(&chat(900, false))
+            .send()
+            .await;
+        assert!(gone.is_err(), "the caller gave up first");
+    }
+    // Each answer lands 400 ms after its request; then the settlement.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let used = 100_000 - remaining(&url, "tier.t.tokens_per_day").await;
+        if used >= 3 * 910 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "3 answers of 10 + 900 tokens were generated; {used} charged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.lock().expect("log").len(), 3);
+}
+
+/// A stream the upstream broke off mid-way ends in an error for the caller, not in a
+/// clean end of body it would take for a finished answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_upstream_broke_off_is_an_error_for_the_caller() {
+    let (addr, _seen) = upstream(Answer::BrokenStream).await;
+    let url = gateway(&addr, "").await;
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("key-a")
+        .json(&chat(10, true))
+        .send()
+        .await
+        .expect("the stream starts");
+    assert_eq!(response.status(), 200);
+    let body = response.text().await;
+    assert!(body.is_err(), "the caller saw a clean end: {body:?}");
+}
