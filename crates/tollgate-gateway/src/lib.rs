@@ -142,6 +142,51 @@ pub(crate) struct State {
     /// Models' prices, for spend limits, and the price of every other model (`"*"`).
     pub(crate) prices: HashMap<String, config::Price>,
     pub(crate) default_price: Option<config::Price>,
+    /// Requests being handled, settlement included (which runs after the answer is sent).
+    pub(crate) calls: Calls,
+}
+
+/// Counts the requests being handled, so shutdown can wait for their settlements too.
+#[derive(Default)]
+pub(crate) struct Calls {
+    open: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request being handled; dropped when it is settled.
+pub(crate) struct CallGuard(Arc<State>);
+
+impl Calls {
+    /// Counts a request until the guard drops.
+    pub(crate) fn enter(state: &Arc<State>) -> CallGuard {
+        state
+            .calls
+            .open
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        CallGuard(state.clone())
+    }
+
+    /// Resolves when no request is being handled.
+    async fn idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.open.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let calls = &self.0.calls;
+        if calls.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            calls.idle.notify_waiters();
+        }
+    }
 }
 
 /// A configured gateway, ready to serve.
@@ -473,6 +518,7 @@ impl Gateway {
                     .map(|(m, p)| (m.clone(), *p))
                     .collect(),
                 default_price: config.prices.get("*").copied(),
+                calls: Calls::default(),
             }),
         })
     }
@@ -511,7 +557,9 @@ impl Gateway {
     }
 
     /// Serve on `listener` until `shutdown` completes, then stop accepting and wait for
-    /// the requests in flight (streams included) to finish.
+    /// the requests in flight (streams included) to finish and be settled (a
+    /// settlement runs after its answer is sent; on Redis it is a round trip that would
+    /// otherwise be lost when the process exits).
     ///
     /// # Errors
     ///
@@ -533,6 +581,8 @@ impl Gateway {
         axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await
-            .map_err(|e| GatewayError::Io(format!("serving failed: {e}")))
+            .map_err(|e| GatewayError::Io(format!("serving failed: {e}")))?;
+        self.state.calls.idle().await;
+        Ok(())
     }
 }

@@ -333,7 +333,11 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
         anthropic,
     };
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(call.run(tx));
+    let guard = crate::Calls::enter(&st);
+    tokio::spawn(async move {
+        call.run(tx).await;
+        drop(guard);
+    });
     rx.await.unwrap_or_else(|_| {
         error(
             StatusCode::INTERNAL_SERVER_ERROR,

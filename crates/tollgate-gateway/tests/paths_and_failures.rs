@@ -110,9 +110,7 @@ async fn gateway(base: &str, tier: &str) -> String {
 /// Sends a raw request line (reqwest would clean the path itself); returns the status.
 async fn raw_get(url: &str, target: &str) -> u16 {
     let host = url.trim_start_matches("http://");
-    let mut sock = tokio::net::TcpStream::connect(host)
-        .await
-        .expect("connect");
+    let mut sock = tokio::net::TcpStream::connect(host).await.expect("connect");
     let request = format!(
         "GET {target} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer key-a\r\nconnection: close\r\n\r\n"
     );
@@ -176,8 +174,14 @@ async fn an_escaped_path_is_limited_as_the_route_it_names() {
         }
     };
     // Over the token limit however it is spelled.
-    assert_eq!(post("/v1/chat/completions", chat(100_000, false)).await, 413);
-    assert_eq!(post("/v1/chat/completion%73", chat(100_000, false)).await, 413);
+    assert_eq!(
+        post("/v1/chat/completions", chat(100_000, false)).await,
+        413
+    );
+    assert_eq!(
+        post("/v1/chat/completion%73", chat(100_000, false)).await,
+        413
+    );
     // Within it: the model's one request a minute holds for both spellings.
     assert_eq!(post("/v1/chat/completion%73", chat(10, false)).await, 200);
     assert_eq!(post("/v1/chat/completions", chat(10, false)).await, 429);
@@ -285,4 +289,54 @@ async fn a_stream_the_upstream_broke_off_is_an_error_for_the_caller() {
     assert_eq!(response.status(), 200);
     let body = response.text().await;
     assert!(body.is_err(), "the caller saw a clean end: {body:?}");
+}
+
+/// Shutdown waits for every request to be settled, not only answered: a caller that left
+/// before its whole answer is still charged before `serve` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_the_settlements_of_the_requests_in_flight() {
+    let (addr, _seen) = upstream(Answer::Json {
+        delay_ms: 400,
+        output: 900,
+    })
+    .await;
+    let src = format!(
+        "[upstreams.u]\nkind = \"openai\"\nurl = \"http://{addr}\"\napi_key = \"sk-upstream\"\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n[tiers.t]\n",
+        hash_key("key-a")
+    );
+    let gateway = Gateway::new(Config::parse(&src).expect("config"))
+        .await
+        .expect("gateway");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            gateway
+                .serve(listener, async {
+                    stopped.await.ok();
+                })
+                .await
+        })
+    };
+    let gone = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .expect("client")
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("key-a")
+        .json(&chat(900, false))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the caller left before its answer");
+    let _ = stop.send(());
+    serving.await.expect("join").expect("serve");
+    let output = gateway.metrics().counter(
+        "tollgate_tokens_total",
+        &[("caller", "a"), ("upstream", "u"), ("kind", "output")],
+    );
+    assert_eq!(output, 900, "settled before serve returned");
 }
