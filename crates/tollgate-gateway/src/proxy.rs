@@ -190,6 +190,23 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
     Ok(out)
 }
 
+/// Whether the gateway may ask an upstream for a stream's usage chunk
+/// (`stream_options.include_usage`): not Anthropic's API, and Azure only from
+/// `api-version` 2024-09-01 (earlier versions refuse the field with a 400; their streams
+/// are charged by counting the streamed text instead).
+fn takes_stream_options(kind: Kind, path_and_query: &str) -> bool {
+    match kind {
+        Kind::Anthropic => false,
+        Kind::Azure => path_and_query
+            .split_once('?')
+            .into_iter()
+            .flat_map(|(_, q)| q.split('&'))
+            .filter_map(|pair| pair.strip_prefix("api-version="))
+            .any(|v| v >= "2024-09-01"),
+        Kind::OpenAi | Kind::OpenaiCompatible => true,
+    }
+}
+
 /// The estimated endpoint a normalized path names, and whether it is Anthropic's API.
 /// OpenAI routes match by their last segments (so an Azure deployment path counts);
 /// Anthropic's only as `/v1/messages` itself, and anything under it goes to Anthropic
@@ -668,7 +685,7 @@ impl Call {
             .is_some_and(|v| v.get("stream").and_then(Value::as_bool) == Some(true));
         let mut strip = false;
         if streaming
-            && upstream.kind != Kind::Anthropic
+            && takes_stream_options(upstream.kind, &self.path_and_query)
             && matches!(
                 self.endpoint,
                 Some(Endpoint::ChatCompletions | Endpoint::Completions)
@@ -1129,6 +1146,26 @@ mod tests {
         ] {
             assert!(normalize_path(bad).is_err(), "{bad} is refused");
         }
+    }
+
+    #[test]
+    fn azure_is_asked_for_the_usage_chunk_only_where_its_api_version_takes_it() {
+        let chat = "/openai/deployments/d/chat/completions";
+        assert!(takes_stream_options(
+            Kind::Azure,
+            &format!("{chat}?api-version=2024-10-21")
+        ));
+        assert!(takes_stream_options(
+            Kind::Azure,
+            &format!("{chat}?x=1&api-version=2024-09-01-preview")
+        ));
+        assert!(!takes_stream_options(
+            Kind::Azure,
+            &format!("{chat}?api-version=2024-02-01")
+        ));
+        assert!(!takes_stream_options(Kind::Azure, chat));
+        assert!(takes_stream_options(Kind::OpenAi, "/v1/chat/completions"));
+        assert!(!takes_stream_options(Kind::Anthropic, "/v1/messages"));
     }
 
     #[test]
