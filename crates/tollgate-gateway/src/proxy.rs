@@ -897,10 +897,19 @@ impl Call {
                 Ok(Err(e)) => {
                     labels("0");
                     tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
+                    // The error's text names the upstream's URL, which may be an internal
+                    // host: the caller gets what happened, the log the details.
+                    let (status, what) = if e.is_timeout() {
+                        (StatusCode::GATEWAY_TIMEOUT, "timed out")
+                    } else if e.is_connect() {
+                        (StatusCode::BAD_GATEWAY, "could not be reached")
+                    } else {
+                        (StatusCode::BAD_GATEWAY, "failed while answering")
+                    };
                     (
                         true,
                         None,
-                        Err(format!("the upstream `{}` failed: {e}", upstream.name)),
+                        Err((status, format!("The upstream `{}` {what}.", upstream.name))),
                     )
                 }
                 Err(_) => {
@@ -908,10 +917,13 @@ impl Call {
                     (
                         true,
                         None,
-                        Err(format!(
-                            "the upstream `{}` did not answer within {}",
-                            upstream.name,
-                            format_duration(st.upstream_timeout)
+                        Err((
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!(
+                                "The upstream `{}` did not answer within {}.",
+                                upstream.name,
+                                format_duration(st.upstream_timeout)
+                            ),
                         )),
                     )
                 }
@@ -932,8 +944,8 @@ impl Call {
             }
             return match failure {
                 Ok(resp) => Forwarded::Answer(resp),
-                Err(message) => Forwarded::Failed(error(
-                    StatusCode::BAD_GATEWAY,
+                Err((status, message)) => Forwarded::Failed(error(
+                    status,
                     self.anthropic,
                     "server_error",
                     "upstream_error",

@@ -340,3 +340,31 @@ async fn shutdown_waits_for_the_settlements_of_the_requests_in_flight() {
     );
     assert_eq!(output, 900, "settled before serve returned");
 }
+
+/// An upstream that cannot be reached is a 502 naming the upstream by its configured
+/// name, never by its address (which may be an internal host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_a_502_that_does_not_reveal_its_address() {
+    // A port nothing listens on: bound, then closed.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("address");
+    // Retries end within the tier's max_wait: keep it short.
+    let url = gateway(&closed.to_string(), "max_wait = \"1s\"").await;
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("key-a")
+        .json(&chat(10, false))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), 502);
+    let body = response.text().await.expect("body");
+    assert!(
+        body.contains("The upstream `u` could not be reached."),
+        "{body}"
+    );
+    assert!(!body.contains(&closed.port().to_string()), "{body}");
+}
