@@ -568,9 +568,10 @@ fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
         .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
-/// Request headers never forwarded: hop-by-hop, the caller's credentials, and the
-/// encodings it accepts (the gateway reads the answer to count usage, so it takes it
-/// uncompressed).
+/// Request headers never forwarded: hop-by-hop, the caller's credentials, the choice of
+/// which organization or project of the account is billed (the gateway's operator
+/// chose the account, and its limits are that account's), and the encodings it accepts
+/// (the gateway reads the answer to count usage, so it takes it uncompressed).
 fn forwardable(name: &HeaderName) -> bool {
     !matches!(
         name.as_str(),
@@ -588,6 +589,8 @@ fn forwardable(name: &HeaderName) -> bool {
             | "authorization"
             | "x-api-key"
             | "api-key"
+            | "openai-organization"
+            | "openai-project"
     )
 }
 
@@ -766,7 +769,7 @@ impl Call {
         let body = match tokio::time::timeout(st.upstream_timeout, answer.bytes()).await {
             Ok(Ok(b)) => b,
             _ => {
-                let _ = tx.send(error(
+                let mut resp = error(
                     StatusCode::BAD_GATEWAY,
                     self.anthropic,
                     "server_error",
@@ -775,7 +778,14 @@ impl Call {
                         "The upstream `{}` failed while sending its answer.",
                         upstream.name
                     ),
-                ));
+                );
+                // The caller's own limits, as on every answer.
+                for (n, v) in &headers {
+                    if n.as_str().starts_with("x-ratelimit-") {
+                        resp.headers_mut().append(n.clone(), v.clone());
+                    }
+                }
+                let _ = tx.send(resp);
                 settle(permit, Usage::new(self.cost.input, 0), self.price).await;
                 return;
             }
@@ -1202,6 +1212,31 @@ mod tests {
         assert_eq!(dollars(3_100), "$0.0031");
         assert_eq!(dollars(1), "$0.000001");
         assert_eq!(dollars(0), "$0.00");
+    }
+
+    #[test]
+    fn the_account_is_the_operators_choice_in_both_directions() {
+        for name in [
+            "authorization",
+            "x-api-key",
+            "api-key",
+            "openai-organization",
+            "openai-project",
+        ] {
+            assert!(!forwardable(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in ["content-type", "x-request-id", "anthropic-version"] {
+            assert!(forwardable(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "set-cookie",
+            "anthropic-organization-id",
+            "openai-organization",
+            "x-ratelimit-remaining-tokens",
+        ] {
+            assert!(!returnable(&HeaderName::from_static(name)), "{name}");
+        }
+        assert!(returnable(&HeaderName::from_static("x-request-id")));
     }
 
     #[test]

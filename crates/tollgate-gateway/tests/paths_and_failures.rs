@@ -18,6 +18,8 @@ enum Answer {
     Json { delay_ms: u64, output: u64 },
     /// One streamed event, then the connection dropped mid-body.
     BrokenStream,
+    /// A JSON answer whose body stops short of its `content-length`.
+    TruncatedBody,
 }
 
 /// An upstream on a local port; returns its address and the request lines it saw.
@@ -46,6 +48,9 @@ async fn upstream(answer: Answer) -> (String, Arc<Mutex<Vec<String>>>) {
                             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                             body.len()
                         )
+                    }
+                    Answer::TruncatedBody => {
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\nconnection: close\r\n\r\n{\"choices\":".to_owned()
                     }
                     Answer::BrokenStream => {
                         let event = "data: {\"choices\":[{\"delta\":{\"content\":\"par\"}}]}\n\n";
@@ -367,4 +372,24 @@ async fn an_unreachable_upstream_is_a_502_that_does_not_reveal_its_address() {
         "{body}"
     );
     assert!(!body.contains(&closed.port().to_string()), "{body}");
+}
+
+/// An answer whose body breaks off is a 502 that still carries the caller's own limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_breaks_off_is_a_502_with_the_callers_limits() {
+    let (addr, _seen) = upstream(Answer::TruncatedBody).await;
+    let url = gateway(&addr, "limits = { requests_per_minute = 100 }").await;
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("key-a")
+        .json(&chat(10, false))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), 502);
+    let limit = response
+        .headers()
+        .get("x-ratelimit-limit-requests")
+        .and_then(|v| v.to_str().ok());
+    assert_eq!(limit, Some("100"));
 }
