@@ -943,14 +943,16 @@ impl Call {
                 && attempt + 1 < backoff.max_attempts()
                 && Instant::now() + delay < deadline
             {
-                st.metrics.count(
-                    "tollgate_upstream_retries_total",
-                    &[("upstream", &upstream.name)],
-                    1,
-                );
                 tokio::time::sleep(delay).await;
-                attempt += 1;
-                continue;
+                if self.retry_turn(deadline).await {
+                    st.metrics.count(
+                        "tollgate_upstream_retries_total",
+                        &[("upstream", &upstream.name)],
+                        1,
+                    );
+                    attempt += 1;
+                    continue;
+                }
             }
             return match failure {
                 Ok(resp) => Forwarded::Answer(resp),
@@ -963,6 +965,22 @@ impl Call {
                 )),
             };
         }
+    }
+
+    /// A retry is one more request at the provider: it takes its turn in the account's
+    /// quotas (one request; what a failed attempt used of the tokens is unknown) within
+    /// `deadline`, so retries during an outage never send the account past its pace.
+    /// False when the turn would come too late, or the limiter cannot decide. The
+    /// permit drops unsettled: the request stays counted.
+    async fn retry_turn(&self, deadline: Instant) -> bool {
+        let Some(account) = &self.st.accounts[self.account].limiter else {
+            return true;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        account
+            .acquire_within("account", Cost::request(), left)
+            .await
+            .is_ok()
     }
 
     /// Pass a stream on event by event, reading its usage; settle when it ends or the

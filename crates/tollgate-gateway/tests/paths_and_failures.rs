@@ -20,6 +20,8 @@ enum Answer {
     BrokenStream,
     /// A JSON answer whose body stops short of its `content-length`.
     TruncatedBody,
+    /// 500, every time.
+    ServerError,
 }
 
 /// An upstream on a local port; returns its address and the request lines it saw.
@@ -46,6 +48,13 @@ async fn upstream(answer: Answer) -> (String, Arc<Mutex<Vec<String>>>) {
                         .to_string();
                         format!(
                             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    }
+                    Answer::ServerError => {
+                        let body = r#"{"error":{"message":"overloaded","type":"server_error"}}"#;
+                        format!(
+                            "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                             body.len()
                         )
                     }
@@ -392,4 +401,35 @@ async fn a_body_that_breaks_off_is_a_502_with_the_callers_limits() {
         .get("x-ratelimit-limit-requests")
         .and_then(|v| v.to_str().ok());
     assert_eq!(limit, Some("100"));
+}
+
+/// A retry is one more request at the provider: during an outage, retries take their
+/// turn in the account's requests quota, so the account never sees more than its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_take_their_turn_in_the_accounts_quota() {
+    let (addr, seen) = upstream(Answer::ServerError).await;
+    let src = format!(
+        "[upstreams.u]\nkind = \"openai\"\nurl = \"http://{addr}\"\napi_key = \"sk-upstream\"\nlimits = {{ requests_per_minute = 2 }}\n\n[tiers.t]\nmax_wait = \"4s\"\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
+        hash_key("key-a")
+    );
+    let gateway = Gateway::new(Config::parse(&src).expect("config"))
+        .await
+        .expect("gateway");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { gateway.serve(listener, std::future::pending()).await });
+    let status = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("key-a")
+        .json(&chat(10, false))
+        .send()
+        .await
+        .expect("an answer")
+        .status();
+    assert_eq!(status, 500, "the upstream's last answer");
+    // The request and one retry fill the account's 2 a minute; the next retry's turn
+    // would come 30 s later, past the 4 s the tier waits.
+    assert_eq!(seen.lock().expect("log").len(), 2);
 }
