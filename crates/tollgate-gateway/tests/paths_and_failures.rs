@@ -103,22 +103,51 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<String> {
     }
 }
 
-/// A gateway in front of `base` (an address with an optional path), caller `a` (key
-/// `key-a`) in tier `t` configured by `tier`; returns its URL.
-async fn gateway(base: &str, tier: &str) -> String {
-    let src = format!(
-        "[upstreams.u]\nkind = \"openai\"\nurl = \"http://{base}\"\napi_key = \"sk-upstream\"\n\n[tiers.t]\n{tier}\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
+/// A gateway's config: upstream `u` at `base` (an address with an optional path) with
+/// `upstream` lines of its own, caller `a` (key `key-a`) in tier `t` with `tier` lines.
+fn config(base: &str, upstream: &str, tier: &str) -> String {
+    format!(
+        "[upstreams.u]\nkind = \"openai\"\nurl = \"http://{base}\"\napi_key = \"sk-upstream\"\n{upstream}\n\n[tiers.t]\n{tier}\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
         hash_key("key-a")
-    );
-    let gateway = Gateway::new(Config::parse(&src).expect("config"))
+    )
+}
+
+/// The serving task of a gateway.
+type Serving = tokio::task::JoinHandle<Result<(), tollgate_gateway::GatewayError>>;
+
+/// Serves `src` until `shutdown`; returns its URL, the gateway and the serving task.
+async fn start(
+    src: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (String, Gateway, Serving) {
+    let gateway = Gateway::new(Config::parse(src).expect("config"))
         .await
         .expect("gateway");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(async move { gateway.serve(listener, std::future::pending()).await });
-    url
+    let g = gateway.clone();
+    let serving = tokio::spawn(async move { g.serve(listener, shutdown).await });
+    (url, gateway, serving)
+}
+
+/// A gateway in front of `base` with tier lines `tier`, serving for the test's life.
+async fn gateway(base: &str, tier: &str) -> String {
+    start(&config(base, "", tier), std::future::pending())
+        .await
+        .0
+}
+
+/// POSTs `body` to `path` as caller `a`.
+async fn post(url: &str, path: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .bearer_auth("key-a")
+        .json(body)
+        .send()
+        .await
+        .expect("an answer")
 }
 
 /// Sends a raw request line (reqwest would clean the path itself); returns the status.
@@ -172,34 +201,17 @@ async fn an_escaped_path_is_limited_as_the_route_it_names() {
         "limits = { tokens_per_minute = 1000 }\nmodel_limits.\"gpt-4o\" = { requests_per_minute = 1 }",
     )
     .await;
-    let http = reqwest::Client::new();
-    let post = |path: &'static str, body: Value| {
-        let http = http.clone();
+    let status = |path: &'static str, max_tokens: u64| {
         let url = url.clone();
-        async move {
-            http.post(format!("{url}{path}"))
-                .bearer_auth("key-a")
-                .json(&body)
-                .send()
-                .await
-                .expect("send")
-                .status()
-                .as_u16()
-        }
+        async move { post(&url, path, &chat(max_tokens, false)).await.status() }
     };
     // Over the token limit however it is spelled.
-    assert_eq!(
-        post("/v1/chat/completions", chat(100_000, false)).await,
-        413
-    );
-    assert_eq!(
-        post("/v1/chat/completion%73", chat(100_000, false)).await,
-        413
-    );
+    assert_eq!(status("/v1/chat/completions", 100_000).await, 413);
+    assert_eq!(status("/v1/chat/completion%73", 100_000).await, 413);
     // Within it: the model's one request a minute holds for both spellings.
-    assert_eq!(post("/v1/chat/completion%73", chat(10, false)).await, 200);
-    assert_eq!(post("/v1/chat/completions", chat(10, false)).await, 429);
-    assert_eq!(post("/v1/chat/completion%73", chat(10, false)).await, 429);
+    assert_eq!(status("/v1/chat/completion%73", 10).await, 200);
+    assert_eq!(status("/v1/chat/completions", 10).await, 429);
+    assert_eq!(status("/v1/chat/completion%73", 10).await, 429);
     let seen = seen.lock().expect("log").clone();
     assert_eq!(seen, ["POST /v1/chat/completions HTTP/1.1"]);
 }
@@ -235,13 +247,9 @@ async fn an_openai_route_ending_in_messages_is_not_taken_for_anthropic() {
     })
     .await;
     let url = gateway(&addr, "").await;
-    let status = reqwest::Client::new()
-        .post(format!("{url}/v1/threads/thread_1/messages"))
-        .bearer_auth("key-a")
-        .json(&json!({"role": "user", "content": "hi"}))
-        .send()
+    let message = json!({"role": "user", "content": "hi"});
+    let status = post(&url, "/v1/threads/thread_1/messages", &message)
         .await
-        .expect("send")
         .status();
     assert_eq!(status, 200);
     let seen = seen.lock().expect("log").clone();
@@ -293,13 +301,7 @@ async fn a_caller_that_leaves_before_a_whole_answer_pays_what_was_generated() {
 async fn a_stream_the_upstream_broke_off_is_an_error_for_the_caller() {
     let (addr, _seen) = upstream(Answer::BrokenStream).await;
     let url = gateway(&addr, "").await;
-    let response = reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .bearer_auth("key-a")
-        .json(&chat(10, true))
-        .send()
-        .await
-        .expect("the stream starts");
+    let response = post(&url, "/v1/chat/completions", &chat(10, true)).await;
     assert_eq!(response.status(), 200);
     let body = response.text().await;
     assert!(body.is_err(), "the caller saw a clean end: {body:?}");
@@ -314,28 +316,11 @@ async fn shutdown_waits_for_the_settlements_of_the_requests_in_flight() {
         output: 900,
     })
     .await;
-    let src = format!(
-        "[upstreams.u]\nkind = \"openai\"\nurl = \"http://{addr}\"\napi_key = \"sk-upstream\"\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n[tiers.t]\n",
-        hash_key("key-a")
-    );
-    let gateway = Gateway::new(Config::parse(&src).expect("config"))
-        .await
-        .expect("gateway");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = {
-        let gateway = gateway.clone();
-        tokio::spawn(async move {
-            gateway
-                .serve(listener, async {
-                    stopped.await.ok();
-                })
-                .await
-        })
-    };
+    let (url, gateway, serving) = start(&config(&addr, "", ""), async {
+        stopped.await.ok();
+    })
+    .await;
     let gone = reqwest::Client::builder()
         .timeout(Duration::from_millis(100))
         .build()
@@ -367,13 +352,7 @@ async fn an_unreachable_upstream_is_a_502_that_does_not_reveal_its_address() {
         .expect("address");
     // Retries end within the tier's max_wait: keep it short.
     let url = gateway(&closed.to_string(), "max_wait = \"1s\"").await;
-    let response = reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .bearer_auth("key-a")
-        .json(&chat(10, false))
-        .send()
-        .await
-        .expect("an answer");
+    let response = post(&url, "/v1/chat/completions", &chat(10, false)).await;
     assert_eq!(response.status(), 502);
     let body = response.text().await.expect("body");
     assert!(
@@ -388,13 +367,7 @@ async fn an_unreachable_upstream_is_a_502_that_does_not_reveal_its_address() {
 async fn a_body_that_breaks_off_is_a_502_with_the_callers_limits() {
     let (addr, _seen) = upstream(Answer::TruncatedBody).await;
     let url = gateway(&addr, "limits = { requests_per_minute = 100 }").await;
-    let response = reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .bearer_auth("key-a")
-        .json(&chat(10, false))
-        .send()
-        .await
-        .expect("an answer");
+    let response = post(&url, "/v1/chat/completions", &chat(10, false)).await;
     assert_eq!(response.status(), 502);
     let limit = response
         .headers()
@@ -408,25 +381,14 @@ async fn a_body_that_breaks_off_is_a_502_with_the_callers_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_take_their_turn_in_the_accounts_quota() {
     let (addr, seen) = upstream(Answer::ServerError).await;
-    let src = format!(
-        "[upstreams.u]\nkind = \"openai\"\nurl = \"http://{addr}\"\napi_key = \"sk-upstream\"\nlimits = {{ requests_per_minute = 2 }}\n\n[tiers.t]\nmax_wait = \"4s\"\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
-        hash_key("key-a")
+    let src = config(
+        &addr,
+        "limits = { requests_per_minute = 2 }",
+        "max_wait = \"4s\"",
     );
-    let gateway = Gateway::new(Config::parse(&src).expect("config"))
+    let (url, _gateway, _serving) = start(&src, std::future::pending()).await;
+    let status = post(&url, "/v1/chat/completions", &chat(10, false))
         .await
-        .expect("gateway");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(async move { gateway.serve(listener, std::future::pending()).await });
-    let status = reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .bearer_auth("key-a")
-        .json(&chat(10, false))
-        .send()
-        .await
-        .expect("an answer")
         .status();
     assert_eq!(status, 500, "the upstream's last answer");
     // The request and one retry fill the account's 2 a minute; the next retry's turn
