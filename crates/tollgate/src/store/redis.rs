@@ -1144,7 +1144,7 @@ fn part_code(part: Part) -> i64 {
 fn as_array(v: &Value) -> Outcome<&[Value]> {
     match v {
         Value::Array(a) => Ok(a),
-        _ => Err(StoreUnavailable::new("malformed reply from the script")),
+        _ => Err(malformed_reply()),
     }
 }
 
