@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -21,13 +21,19 @@ const RATE: u32 = 1_000_000_000;
 const KEYS: usize = 10_000;
 
 /// Poll a decision that completes without waiting (the in-memory store never awaits)
-/// and say whether it admitted; the permit, if any, is dropped here.
-fn admitted<T, E, F: Future<Output = Result<T, E>>>(fut: F) -> bool {
-    let mut fut = pin!(fut);
-    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+/// and say whether it admitted; the permit, if any, is dropped here. The future is
+/// pinned where the caller makes it, so it is not moved before its one poll.
+fn poll_once<T, E, F: Future<Output = Result<T, E>>>(fut: Pin<&mut F>) -> bool {
+    match fut.poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(v) => v.is_ok(),
         Poll::Pending => panic!("the in-memory limiter never waits here"),
     }
+}
+
+macro_rules! admitted {
+    ($fut:expr $(,)?) => {
+        poll_once(pin!($fut))
+    };
 }
 
 fn tollgate_requests() -> Limiter {
@@ -53,7 +59,7 @@ fn single_key(c: &mut Criterion) {
     let limiter = tollgate_requests();
     g.bench_function("tollgate", |b| {
         b.iter(|| {
-            black_box(admitted(
+            black_box(admitted!(
                 limiter.try_acquire(black_box("user-42"), Cost::request()),
             ))
         })
@@ -78,7 +84,7 @@ fn keyed(c: &mut Criterion) {
     g.bench_function("tollgate", |b| {
         b.iter(|| {
             i = (i + 1) % KEYS;
-            black_box(admitted(limiter.try_acquire(&keys[i], Cost::request())))
+            black_box(admitted!(limiter.try_acquire(&keys[i], Cost::request())))
         })
     });
     let gov = RateLimiter::dashmap_with_clock(gquota(), MonotonicClock);
@@ -111,7 +117,7 @@ fn two_dimensions(c: &mut Criterion) {
         .unwrap();
     let cost = Cost::input(300).output(200);
     g.bench_function("tollgate", |b| {
-        b.iter(|| black_box(admitted(limiter.try_acquire(black_box("user-42"), cost))))
+        b.iter(|| black_box(admitted!(limiter.try_acquire(black_box("user-42"), cost))))
     });
     g.finish();
 }
@@ -123,7 +129,7 @@ fn contended(c: &mut Criterion) {
     g.bench_function("tollgate", |b| {
         b.iter_custom(|iters| {
             two_threads(iters, || {
-                black_box(admitted(limiter.try_acquire("user-42", Cost::request())));
+                black_box(admitted!(limiter.try_acquire("user-42", Cost::request())));
             })
         })
     });

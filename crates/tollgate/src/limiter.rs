@@ -7,6 +7,7 @@
 //! or a concurrency slot behind when a caller goes away.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -894,8 +895,8 @@ impl Limiter {
             cost,
             reserved: Charged::from(&reserved),
             waited_ns: 0,
-            _slots: slots,
-            remote: None,
+            slots: ManuallyDrop::new(slots),
+            remote: ManuallyDrop::new(None),
         }
     }
 
@@ -1105,9 +1106,33 @@ pub struct Permit<'a> {
     cost: Cost,
     reserved: Charged,
     waited_ns: u64,
-    _slots: Slots,
-    /// The reservation and leases of a call admitted on Redis.
-    remote: Option<Box<Held<'a>>>,
+    /// Released by `Drop` (never dropped in place: see there).
+    slots: ManuallyDrop<Slots>,
+    /// The reservation and leases of a call admitted on Redis; released by `Drop`.
+    remote: ManuallyDrop<Option<Box<Held<'a>>>>,
+}
+
+impl Drop for Permit<'_> {
+    /// Free the concurrency slots and the Redis leases. A permit holding neither (a rate
+    /// limit in memory, the common case) costs one test here; releasing is out of line,
+    /// so the test is all that is inlined where a permit is dropped.
+    #[inline]
+    fn drop(&mut self) {
+        if self.slots.iter().any(Option::is_some) || self.remote.is_some() {
+            self.release();
+        }
+    }
+}
+
+impl Permit<'_> {
+    #[inline(never)]
+    fn release(&mut self) {
+        // Taken out, so the `ManuallyDrop` fields are left holding nothing.
+        for slot in self.slots.iter_mut() {
+            drop(slot.take());
+        }
+        drop(self.remote.take());
+    }
 }
 
 impl fmt::Debug for Permit<'_> {
@@ -1179,7 +1204,7 @@ impl Permit<'_> {
     /// # }).unwrap();
     /// ```
     pub async fn status(&self) -> Result<Vec<QuotaStatus>, Error> {
-        if let (Some(held), Some(r)) = (&self.remote, &self.limiter.inner.remote)
+        if let (Some(held), Some(r)) = (self.remote.as_ref(), &self.limiter.inner.remote)
             && let Some(status) = self.limiter.held_status(r, held)
         {
             return Ok(status);
@@ -1211,7 +1236,7 @@ impl Permit<'_> {
     /// ```
     pub async fn settle(self, usage: Usage) -> Result<(), Error> {
         let inner = &*self.limiter.inner;
-        if let (Some(held), Some(r)) = (&self.remote, &inner.remote) {
+        if let (Some(held), Some(r)) = (self.remote.as_ref(), &inner.remote) {
             let actual = Cost {
                 requests: self.cost.requests,
                 input: usage.input,
@@ -1258,7 +1283,7 @@ impl Permit<'_> {
     /// ```
     pub fn cancel(self) {
         let inner = &*self.limiter.inner;
-        if let (Some(held), Some(r)) = (&self.remote, &inner.remote) {
+        if let (Some(held), Some(r)) = (self.remote.as_ref(), &inner.remote) {
             r.store.cancel(self.key, &held.charges, &held.reserved);
             return;
         }
@@ -1286,7 +1311,7 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some((p, undo)) = self.0.take() {
             let inner = &*p.limiter.inner;
-            if let (Some(held), Some(r)) = (&p.remote, &inner.remote) {
+            if let (Some(held), Some(r)) = (p.remote.as_ref(), &inner.remote) {
                 r.store.cancel(p.key, &held.charges, &held.reserved);
                 return;
             }

@@ -461,7 +461,7 @@ impl Limiter {
         });
         if n == 0 {
             let mut p = self.permit(key, cost, empty_reserved(), [None, None]);
-            p.remote = Some(held);
+            *p.remote = Some(held);
             return Ok(p);
         }
         let two_phase = !never_wait && r.store.two_phase();
@@ -473,7 +473,7 @@ impl Limiter {
         let mut start = inner.clock.now().saturating_add(wait.saturating_mul(1_000));
         let mut permit = self.permit(key, cost, empty_reserved(), [None, None]);
         held.reserved = reserved;
-        permit.remote = Some(held);
+        *permit.remote = Some(held);
         let mut guard = Waiting(Some((permit, Undo::default())));
         inner.clock.sleep_until(start).await;
         if two_phase && let Some((permit, _)) = guard.0.as_mut() {

@@ -206,11 +206,19 @@ impl Entry {
         self.words()[self.meta_at()] >> 1
     }
 
-    /// Mark as decided on since the last sweep: kept one more round even if idle.
+    /// Mark as decided on since the last sweep (kept one more round even if idle) and
+    /// return the epoch. The word is written only when the mark is missing: a key in
+    /// steady use is marked already, and a decision then only reads it (a narrow
+    /// read-modify-write followed by the full-word read of the epoch made the processor
+    /// wait for the store on every decision).
     #[inline(always)]
-    fn touch(&mut self) {
+    fn touch(&mut self) -> u64 {
         let m = self.meta_at();
-        self.words_mut()[m] |= 1;
+        let word = self.words()[m];
+        if word & 1 == 0 {
+            self.words_mut()[m] = word | 1;
+        }
+        word >> 1
     }
 
     fn untouch(&mut self) {
@@ -435,8 +443,7 @@ impl MemoryStore {
             max_wait,
         };
         if let Some(entry) = self.find(&mut shard, hash, key) {
-            entry.touch();
-            let epoch = entry.epoch();
+            let epoch = entry.touch();
             return d.decide(entry.states(nq), shared_states, epoch, undo);
         }
         // A new key: decide on fresh states and keep them only if the call is admitted.
