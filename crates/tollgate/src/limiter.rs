@@ -601,11 +601,26 @@ impl Limiter {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
-    pub async fn try_acquire<'a>(&'a self, key: &'a str, cost: Cost) -> Result<Permit<'a>, Error> {
-        if let Some(r) = &self.inner.remote {
-            return Box::pin(self.remote_acquire(r, key, cost, Some(Duration::ZERO))).await;
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` copies its arguments before the decision (see the body)"
+    )]
+    pub fn try_acquire<'a>(
+        &'a self,
+        key: &'a str,
+        cost: Cost,
+    ) -> impl Future<Output = Result<Permit<'a>, Error>> + 'a {
+        // An `async` block rather than an `async fn`: an `async fn` rebinds every
+        // argument when it starts, copying the cost the caller has just written with
+        // wide loads the processor cannot serve from those narrower pending stores, and
+        // waiting for them (about 4 ns of a 65 ns decision). The block reads the cost
+        // where the caller put it, field by field, and copies it into the permit last.
+        async move {
+            if let Some(r) = &self.inner.remote {
+                return Box::pin(self.remote_acquire(r, key, cost, Some(Duration::ZERO))).await;
+            }
+            self.try_acquire_now(key, &cost)
         }
-        self.try_acquire_now(key, cost)
     }
 
     /// Admit a call, waiting (FIFO) as long as needed for every quota to have room.
@@ -858,13 +873,13 @@ impl Limiter {
     }
 
     #[inline]
-    fn try_acquire_now<'a>(&'a self, key: &'a str, cost: Cost) -> Result<Permit<'a>, Error> {
+    fn try_acquire_now<'a>(&'a self, key: &'a str, cost: &Cost) -> Result<Permit<'a>, Error> {
         check_key(key)?;
         let inner = &*self.inner;
         let mut slots: Slots = [None, None];
         if inner.key_slots.is_some() || inner.shared_slots.is_some() {
             // Too large must win over "no free slot": waiting would never help.
-            self.check_capacity(&cost)?;
+            self.check_capacity(cost)?;
         }
         if let Some(index) = inner.key_slots
             && let Some(sem) = inner.store.key_semaphore(key, inner.clock.now())
@@ -876,9 +891,9 @@ impl Limiter {
         }
         let reserved = inner
             .store
-            .reserve(key, &cost, &inner.clock, 0, Part::All, None)
+            .reserve(key, cost, &inner.clock, 0, Part::All, None)
             .map_err(|r| self.refused(r, inner.clock.now()))?;
-        Ok(self.permit(key, cost, reserved, slots))
+        Ok(self.permit(key, *cost, reserved, slots))
     }
 
     #[inline]

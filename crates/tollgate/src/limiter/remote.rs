@@ -384,7 +384,7 @@ impl Limiter {
         // caller's wait.
         let spent = Duration::from_nanos(self.inner.clock.now().saturating_sub(asked));
         let local = match max_wait {
-            Some(w) if w.is_zero() => self.try_acquire_now(key, cost),
+            Some(w) if w.is_zero() => self.try_acquire_now(key, &cost),
             Some(w) => {
                 self.acquire_inner(key, cost, Some(w.saturating_sub(spent)))
                     .await
