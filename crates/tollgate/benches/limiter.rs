@@ -1,5 +1,7 @@
 //! Decision cost of the in-memory limiter, with governor side by side on the same quota
-//! and the same clock kind (the operating system's monotonic clock, `std::time::Instant`).
+//! and the same clock kind (the operating system's monotonic clock: governor's
+//! `MonotonicClock` reads it through `std::time::Instant`, tollgate's system clock on
+//! Linux straight from the vDSO).
 //!
 //! Run: `cargo bench -p tollgate --bench limiter`. Figures go in docs/BENCHMARKS.md.
 #![allow(missing_docs, clippy::unwrap_used)]
