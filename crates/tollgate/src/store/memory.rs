@@ -886,6 +886,42 @@ mod tests {
     }
 
     proptest! {
+        /// The inline comparison agrees with `==` for every length around its word
+        /// sizes, on slices that differ anywhere or nowhere.
+        #[test]
+        fn key_comparison_agrees_with_slice_equality(
+            a in proptest::collection::vec(any::<u8>(), 0..40),
+            flip in any::<prop::sample::Index>(),
+            differ in any::<bool>(),
+            shorter in any::<bool>(),
+        ) {
+            let mut b = a.clone();
+            if differ && !b.is_empty() {
+                let i = flip.index(b.len());
+                b[i] ^= 1;
+            }
+            if shorter {
+                b.pop();
+            }
+            prop_assert_eq!(same_bytes(&a, &b), a == b);
+        }
+
+        /// An entry answers to its own key and to no other, whatever the lengths.
+        #[test]
+        fn an_entry_answers_to_its_own_key_only(
+            key in "[a-z0-9-]{1,40}",
+            other in "[a-z0-9-]{1,40}",
+        ) {
+            let entry = Entry::new(&key, 1, 1, None);
+            prop_assert!(entry.is(&key));
+            prop_assert_eq!(entry.is(&other), key == other);
+            let mut near = key.clone();
+            near.push('x');
+            prop_assert!(!entry.is(&near));
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
 
         #[test]
