@@ -1095,7 +1095,7 @@ fn check_key(key: &str) -> Result<(), Error> {
     }
 }
 
-/// Concurrency slots held: shared, then per key.
+/// Concurrency slots held: the key's own, then the shared one.
 type Slots = [Option<OwnedSemaphorePermit>; 2];
 
 /// An admitted call. Holds its concurrency slots until it is settled or dropped.
