@@ -689,13 +689,22 @@ impl Config {
         let mut defaults = 0;
         for (name, u) in &self.upstreams {
             let url = u.url.get_ref();
-            match reqwest::Url::parse(url) {
+            match url::Url::parse(url) {
                 Ok(parsed) if parsed.query().is_some() || parsed.fragment().is_some() => {
                     return err(
                         Some(u.url.span()),
                         format!("upstreams.{name}.url"),
                         format!(
                             "`{url}` has a query or fragment; give the base URL only (callers' queries, such as Azure's api-version, are passed through)"
+                        ),
+                    );
+                }
+                Ok(parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+                    return err(
+                        Some(u.url.span()),
+                        format!("upstreams.{name}.url"),
+                        format!(
+                            "`{url}` carries a user name or password; give the upstream's key as api_key or api_key_env instead"
                         ),
                     );
                 }
@@ -914,6 +923,11 @@ mod tests {
         let e = err("[upstreams.x]\nkind = \"azure\"\nurl = \"https://a.example?api-version=1\"\n");
         assert!(
             e.starts_with("line 3: `upstreams.x.url`") && e.contains("base URL only"),
+            "{e}"
+        );
+        let e = err("[upstreams.x]\nkind = \"openai\"\nurl = \"https://me:secret@a.example\"\n");
+        assert!(
+            e.starts_with("line 3: `upstreams.x.url`") && e.contains("api_key"),
             "{e}"
         );
         let e = err("[upstreams.x]\nkind = \"gpt\"\nurl = \"http://a\"\n");

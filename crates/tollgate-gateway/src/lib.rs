@@ -62,6 +62,33 @@ pub enum GatewayError {
     Io(String),
 }
 
+/// The client the gateway forwards with: HTTP/1.1 to `http://` upstreams, TLS (webpki
+/// roots) with HTTP/2 or HTTP/1.1 as the upstream chooses to `https://` ones, pooled
+/// keep-alive connections. It never follows a redirect: that goes back to the caller
+/// like any other answer.
+pub(crate) type Http = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+fn client() -> Result<Http, GatewayError> {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(Duration::from_secs(10)));
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+        .map_err(|e| GatewayError::Io(format!("cannot set up TLS for the upstreams: {e}")))?
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(tcp);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(tls),
+    )
+}
+
 /// A caller, as the gateway knows it.
 #[derive(Debug, Clone)]
 pub(crate) struct CallerInfo {
@@ -73,9 +100,12 @@ pub(crate) struct CallerInfo {
 pub(crate) struct UpstreamState {
     pub(crate) name: String,
     pub(crate) kind: config::Kind,
-    /// Its URL, parsed once: requests only swap in their path and query.
-    pub(crate) base: reqwest::Url,
-    pub(crate) api_key: Option<String>,
+    /// Its URL up to and without the trailing `/` of its path, checked once: each
+    /// request's URI is this and its own path and query.
+    pub(crate) prefix: String,
+    /// The header carrying the gateway's key for this upstream, in the upstream's
+    /// spelling (marked sensitive, so it never shows in debug output).
+    pub(crate) auth: Option<(http::HeaderName, http::HeaderValue)>,
     pub(crate) models: Vec<String>,
     pub(crate) default: bool,
     /// The account serving models without limits of their own.
@@ -135,7 +165,7 @@ pub(crate) struct State {
     pub(crate) upstreams: Vec<UpstreamState>,
     pub(crate) accounts: Vec<AccountState>,
     pub(crate) measures: HashMap<String, Measure>,
-    pub(crate) http: reqwest::Client,
+    pub(crate) http: Http,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) max_body: usize,
     pub(crate) upstream_timeout: Duration,
@@ -371,12 +401,37 @@ impl Gateway {
                     .filter(|m| !u.models.contains(m))
                     .cloned(),
             );
+            let base = url::Url::parse(u.url.get_ref())
+                .map_err(|e| GatewayError::Io(format!("upstream `{name}`: bad URL: {e}")))?;
+            let prefix = format!(
+                "{}{}",
+                &base[..url::Position::BeforePath],
+                base.path().trim_end_matches('/')
+            );
+            let auth = match api_key {
+                Some(k) => {
+                    let (header, value) = match u.kind {
+                        config::Kind::Anthropic => ("x-api-key", k),
+                        config::Kind::Azure => ("api-key", k),
+                        config::Kind::OpenAi | config::Kind::OpenaiCompatible => {
+                            ("authorization", format!("Bearer {k}"))
+                        }
+                    };
+                    let mut value = http::HeaderValue::from_str(&value).map_err(|_| {
+                        GatewayError::Io(format!(
+                            "upstream `{name}`: its API key holds characters no HTTP header can carry"
+                        ))
+                    })?;
+                    value.set_sensitive(true);
+                    Some((http::HeaderName::from_static(header), value))
+                }
+                None => None,
+            };
             upstreams.push(UpstreamState {
                 name: name.clone(),
                 kind: u.kind,
-                base: reqwest::Url::parse(u.url.get_ref())
-                    .map_err(|e| GatewayError::Io(format!("upstream `{name}`: bad URL: {e}")))?,
-                api_key,
+                prefix,
+                auth,
                 models,
                 default: u.default,
                 default_account,
@@ -492,13 +547,7 @@ impl Gateway {
             name: config::ANONYMOUS.to_string(),
             tier: tier_index(config::DEFAULT_TIER),
         });
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(1024)
-            // A redirect goes back to the caller as it is, like any other answer.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| GatewayError::Io(format!("cannot build the HTTP client: {e}")))?;
+        let http = client()?;
         Ok(Gateway {
             state: Arc::new(State {
                 callers,
@@ -578,6 +627,14 @@ impl Gateway {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            // Answers go out as they are written, not held back for an
+            // acknowledgement of the previous one.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+            }
+        });
         axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await

@@ -13,7 +13,9 @@ use axum::extract::{Request, State as AxState};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use http::Uri;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tollgate::estimate::Endpoint;
@@ -635,7 +637,7 @@ struct Call {
 }
 
 enum Forwarded {
-    Answer(reqwest::Response),
+    Answer(http::Response<Incoming>),
     Failed(Response),
 }
 
@@ -752,7 +754,7 @@ impl Call {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if !status.is_success() {
             // Nothing generated: tokens back, the request counted.
-            let body = tokio::time::timeout(st.upstream_timeout, answer.bytes())
+            let body = tokio::time::timeout(st.upstream_timeout, whole(answer))
                 .await
                 .ok()
                 .and_then(Result::ok)
@@ -766,7 +768,7 @@ impl Call {
                 .await;
             return;
         }
-        let body = match tokio::time::timeout(st.upstream_timeout, answer.bytes()).await {
+        let body = match tokio::time::timeout(st.upstream_timeout, whole(answer)).await {
             Ok(Ok(b)) => b,
             _ => {
                 let mut resp = error(
@@ -827,42 +829,45 @@ impl Call {
     async fn forward(&self, deadline: Instant) -> Forwarded {
         let st = &self.st;
         let upstream = &st.upstreams[self.up];
-        let mut url = upstream.base.clone();
-        let (path, query) = match self.path_and_query.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (self.path_and_query.as_str(), None),
+        // The caller's path was checked and normalized: it is a valid URI's path, and
+        // the prefix was checked at startup.
+        let Ok(uri) = Uri::try_from(format!("{}{}", upstream.prefix, self.path_and_query)) else {
+            return Forwarded::Failed(error(
+                StatusCode::BAD_REQUEST,
+                self.anthropic,
+                "invalid_request_error",
+                "invalid_path",
+                "This gateway cannot forward this path.",
+            ));
         };
-        let joined = format!("{}{path}", upstream.base.path().trim_end_matches('/'));
-        url.set_path(&joined);
-        url.set_query(query);
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 2);
+        for (n, v) in &self.headers {
+            // A body the gateway rewrote is JSON, whatever the caller said.
+            if forwardable(n)
+                && !named_by_connection(&self.headers, n)
+                && !(self.json.is_some() && n == header::CONTENT_TYPE)
+            {
+                headers.append(n.clone(), v.clone());
+            }
+        }
+        if let Some((n, v)) = &upstream.auth {
+            headers.insert(n.clone(), v.clone());
+        }
+        if self.json.is_some() {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
         let backoff = Backoff::default();
         let mut attempt = 0u32;
         loop {
-            let mut req = st
-                .http
-                .request(self.method.clone(), url.clone())
-                .body(self.body.clone());
-            for (n, v) in &self.headers {
-                // A body the gateway rewrote is JSON, whatever the caller said.
-                if forwardable(n)
-                    && !named_by_connection(&self.headers, n)
-                    && !(self.json.is_some() && n == header::CONTENT_TYPE)
-                {
-                    req = req.header(n, v);
-                }
-            }
-            if let Some(k) = &upstream.api_key {
-                req = match upstream.kind {
-                    Kind::Anthropic => req.header("x-api-key", k),
-                    Kind::Azure => req.header("api-key", k),
-                    Kind::OpenAi | Kind::OpenaiCompatible => req.bearer_auth(k),
-                };
-            }
-            if self.json.is_some() {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-            }
+            let mut req = http::Request::new(Full::new(self.body.clone()));
+            *req.method_mut() = self.method.clone();
+            *req.uri_mut() = uri.clone();
+            *req.headers_mut() = headers.clone();
             let sent = Instant::now();
-            let result = tokio::time::timeout(st.upstream_timeout, req.send()).await;
+            let result = tokio::time::timeout(st.upstream_timeout, st.http.request(req)).await;
             let elapsed = sent.elapsed();
             let labels = |code: &str| {
                 st.metrics.count(
@@ -906,10 +911,10 @@ impl Call {
                 }
                 Ok(Err(e)) => {
                     labels("0");
-                    tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
+                    tracing::warn!(upstream = %upstream.name, error = %Chain(&e), "upstream request failed");
                     // The error's text names the upstream's URL, which may be an internal
                     // host: the caller gets what happened, the log the details.
-                    let (status, what) = if e.is_timeout() {
+                    let (status, what) = if timed_out(&e) {
                         (StatusCode::GATEWAY_TIMEOUT, "timed out")
                     } else if e.is_connect() {
                         (StatusCode::BAD_GATEWAY, "could not be reached")
@@ -987,7 +992,7 @@ impl Call {
     /// client goes away.
     async fn stream(
         &self,
-        answer: reqwest::Response,
+        answer: http::Response<Incoming>,
         status: StatusCode,
         headers: HeaderMap,
         permit: Permits<'_>,
@@ -1011,12 +1016,12 @@ impl Call {
         }
         let mut tracker = StreamUsage::new(&self.model, self.cost.input);
         let mut parser = crate::sse::Parser::new();
-        let mut upstream = answer.bytes_stream();
+        let mut upstream = answer.into_body();
         let mut gone = false;
         let mut broken = None;
         'read: loop {
             let next = tokio::select! {
-                n = tokio::time::timeout(self.st.upstream_timeout, upstream.next()) => n,
+                n = tokio::time::timeout(self.st.upstream_timeout, next_data(&mut upstream)) => n,
                 () = chunks.closed() => { gone = true; break 'read; }
             };
             let chunk = match next {
@@ -1071,6 +1076,49 @@ impl Call {
     }
 }
 
+/// An answer's whole body.
+async fn whole(answer: http::Response<Incoming>) -> Result<Bytes, hyper::Error> {
+    Ok(answer.into_body().collect().await?.to_bytes())
+}
+
+/// The next piece of a body's data (trailers skipped); `None` at its end.
+async fn next_data(body: &mut Incoming) -> Option<Result<Bytes, hyper::Error>> {
+    loop {
+        match body.frame().await? {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    return Some(Ok(data));
+                }
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
+/// Whether a request failed because it ran out of time (connecting, here).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    })
+}
+
+/// An error and its causes, for the log: `client error (Connect): tcp connect error:
+/// Connection refused`.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
 /// Clears the flag when dropped.
 struct Clear<'a>(&'a std::sync::atomic::AtomicBool);
 
@@ -1108,12 +1156,11 @@ impl Drop for GiveBack<'_> {
     }
 }
 
-/// Decide a request: the caller's limits on the model first, then the tier's and the
-/// account's together. When the second refuses, or the caller leaves while it waits,
-/// the first is given back whole: a refused request costs nothing anywhere.
 /// Decide a request: the caller's model limits first, then the tier's and the
 /// account's together, each quota waiting no longer than it allows (a gate whose quotas
-/// all reject never waits), and the whole no longer than the longest of them.
+/// all reject never waits), and the whole no longer than the longest of them. When the
+/// second refuses, or the caller leaves while it waits, the first is given back whole:
+/// a refused request costs nothing anywhere.
 async fn decide<'a>(
     model: Option<&'a Gate>,
     main: Option<&'a Gate>,
@@ -1220,6 +1267,35 @@ mod tests {
             (Some(Endpoint::ChatCompletions), false)
         );
         assert_eq!(classify("/v1/files"), (None, false));
+    }
+
+    /// A connect that ran out of time is a 504 ("timed out"), a refused one a 502: the
+    /// timeout is found however deep in the error's causes it sits.
+    #[test]
+    fn a_timeout_is_found_among_an_errors_causes() {
+        #[derive(Debug)]
+        struct Wrapped(std::io::Error);
+        impl std::fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("client error (Connect)")
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let late = Wrapped(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "deadline has elapsed",
+        ));
+        let refused = Wrapped(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(timed_out(&late));
+        assert!(!timed_out(&refused));
+        assert_eq!(
+            Chain(&late).to_string(),
+            "client error (Connect): deadline has elapsed"
+        );
     }
 
     #[test]

@@ -24,7 +24,8 @@ enum Answer {
     ServerError,
 }
 
-/// An upstream on a local port; returns its address and the request lines it saw.
+/// An upstream on a local port; returns its address and the heads of the requests it
+/// saw (request line and headers).
 async fn upstream(answer: Answer) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -78,7 +79,7 @@ async fn upstream(answer: Answer) -> (String, Arc<Mutex<Vec<String>>>) {
     (addr, seen)
 }
 
-/// Reads one request (head and `content-length` body); returns its request line.
+/// Reads one request (head and `content-length` body); returns its head.
 async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -99,8 +100,17 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<String> {
             let n = sock.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
             buf.extend_from_slice(&chunk[..n]);
         }
-        return head.lines().next().map(str::to_owned);
+        return Some(head);
     }
+}
+
+/// The request lines of the heads an upstream saw.
+fn request_lines(seen: &Mutex<Vec<String>>) -> Vec<String> {
+    let heads = seen.lock().expect("log");
+    heads
+        .iter()
+        .map(|h| h.lines().next().unwrap_or_default().to_owned())
+        .collect()
 }
 
 /// A gateway's config: upstream `u` at `base` (an address with an optional path) with
@@ -212,7 +222,7 @@ async fn an_escaped_path_is_limited_as_the_route_it_names() {
     assert_eq!(status("/v1/chat/completion%73", 10).await, 200);
     assert_eq!(status("/v1/chat/completions", 10).await, 429);
     assert_eq!(status("/v1/chat/completion%73", 10).await, 429);
-    let seen = seen.lock().expect("log").clone();
+    let seen = request_lines(&seen);
     assert_eq!(seen, ["POST /v1/chat/completions HTTP/1.1"]);
 }
 
@@ -233,7 +243,7 @@ async fn a_path_cannot_climb_out_of_the_upstreams_base() {
         assert_eq!(raw_get(&url, target).await, 400, "{target}");
     }
     assert_eq!(raw_get(&url, "/v1/files").await, 200);
-    let seen = seen.lock().expect("log").clone();
+    let seen = request_lines(&seen);
     assert_eq!(seen, ["GET /tenant-a/v1/files HTTP/1.1"]);
 }
 
@@ -252,7 +262,7 @@ async fn an_openai_route_ending_in_messages_is_not_taken_for_anthropic() {
         .await
         .status();
     assert_eq!(status, 200);
-    let seen = seen.lock().expect("log").clone();
+    let seen = request_lines(&seen);
     assert_eq!(seen, ["POST /v1/threads/thread_1/messages HTTP/1.1"]);
 }
 
@@ -338,6 +348,102 @@ async fn shutdown_waits_for_the_settlements_of_the_requests_in_flight() {
         &[("caller", "a"), ("upstream", "u"), ("kind", "output")],
     );
     assert_eq!(output, 900, "settled before serve returned");
+}
+
+/// The gateway's key reaches each kind of upstream in the header that upstream reads,
+/// and the caller's own key never leaves the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_upstream_gets_the_gateways_key_in_its_own_header_and_never_the_callers() {
+    for (kind, path, body, key_header) in [
+        (
+            "openai",
+            "/v1/chat/completions",
+            chat(10, false),
+            "authorization: Bearer sk-upstream",
+        ),
+        (
+            "azure",
+            "/openai/deployments/d/chat/completions?api-version=2024-10-21",
+            chat(10, false),
+            "api-key: sk-upstream",
+        ),
+        (
+            "anthropic",
+            "/v1/messages",
+            json!({"model": "claude", "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}]}),
+            "x-api-key: sk-upstream",
+        ),
+    ] {
+        let (addr, seen) = upstream(Answer::Json {
+            delay_ms: 0,
+            output: 1,
+        })
+        .await;
+        let src = format!(
+            "[upstreams.u]\nkind = \"{kind}\"\nurl = \"http://{addr}\"\napi_key = \"sk-upstream\"\n\n[tiers.t]\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
+            hash_key("key-a")
+        );
+        let (url, _gateway, _serving) = start(&src, std::future::pending()).await;
+        let response = post(&url, path, &body).await;
+        assert_eq!(response.status(), 200, "{kind}");
+        let head = seen.lock().expect("log")[0].to_lowercase();
+        assert!(
+            head.starts_with(&format!("post {path} http/1.1\r\n").to_lowercase()),
+            "{kind}: {head}"
+        );
+        let lines: Vec<&str> = head.lines().collect();
+        assert!(
+            lines.contains(&key_header.to_lowercase().as_str()),
+            "{kind}: {head}"
+        );
+        assert!(
+            lines.contains(&format!("host: {addr}").as_str()),
+            "{kind}: the upstream's own host: {head}"
+        );
+        assert!(
+            lines.contains(&"content-type: application/json"),
+            "{kind}: {head}"
+        );
+        assert!(!head.contains("key-a"), "{kind}: the caller's key: {head}");
+    }
+}
+
+/// An `https://` upstream is spoken to over TLS, naming the upstream's host (SNI), never
+/// in plain text: here the "upstream" reads the first bytes and hangs up, so the caller
+/// gets a 502 after the gateway tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_gets_a_tls_handshake_for_its_host() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let hello = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.expect("a connection");
+        let mut buf = vec![0u8; 4096];
+        let n = sock.read(&mut buf).await.expect("read");
+        buf.truncate(n);
+        buf
+    });
+    let src = format!(
+        "[upstreams.u]\nkind = \"openai\"\nurl = \"https://localhost:{port}\"\napi_key = \"sk-upstream\"\n\n[tiers.t]\nmax_wait = \"0s\"\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
+        hash_key("key-a")
+    );
+    let (url, _gateway, _serving) = start(&src, std::future::pending()).await;
+    let response = post(&url, "/v1/chat/completions", &chat(10, false)).await;
+    assert_eq!(response.status(), 502);
+    let first = hello.await.expect("join");
+    // A TLS record of type handshake (22), then a ClientHello (1) naming the host.
+    assert_eq!(first.first(), Some(&22), "not TLS: {first:?}");
+    assert_eq!(first.get(5), Some(&1), "not a ClientHello: {first:?}");
+    assert!(
+        first.windows(9).any(|w| w == b"localhost"),
+        "the host is named (SNI)"
+    );
+    assert!(
+        !first.windows(11).any(|w| w == b"sk-upstream"),
+        "the key never goes out in plain text"
+    );
 }
 
 /// An upstream that cannot be reached is a 502 naming the upstream by its configured
