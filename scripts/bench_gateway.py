@@ -7,12 +7,16 @@ with its own limits, so every request takes a real two-dimension decision), then
 each at a fixed rate with oha and reports p50 / p99 of calling the simulator directly and
 through the gateway, side by side in the same run: --repeat pairs per rate (direct, then
 through the gateway), with the median of each figure and of the pairs' differences, since
-one p99 on a shared machine moves by milliseconds from run to run. With --redis the gateway keeps its
+one p99 on a shared machine moves by milliseconds from run to run. With --bare each pair
+becomes a triple: a bare proxy on the gateway's own HTTP stack (the bare_proxy example:
+no authentication, estimate, limits or metrics) is run too, and the gateway is also
+reported over it, which is what tollgate's own work adds. With --redis the gateway keeps its
 limits in a redis-server the script starts. With --soak SECONDS it instead drives the
 gateway for that long at the first rate and samples its resident memory every 30 s.
 
     cargo build --release -p tollgate-cli && cargo install oha
-    python3 scripts/bench_gateway.py [--rates 1000,5000] [--seconds 30] [--repeat 5] [--redis]
+    cargo build --release -p tollgate-gateway --example bare_proxy    # for --bare
+    python3 scripts/bench_gateway.py [--rates 1000,5000] [--seconds 30] [--repeat 5] [--redis] [--bare]
     python3 scripts/bench_gateway.py --rates 1000 --soak 600
 """
 
@@ -29,6 +33,7 @@ import tempfile
 import time
 
 BIN = "target/release/tollgate"
+BARE = "target/release/examples/bare_proxy"
 KEY = "bench-key"
 BODY = json.dumps({
     "model": "gpt-4o-mini",
@@ -88,9 +93,12 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--redis", action="store_true")
     ap.add_argument("--soak", type=int, default=0)
+    ap.add_argument("--bare", action="store_true")
     args = ap.parse_args()
     if not shutil.which("oha"):
         sys.exit("oha is missing: cargo install oha")
+    if args.bare and not os.path.exists(BARE):
+        sys.exit(f"{BARE} is missing: cargo build --release -p tollgate-gateway --example bare_proxy")
     work = tempfile.mkdtemp()
     procs = []
     try:
@@ -126,6 +134,15 @@ tier = "bench"
         wait_port(gw_port)
         direct = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
         via = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+        bare = None
+        if args.bare:
+            bare_port = free_port()
+            procs.append(subprocess.Popen(
+                [BARE, f"127.0.0.1:{bare_port}", f"http://127.0.0.1:{sim_port}"],
+                stderr=subprocess.DEVNULL))
+            wait_port(bare_port)
+            bare = f"http://127.0.0.1:{bare_port}/v1/chat/completions"
+            oha(bare, 500, 2, True)
         rates = [int(r) for r in args.rates.split(",")]
         store = "redis" if args.redis else "memory"
         # Warm both paths (connections, tokenizer tables).
@@ -149,26 +166,38 @@ tier = "bench"
             r = json.loads(load.stdout.read())
             print(f"answers: {r['statusCodeDistribution']}, p99 {r['latencyPercentiles']['p99'] * 1000:.2f} ms")
             return
-        print(f"gateway store: {store}; {args.repeat} pairs of {args.seconds} s per rate; "
-              "oha, 64 connections; medians")
-        print("| rate | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"gateway store: {store}; {args.repeat} {'triples' if bare else 'pairs'} of "
+              f"{args.seconds} s per rate; oha, 64 connections; medians")
+        head = "| rate | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |"
+        if bare:
+            head += " bare p99 | bare added p99 | gateway over bare p99 |"
+        print(head)
+        print("|---:" * (head.count("|") - 1) + "|")
         med = statistics.median
         for rate in rates:
-            pairs = []
+            runs = []
             for _ in range(args.repeat):
                 d = oha(direct, rate, args.seconds, True)
+                b = oha(bare, rate, args.seconds, True) if bare else None
                 g = oha(via, rate, args.seconds, True)
-                pairs.append((d, g))
-                print(f"  pair: direct {d['p50']:.3f} / {d['p99']:.3f} ms, "
-                      f"gateway {g['p50']:.3f} / {g['p99']:.3f} ms", file=sys.stderr, flush=True)
+                runs.append((d, g, b))
+                line = (f"  pair: direct {d['p50']:.3f} / {d['p99']:.3f} ms, "
+                        f"gateway {g['p50']:.3f} / {g['p99']:.3f} ms")
+                if b:
+                    line += f", bare {b['p50']:.3f} / {b['p99']:.3f} ms"
+                print(line, file=sys.stderr, flush=True)
                 if g["rps"] < rate * 0.95 or d["rps"] < rate * 0.95:
                     print(f"  (achieved {d['rps']:.0f} direct, {g['rps']:.0f} via the gateway)")
-            fig = lambda side, q: med(p[side][q] for p in pairs)
-            added = lambda q: med(p[1][q] - p[0][q] for p in pairs)
-            print(f"| {rate} | {fig(0, 'p50'):.3f} ms | {fig(0, 'p99'):.3f} ms | "
-                  f"{fig(1, 'p50'):.3f} ms | {fig(1, 'p99'):.3f} ms | {added('p50'):.3f} ms | "
-                  f"{added('p99'):.3f} ms |", flush=True)
+            fig = lambda side, q: med(r[side][q] for r in runs)
+            added = lambda q, over=0: med(r[1][q] - r[over][q] for r in runs)
+            row = (f"| {rate} | {fig(0, 'p50'):.3f} ms | {fig(0, 'p99'):.3f} ms | "
+                   f"{fig(1, 'p50'):.3f} ms | {fig(1, 'p99'):.3f} ms | {added('p50'):.3f} ms | "
+                   f"{added('p99'):.3f} ms |")
+            if bare:
+                bare_added = med(r[2]["p99"] - r[0]["p99"] for r in runs)
+                row += (f" {fig(2, 'p99'):.3f} ms | {bare_added:.3f} ms | "
+                        f"{added('p99', 2):.3f} ms |")
+            print(row, flush=True)
     finally:
         for p in reversed(procs):
             p.terminate()
