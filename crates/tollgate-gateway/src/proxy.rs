@@ -912,8 +912,8 @@ impl Call {
                 Ok(Err(e)) => {
                     labels("0");
                     tracing::warn!(upstream = %upstream.name, error = %Chain(&e), "upstream request failed");
-                    // The error's text names the upstream's URL, which may be an internal
-                    // host: the caller gets what happened, the log the details.
+                    // The error's causes may name the upstream's host, which may be an
+                    // internal one: the caller gets what happened, the log the details.
                     let (status, what) = if timed_out(&e) {
                         (StatusCode::GATEWAY_TIMEOUT, "timed out")
                     } else if e.is_connect() {
