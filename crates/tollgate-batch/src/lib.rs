@@ -13,6 +13,8 @@
 //!
 //! - Limits come from [`BatchConfig::rpm`] / [`BatchConfig::tpm`], or are learned from
 //!   the provider's `x-ratelimit-limit-*` headers of the first answers (sent one at a time).
+//!   When an answer reports a limit below the one given, the provider's is used from
+//!   then on (a warning says so); a higher one never raises a limit given.
 //! - A 429 pauses every request until the provider's `retry-after` / reset (when that
 //!   is more than [`tollgate::retry::Backoff::max_hint`] away, the run stops instead and
 //!   [`Summary::stopped_because`] says why), and each response's
@@ -95,9 +97,11 @@ pub struct BatchConfig {
     /// Where cookbook-format lines are sent; Batch API lines go to their own `url` path
     /// on this URL's origin.
     pub url: String,
-    /// Requests per minute; learned from the provider's headers when `None`.
+    /// Requests per minute; learned from the provider's headers when `None`, and
+    /// lowered to the provider's when an answer reports less.
     pub rpm: Option<u64>,
-    /// Tokens per minute (prompt + `max_tokens × n`, as OpenAI counts); learned when `None`.
+    /// Tokens per minute (prompt + `max_tokens × n`, as OpenAI counts); learned when
+    /// `None`, and lowered to the provider's when an answer reports less.
     pub tpm: Option<u64>,
     /// Requests waiting or in flight at once: 1 to [`MAX_IN_FLIGHT`].
     pub max_in_flight: usize,
@@ -245,9 +249,10 @@ pub struct Summary {
     pub prompt_tokens: u64,
     /// Completion tokens the provider reported.
     pub completion_tokens: u64,
-    /// The requests-per-minute limit used.
+    /// The requests-per-minute limit used at the end (the provider's, when it reported
+    /// less than the one given).
     pub rpm: Option<u64>,
-    /// The tokens-per-minute limit used.
+    /// The tokens-per-minute limit used at the end.
     pub tpm: Option<u64>,
     /// Wall time in seconds.
     pub elapsed_secs: f64,
@@ -372,14 +377,14 @@ pub async fn run(
         .pool_max_idle_per_host(config.max_in_flight)
         .build()
         .map_err(|e| BatchError::Config(format!("cannot build the HTTP client: {e}")))?;
-    let mut ctx = Ctx {
+    let ctx = Ctx {
         client,
         url,
         api_key,
-        limiter: None,
-        rpm: config.rpm,
-        tpm: config.tpm,
-        warned: Arc::default(),
+        limits: Arc::default(),
+        shown: limits.clone(),
+        lowering: Arc::default(),
+        config: Arc::new(config.clone()),
         account,
         gate: Arc::new(Mutex::new(None)),
         counters: counters.clone(),
@@ -399,9 +404,10 @@ pub async fn run(
     };
     // A limit given is enforced from the first request, while the other is learned.
     if config.rpm.is_some() || config.tpm.is_some() {
-        ctx.limiter = Some(build_limiter(&config, config.rpm, config.tpm).await?);
+        let limiter = build_limiter(&config, config.rpm, config.tpm).await?;
+        ctx.replace_limiter(limiter, config.rpm, config.tpm);
     }
-    let mut ctx = Arc::new(ctx);
+    let ctx = Arc::new(ctx);
     let slots = Arc::new(Semaphore::new(config.max_in_flight));
 
     let mut reader =
@@ -473,18 +479,19 @@ pub async fn run(
             let heard = seen
                 .as_ref()
                 .map(|s| (learned(s.requests), learned(s.tokens)));
-            let rpm = config.rpm.or(heard.and_then(|h| h.0));
-            let tpm = config.tpm.or(heard.and_then(|h| h.1));
+            // A flag the provider's limit was found below is held lowered already.
+            let held = ctx.limits();
+            let rpm = held.rpm.or(heard.and_then(|h| h.0));
+            let tpm = held.tpm.or(heard.and_then(|h| h.1));
             if (rpm.is_none() || tpm.is_none()) && probes > 0 {
                 continue;
             }
             probes = 0;
-            *limits.lock().unwrap_or_else(PoisonError::into_inner) = (rpm, tpm);
             if rpm.is_none() && tpm.is_none() {
                 tracing::warn!(
                     "the provider sent no rate-limit headers and no --rpm or --tpm was given: sending up to --max-in-flight at once, pausing only on 429s"
                 );
-            } else if (rpm, tpm) != (config.rpm, config.tpm) {
+            } else if (rpm, tpm) != (held.rpm, held.tpm) {
                 tracing::info!(?rpm, ?tpm, "limits learned from the provider's headers");
                 let limiter = match build_limiter(&config, rpm, tpm).await {
                     Ok(limiter) => limiter,
@@ -498,10 +505,7 @@ pub async fn run(
                         .absorb(&ctx.account, seen, Duration::from_secs(1))
                         .await;
                 }
-                let mut next = Ctx::clone(&ctx);
-                next.limiter = Some(limiter);
-                (next.rpm, next.tpm) = (rpm, tpm);
-                ctx = Arc::new(next);
+                ctx.replace_limiter(limiter, rpm, tpm);
             }
             continue;
         }
@@ -608,6 +612,15 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
     Ok(lines + u64::from(last != b'\n'))
 }
 
+/// The burst of a per-minute limit of `amount`: the limit less what it refills in
+/// `jitter` (see `--jitter`), at least 1.
+fn burst(amount: u64, jitter: Duration) -> u64 {
+    let slack = (u128::from(amount) * jitter.as_nanos()).div_ceil(60_000_000_000);
+    amount
+        .saturating_sub(u64::try_from(slack).unwrap_or(u64::MAX))
+        .max(1)
+}
+
 /// The quotas: requests and tokens per minute, each with its burst lowered by what it
 /// refills during the jitter allowance; tokens charged as estimated, as OpenAI does.
 async fn build_limiter(
@@ -615,12 +628,7 @@ async fn build_limiter(
     rpm: Option<u64>,
     tpm: Option<u64>,
 ) -> Result<Limiter, BatchError> {
-    let burst = |amount: u64| {
-        let slack = (u128::from(amount) * config.jitter.as_nanos()).div_ceil(60_000_000_000);
-        amount
-            .saturating_sub(u64::try_from(slack).unwrap_or(u64::MAX))
-            .max(1)
-    };
+    let burst = |amount| burst(amount, config.jitter);
     let mut builder = Limiter::builder();
     if let Some(rpm) = rpm {
         builder = builder.quota(Quota::requests(rpm).per_minute().burst(burst(rpm)));
@@ -679,12 +687,13 @@ struct Ctx {
     client: reqwest::Client,
     url: reqwest::Url,
     api_key: Option<String>,
-    limiter: Option<Limiter>,
-    /// The limits the limiter holds.
-    rpm: Option<u64>,
-    tpm: Option<u64>,
-    /// Whether the provider's limits were found lower than the flags (warned once).
-    warned: Arc<std::sync::atomic::AtomicBool>,
+    /// The limiter in use and the limits it holds.
+    limits: Arc<Mutex<Limits>>,
+    /// The limits as the progress line and the summary show them.
+    shown: Arc<Mutex<(Option<u64>, Option<u64>)>>,
+    /// Held while a limiter is replaced by one with lower limits.
+    lowering: Arc<tokio::sync::Mutex<()>>,
+    config: Arc<BatchConfig>,
     account: String,
     /// Until when the provider asked everyone to wait.
     gate: Arc<Mutex<Option<Instant>>>,
@@ -700,6 +709,18 @@ struct Ctx {
     timeout: Duration,
 }
 
+/// The limiter in use and the limits it holds. Replaced, never changed in place, when the
+/// first answers give limits that no flag gave or the provider reports a lower one.
+#[derive(Clone, Default)]
+struct Limits {
+    limiter: Option<Limiter>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    /// Counts the replacements: a permit from an older limiter is given back and taken
+    /// again from the new one.
+    generation: u64,
+}
+
 /// Why a line failed.
 struct Failure {
     message: String,
@@ -707,6 +728,30 @@ struct Failure {
     code: Option<String>,
     attempts: u32,
     response: Option<Value>,
+}
+
+/// A request counted in [`Counters::in_flight`] until its answer arrives (or the task
+/// ends).
+struct OnTheWay<'a> {
+    counters: &'a Counters,
+    tokens: u64,
+}
+
+impl<'a> OnTheWay<'a> {
+    fn new(counters: &'a Counters, tokens: u64) -> OnTheWay<'a> {
+        counters.in_flight.fetch_add(1, Relaxed);
+        counters.in_flight_tokens.fetch_add(tokens, Relaxed);
+        OnTheWay { counters, tokens }
+    }
+}
+
+impl Drop for OnTheWay<'_> {
+    fn drop(&mut self) {
+        self.counters.in_flight.fetch_sub(1, Relaxed);
+        self.counters
+            .in_flight_tokens
+            .fetch_sub(self.tokens, Relaxed);
+    }
 }
 
 impl Failure {
@@ -788,22 +833,76 @@ impl Ctx {
         let _ = self.records.send(Record::Result(record));
     }
 
-    /// Warns once when the provider reports a limit below the one the limiter holds: the
-    /// run then leans on 429s, and the flag should be lowered.
-    fn check_limits(&self, seen: &RateLimitHeaders) {
-        let lower = |flag: Option<u64>, budget: Option<tollgate::provider::Budget>| {
-            flag.zip(budget.and_then(|b| b.limit))
-                .filter(|(flag, limit)| limit < flag)
+    /// The limiter in use and the limits it holds.
+    fn limits(&self) -> Limits {
+        self.limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `limiter`, holding `rpm` and `tpm`, in place of the one in use.
+    fn replace_limiter(&self, limiter: Limiter, rpm: Option<u64>, tpm: Option<u64>) {
+        let mut limits = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
+        *limits = Limits {
+            limiter: Some(limiter),
+            rpm,
+            tpm,
+            generation: limits.generation + 1,
         };
-        for (name, found) in [
-            ("--rpm", lower(self.rpm, seen.requests)),
-            ("--tpm", lower(self.tpm, seen.tokens)),
-        ] {
-            if let Some((flag, limit)) = found
-                && !self.warned.swap(true, Relaxed)
-            {
+        *self.shown.lock().unwrap_or_else(PoisonError::into_inner) = (rpm, tpm);
+    }
+
+    /// When the provider reports a limit below one the limiter holds (a flag set too
+    /// high), replaces the limiter by one holding the provider's limit, pulled down to
+    /// what the headers say is left, and says so once per limit lowered. A limit the
+    /// limiter does not hold is learned only from the first answers (see [`run`]), and a
+    /// higher one reported never raises a flag: it may be kept low on purpose.
+    async fn lower_limits(&self, seen: &RateLimitHeaders, age: Duration) {
+        let lower = |held: Option<u64>, budget: Option<tollgate::provider::Budget>| {
+            held.zip(budget.and_then(|b| b.limit))
+                .and_then(|(held, limit)| (limit < held).then_some(limit))
+        };
+        let wanted = |l: &Limits| (lower(l.rpm, seen.requests), lower(l.tpm, seen.tokens));
+        if wanted(&self.limits()) == (None, None) {
+            return;
+        }
+        let _one_at_a_time = self.lowering.lock().await;
+        let current = self.limits();
+        let (rpm, tpm) = wanted(&current);
+        if (rpm, tpm) == (None, None) {
+            return;
+        }
+        let (new_rpm, new_tpm) = (rpm.or(current.rpm), tpm.or(current.tpm));
+        let limiter = match build_limiter(&self.config, new_rpm, new_tpm).await {
+            Ok(limiter) => limiter,
+            Err(e) => {
                 tracing::warn!(
-                    "the provider reports a limit of {limit}, below {name} {flag}: requests will meet 429s; rerun with {name} {limit}"
+                    "the provider reports lower limits, but no limiter holding them could be built ({e}): keeping the limits given"
+                );
+                return;
+            }
+        };
+        // The headers cannot count the requests still on their way to the provider,
+        // which the old limiter admitted: they are taken from what is left, at the risk
+        // of counting some twice (a short wait) rather than of a burst of 429s.
+        let mut left = *seen;
+        let on_the_way = |budget: &mut Option<tollgate::provider::Budget>, n: u64| {
+            if let Some(remaining) = budget.as_mut().and_then(|b| b.remaining.as_mut()) {
+                *remaining = remaining.saturating_sub(n);
+            }
+        };
+        on_the_way(&mut left.requests, self.counters.in_flight.load(Relaxed));
+        on_the_way(
+            &mut left.tokens,
+            self.counters.in_flight_tokens.load(Relaxed),
+        );
+        let _ = limiter.absorb(&self.account, &left, age).await;
+        self.replace_limiter(limiter, new_rpm, new_tpm);
+        for (name, flag, limit) in [("--rpm", current.rpm, rpm), ("--tpm", current.tpm, tpm)] {
+            if let (Some(flag), Some(limit)) = (flag, limit) {
+                tracing::warn!(
+                    "the provider reports a limit of {limit}, below the {flag} of {name}: using {limit} from now on (pass {name} {limit} to start there)"
                 );
             }
         }
@@ -890,7 +989,8 @@ impl Ctx {
             if !self.wait_gate().await {
                 return seen;
             }
-            let permit = match &self.limiter {
+            let limits = self.limits();
+            let permit = match &limits.limiter {
                 None => None,
                 Some(limiter) => {
                     let mut stop = self.stop.clone();
@@ -904,7 +1004,7 @@ impl Ctx {
                         // the limit itself: the provider admits it from a full bucket, so
                         // wait for a full burst rather than fail it.
                         Err(LimitError::TooLarge(t))
-                            if self.tpm.is_some_and(|tpm| t.cost() <= tpm)
+                            if limits.tpm.is_some_and(|tpm| t.cost() <= tpm)
                                 && t.quota().name().starts_with("tokens")
                                 && cost == estimated.cost() =>
                         {
@@ -941,6 +1041,19 @@ impl Ctx {
                     }
                 }
             };
+            if permit.is_some()
+                && self
+                    .limits
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .generation
+                    != limits.generation
+            {
+                // The limiter was replaced while this line waited: take a permit from
+                // the new one, which holds the limits now known.
+                drop(permit);
+                continue;
+            }
             // A 429 may have paused everyone while this request waited its turn.
             if !self.wait_gate().await {
                 return seen;
@@ -948,18 +1061,20 @@ impl Ctx {
             attempt += 1;
             self.counters.record_send(estimated.total());
             let sent = Instant::now();
+            let on_the_way = OnTheWay::new(&self.counters, estimated.total());
             let answer = self.send(&target, endpoint, body.clone()).await;
+            drop(on_the_way);
             let (hint, failure) = match answer {
                 Ok((status, headers, bytes)) => {
                     let headers_seen = tollgate::provider::parse(&headers, SystemTime::now());
-                    if let Some(limiter) = &self.limiter
-                        && !headers_seen.is_empty()
+                    if !headers_seen.is_empty()
+                        && let Some(limiter) = &self.limits().limiter
                     {
                         let _ = limiter
                             .absorb(&self.account, &headers_seen, sent.elapsed())
                             .await;
+                        self.lower_limits(&headers_seen, sent.elapsed()).await;
                     }
-                    self.check_limits(&headers_seen);
                     let hint = headers_seen.wait_hint();
                     seen = Some(headers_seen);
                     // Kept as text when it is not JSON, or nests too deep for its output

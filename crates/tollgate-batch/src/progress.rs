@@ -41,6 +41,9 @@ pub(crate) struct Counters {
     pub(crate) tokens_estimated: AtomicU64,
     pub(crate) prompt_tokens: AtomicU64,
     pub(crate) completion_tokens: AtomicU64,
+    /// Requests sent and not answered yet, and their estimated tokens.
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) in_flight_tokens: AtomicU64,
     /// Recent sends: (when, estimated tokens).
     window: Mutex<VecDeque<(Instant, u64)>>,
 }

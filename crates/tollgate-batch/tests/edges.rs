@@ -4,9 +4,9 @@
 //! HTTP server that answers as the test says.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +17,8 @@ use tollgate_batch::{BatchConfig, BatchError, Progress, Summary, run};
 struct Provider {
     url: String,
     requests: Arc<AtomicU64>,
+    /// When each request was read, in order.
+    arrivals: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl Provider {
@@ -29,12 +31,15 @@ impl Provider {
             listener.local_addr().expect("address")
         );
         let requests = Arc::new(AtomicU64::new(0));
-        let counter = requests.clone();
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let (counter, times) = (requests.clone(), arrivals.clone());
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let n = counter.fetch_add(1, Ordering::SeqCst);
+                let times = times.clone();
                 tokio::spawn(async move {
                     read_request(&mut stream).await;
+                    times.lock().expect("arrivals").push(Instant::now());
                     let (status, headers, body) = answer(n);
                     let response = format!(
                         "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{headers}\r\n{body}",
@@ -44,11 +49,19 @@ impl Provider {
                 });
             }
         });
-        Provider { url, requests }
+        Provider {
+            url,
+            requests,
+            arrivals,
+        }
     }
 
     fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    fn arrivals(&self) -> Vec<Instant> {
+        self.arrivals.lock().expect("arrivals").clone()
     }
 }
 
@@ -242,6 +255,42 @@ async fn a_429_asking_for_a_day_stops_the_run_with_the_reason() {
     assert!(summary.interrupted);
     assert_eq!(provider.requests(), 1);
     assert!(lines(&dir.path().join("out.failures.jsonl")).is_empty());
+}
+
+/// A 429 is retried after the wait the provider asks for (`retry-after-ms`), no sooner
+/// and not after a fixed pause, and the line then succeeds.
+#[tokio::test]
+async fn a_429_is_retried_after_the_wait_it_asks_for() {
+    let provider = Provider::start(|n| match n {
+        1 => (
+            429,
+            "retry-after-ms: 700\r\n",
+            r#"{"error":{"message":"Rate limit reached for requests per min (RPM)","code":"rate_limit_exceeded"}}"#.to_owned(),
+        ),
+        _ => ok(n),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("in.jsonl"), chat(3)).expect("write input");
+    let mut c = config(dir.path(), &provider.url);
+    (c.rpm, c.tpm) = (Some(6_000), Some(1_000_000));
+    c.max_in_flight = 1;
+    let summary = run_to_end(c).await.expect("run");
+    assert_eq!(
+        (summary.succeeded, summary.rate_limited, summary.retries),
+        (3, 1, 1),
+        "{summary:?}"
+    );
+    let arrivals = provider.arrivals();
+    assert_eq!(arrivals.len(), 4);
+    let waited = arrivals[2] - arrivals[1];
+    // The wait asked for, plus at most the 250 ms of jitter added to a hint (and
+    // scheduling).
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_millis(1_500),
+        "retried {waited:?} after the 429"
+    );
+    assert_eq!(lines(&dir.path().join("out.jsonl")).len(), 3);
 }
 
 /// A response nested as deep as serde_json reads is kept as text, so its result line
