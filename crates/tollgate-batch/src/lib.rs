@@ -730,27 +730,33 @@ struct Failure {
     response: Option<Value>,
 }
 
-/// A request counted in [`Counters::in_flight`] until its answer arrives (or the task
+/// A request counted in [`Counters::on_the_way`] until its answer arrives (or the task
 /// ends).
 struct OnTheWay<'a> {
     counters: &'a Counters,
-    tokens: u64,
+    /// The order it was sent in.
+    order: u64,
 }
 
 impl<'a> OnTheWay<'a> {
     fn new(counters: &'a Counters, tokens: u64) -> OnTheWay<'a> {
-        counters.in_flight.fetch_add(1, Relaxed);
-        counters.in_flight_tokens.fetch_add(tokens, Relaxed);
-        OnTheWay { counters, tokens }
+        let order = counters.sends.fetch_add(1, Relaxed);
+        counters
+            .on_the_way
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(order, tokens);
+        OnTheWay { counters, order }
     }
 }
 
 impl Drop for OnTheWay<'_> {
     fn drop(&mut self) {
-        self.counters.in_flight.fetch_sub(1, Relaxed);
         self.counters
-            .in_flight_tokens
-            .fetch_sub(self.tokens, Relaxed);
+            .on_the_way
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.order);
     }
 }
 
@@ -858,7 +864,10 @@ impl Ctx {
     /// what the headers say is left, and says so once per limit lowered. A limit the
     /// limiter does not hold is learned only from the first answers (see [`run`]), and a
     /// higher one reported never raises a flag: it may be kept low on purpose.
-    async fn lower_limits(&self, seen: &RateLimitHeaders, age: Duration) {
+    ///
+    /// `order` is the order the answered request was sent in: the requests sent after it
+    /// and not answered yet are the ones its headers may not count.
+    async fn lower_limits(&self, seen: &RateLimitHeaders, age: Duration, order: u64) {
         let lower = |held: Option<u64>, budget: Option<tollgate::provider::Budget>| {
             held.zip(budget.and_then(|b| b.limit))
                 .and_then(|(held, limit)| (limit < held).then_some(limit))
@@ -883,20 +892,25 @@ impl Ctx {
                 return;
             }
         };
-        // The headers cannot count the requests still on their way to the provider,
-        // which the old limiter admitted: they are taken from what is left, at the risk
-        // of counting some twice (a short wait) rather than of a burst of 429s.
+        // The headers cannot count the requests sent after the answered one and still on
+        // their way, which the old limiter admitted: they are taken from what is left.
+        let (requests, tokens) = self
+            .counters
+            .on_the_way
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .range(order + 1..)
+            .fold((0u64, 0u64), |(n, t), (_, tokens)| {
+                (n + 1, t.saturating_add(*tokens))
+            });
         let mut left = *seen;
-        let on_the_way = |budget: &mut Option<tollgate::provider::Budget>, n: u64| {
+        let less = |budget: &mut Option<tollgate::provider::Budget>, n: u64| {
             if let Some(remaining) = budget.as_mut().and_then(|b| b.remaining.as_mut()) {
                 *remaining = remaining.saturating_sub(n);
             }
         };
-        on_the_way(&mut left.requests, self.counters.in_flight.load(Relaxed));
-        on_the_way(
-            &mut left.tokens,
-            self.counters.in_flight_tokens.load(Relaxed),
-        );
+        less(&mut left.requests, requests);
+        less(&mut left.tokens, tokens);
         let _ = limiter.absorb(&self.account, &left, age).await;
         self.replace_limiter(limiter, new_rpm, new_tpm);
         for (name, flag, limit) in [("--rpm", current.rpm, rpm), ("--tpm", current.tpm, tpm)] {
@@ -1062,6 +1076,7 @@ impl Ctx {
             self.counters.record_send(estimated.total());
             let sent = Instant::now();
             let on_the_way = OnTheWay::new(&self.counters, estimated.total());
+            let order = on_the_way.order;
             let answer = self.send(&target, endpoint, body.clone()).await;
             drop(on_the_way);
             let (hint, failure) = match answer {
@@ -1073,7 +1088,8 @@ impl Ctx {
                         let _ = limiter
                             .absorb(&self.account, &headers_seen, sent.elapsed())
                             .await;
-                        self.lower_limits(&headers_seen, sent.elapsed()).await;
+                        self.lower_limits(&headers_seen, sent.elapsed(), order)
+                            .await;
                     }
                     let hint = headers_seen.wait_hint();
                     seen = Some(headers_seen);

@@ -1,7 +1,7 @@
 //! Counting what the run does, and showing it: a progress bar on a terminal, plain
 //! periodic lines otherwise.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
@@ -41,9 +41,11 @@ pub(crate) struct Counters {
     pub(crate) tokens_estimated: AtomicU64,
     pub(crate) prompt_tokens: AtomicU64,
     pub(crate) completion_tokens: AtomicU64,
-    /// Requests sent and not answered yet, and their estimated tokens.
-    pub(crate) in_flight: AtomicU64,
-    pub(crate) in_flight_tokens: AtomicU64,
+    /// Requests sent and not answered yet: their estimated tokens by the order they
+    /// were sent in.
+    pub(crate) on_the_way: Mutex<BTreeMap<u64, u64>>,
+    /// How many requests were sent: the order of the next one.
+    pub(crate) sends: AtomicU64,
     /// Recent sends: (when, estimated tokens).
     window: Mutex<VecDeque<(Instant, u64)>>,
 }

@@ -557,7 +557,7 @@ fn limits_set_too_high_are_lowered_to_the_providers_and_every_line_succeeds() {
         (&json!(6000), &json!(60000))
     );
     // The first answer's `x-ratelimit-limit-tokens` replaces the flag; only requests the
-    // old limiter let through on the way can meet 429s (observed: 0 to 6). Trusting the
+    // old limiter let through on the way can meet 429s (observed: 0 to 4). Trusting the
     // flag, pulled down by each answer's remaining tokens but refilling twice too fast
     // between answers, met about 75 and could send a line to the failures file after
     // `--max-attempts` refusals in a row.
