@@ -870,7 +870,7 @@ impl Ctx {
     async fn lower_limits(&self, seen: &RateLimitHeaders, age: Duration, order: u64) {
         let lower = |held: Option<u64>, budget: Option<tollgate::provider::Budget>| {
             held.zip(budget.and_then(|b| b.limit))
-                .and_then(|(held, limit)| (limit < held).then_some(limit))
+                .and_then(|(held, limit)| (0 < limit && limit < held).then_some(limit))
         };
         let wanted = |l: &Limits| (lower(l.rpm, seen.requests), lower(l.tpm, seen.tokens));
         if wanted(&self.limits()) == (None, None) {
