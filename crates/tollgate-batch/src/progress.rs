@@ -86,6 +86,25 @@ fn limit(v: Option<u64>) -> String {
     v.map_or_else(|| "?".to_owned(), |v| v.to_string())
 }
 
+/// Said while a rate reads above its limit in the first minute: the limits start full
+/// (as the provider's do), and a minute's worth may go at once.
+const OPENING_BURST: &str = " | opening burst: the limits start full";
+
+/// [`OPENING_BURST`] when it applies, else nothing.
+fn burst_note(
+    (r, t): (u64, u64),
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    started: Instant,
+) -> &'static str {
+    let over = rpm.is_some_and(|l| r > l) || tpm.is_some_and(|l| t > l);
+    if over && started.elapsed() < Duration::from_secs(60) {
+        OPENING_BURST
+    } else {
+        ""
+    }
+}
+
 /// One status line: done / total, rates against the limits, retries, 429s and an ETA.
 pub(crate) fn line(c: &Counters, rpm: Option<u64>, tpm: Option<u64>, started: Instant) -> String {
     let (r, t) = c.per_minute();
@@ -100,7 +119,7 @@ pub(crate) fn line(c: &Counters, rpm: Option<u64>, tpm: Option<u64>, started: In
         _ => "eta ?".to_owned(),
     };
     format!(
-        "{}/{} lines ({} failed) | {r}/{} requests/min | {t}/{} tokens/min | {} retries | {} 429s | {eta}",
+        "{}/{} lines ({} failed) | {r}/{} requests/min | {t}/{} tokens/min | {} retries | {} 429s | {eta}{}",
         c.done(),
         if total == 0 {
             "?".to_owned()
@@ -112,6 +131,7 @@ pub(crate) fn line(c: &Counters, rpm: Option<u64>, tpm: Option<u64>, started: In
         limit(tpm),
         c.retries.load(Relaxed),
         c.rate_limited.load(Relaxed),
+        burst_note((r, t), rpm, tpm, started),
     )
 }
 
@@ -158,12 +178,13 @@ pub(crate) async fn show(
                 bar.set_length(total.max(this_run));
                 bar.set_position(this_run);
                 bar.set_message(format!(
-                    "{r}/{} rpm {t}/{} tpm | {} retries {} 429s {} failed",
+                    "{r}/{} rpm {t}/{} tpm | {} retries {} 429s {} failed{}",
                     limit(rpm),
                     limit(tpm),
                     counters.retries.load(Relaxed),
                     counters.rate_limited.load(Relaxed),
                     counters.failed.load(Relaxed),
+                    burst_note((r, t), rpm, tpm, started),
                 ));
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => break,
@@ -172,5 +193,32 @@ pub(crate) async fn show(
             }
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minute's worth sent in the first seconds reads above the limit as a rate: the
+    /// line says it is the opening burst, and says nothing once the run is paced.
+    #[test]
+    fn a_rate_above_the_limit_in_the_first_minute_is_called_the_opening_burst() {
+        let c = Counters::default();
+        for _ in 0..150 {
+            c.record_send(100);
+        }
+        // 150 in 10 s reads as 900 requests and 90,000 tokens a minute.
+        let now = Instant::now();
+        let opening = line(&c, Some(600), Some(100_000), now);
+        assert!(opening.contains("900/600 requests/min"), "{opening}");
+        assert!(opening.ends_with(OPENING_BURST), "{opening}");
+        let within = line(&c, Some(1_000), Some(100_000), now);
+        assert!(!within.contains("burst"), "{within}");
+        let a_minute_ago = now
+            .checked_sub(Duration::from_secs(61))
+            .expect("the monotonic clock has run for a minute");
+        let paced = line(&c, Some(600), Some(100_000), a_minute_ago);
+        assert!(!paced.contains("burst"), "{paced}");
     }
 }
