@@ -190,6 +190,10 @@ struct SimArgs {
     /// Accept only these API keys (comma-separated); others get 401.
     #[arg(long, value_delimiter = ',')]
     keys: Vec<String>,
+    /// How full each key's buckets start (0.0 to 1.0): 0 reproduces a key whose budget
+    /// an earlier run or another app has just spent.
+    #[arg(long, default_value_t = 1.0)]
+    start_fill: f64,
 }
 
 fn main() -> ExitCode {
@@ -334,11 +338,17 @@ async fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
         drop_rate: args.drop_rate,
         seed: args.seed,
         keys: args.keys,
+        start_fill: args.start_fill,
         ..SimConfig::default()
     };
     let sim = Sim::start(SocketAddr::new(args.host, args.port), config).await?;
+    let fill = if args.start_fill < 1.0 {
+        format!(", each key starting {:.0} % full", args.start_fill * 100.0)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "tollgate sim: listening on http://{} ({} requests/min, {} tokens/min per API key); stats at /stats",
+        "tollgate sim: listening on http://{} ({} requests/min, {} tokens/min per API key{fill}); stats at /stats",
         sim.addr(),
         args.rpm,
         args.tpm

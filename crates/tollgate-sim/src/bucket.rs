@@ -1,4 +1,5 @@
-//! A plain token bucket: full at start, refilled continuously at capacity per minute.
+//! A plain token bucket: full (or as full as asked) at start, refilled continuously at
+//! capacity per minute.
 //! Kept deliberately independent of tollgate's GCRA so each checks the other.
 
 use std::time::{Duration, Instant};
@@ -12,10 +13,12 @@ pub(crate) struct Bucket {
 }
 
 impl Bucket {
-    pub(crate) fn full(capacity: u64, now: Instant) -> Bucket {
+    /// A bucket holding `fill` (0 to 1) of its capacity, as a key an earlier run or
+    /// another app has partly spent.
+    pub(crate) fn filled(capacity: u64, fill: f64, now: Instant) -> Bucket {
         Bucket {
             capacity: capacity as f64,
-            level: capacity as f64,
+            level: capacity as f64 * fill.clamp(0.0, 1.0),
             at: now,
         }
     }
@@ -64,7 +67,7 @@ mod tests {
     #[test]
     fn refills_at_capacity_per_minute_and_never_past_full() {
         let t0 = Instant::now();
-        let mut b = Bucket::full(60, t0);
+        let mut b = Bucket::filled(60, 1.0, t0);
         b.take(60, t0);
         assert_eq!(b.level(t0), 0);
         assert_eq!(b.wait_for(1, t0), Duration::from_secs(1));
@@ -72,5 +75,16 @@ mod tests {
         assert_eq!(b.level(t0 + Duration::from_secs(600)), 60);
         assert_eq!(b.until_full(t0), Duration::from_secs(60));
         assert_eq!(b.wait_for(0, t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_bucket_can_start_part_spent() {
+        let t0 = Instant::now();
+        let empty = Bucket::filled(60, 0.0, t0);
+        assert_eq!(empty.level(t0), 0);
+        assert_eq!(empty.wait_for(1, t0), Duration::from_secs(1));
+        let half = Bucket::filled(60, 0.5, t0);
+        assert_eq!(half.level(t0), 30);
+        assert_eq!(half.until_full(t0), Duration::from_secs(30));
     }
 }

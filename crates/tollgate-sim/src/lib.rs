@@ -3,9 +3,12 @@
 //! limit.
 //!
 //! It serves `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and
-//! Anthropic's `/v1/messages`, and `GET /stats`. Every API key (`Authorization: Bearer`,
-//! `x-api-key` or `api-key`; none at all is the key `""`) has its own requests-per-minute
-//! and tokens-per-minute buckets, full at start and refilled continuously; a request is
+//! Anthropic's `/v1/messages`, and `GET /stats`; any other path is `404`, as at the real
+//! API (so a client that doubles its base URL's `/v1` fails here as it would there).
+//! Every API key (`Authorization: Bearer`, `x-api-key` or `api-key`; none at all is the
+//! key `""`) has its own requests-per-minute and tokens-per-minute buckets, full at start
+//! (or as full as [`SimConfig::start_fill`] says, like a key another app has partly
+//! spent) and refilled continuously; a request is
 //! counted at admission as its prompt tokens plus `max_tokens × n`
 //! ([`tollgate::estimate`]), exactly as OpenAI counts it, and a request that does not fit
 //! gets a `429` with OpenAI's error body, `retry-after`, `retry-after-ms` and
@@ -81,6 +84,9 @@ pub struct SimConfig {
     pub keys: Vec<String>,
     /// Length of each returned embedding vector.
     pub embedding_dims: usize,
+    /// How full each key's buckets are when the key is first seen: 1.0 (the default) is
+    /// a fresh key, 0.0 one whose budget an earlier run or another app has just spent.
+    pub start_fill: f64,
 }
 
 impl Default for SimConfig {
@@ -98,6 +104,7 @@ impl Default for SimConfig {
             seed: 0,
             keys: Vec::new(),
             embedding_dims: 8,
+            start_fill: 1.0,
         }
     }
 }
@@ -114,7 +121,7 @@ pub enum SimError {
     /// A limit of zero.
     #[error("--{0} must be at least 1")]
     ZeroLimit(&'static str),
-    /// A share outside 0..=1.
+    /// A share or fill outside 0..=1.
     #[error("--{name} must be between 0 and 1, not {value}")]
     BadRate {
         /// The flag.
@@ -157,6 +164,7 @@ impl SimConfig {
             ("error-rate", self.error_rate),
             ("slow-rate", self.slow_rate),
             ("drop-rate", self.drop_rate),
+            ("start-fill", self.start_fill),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(SimError::BadRate { name, value });
@@ -389,13 +397,13 @@ async fn api(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let endpoint = match Endpoint::from_path(&format!("/v1/{path}")) {
-        Some(
-            e @ (Endpoint::ChatCompletions
-            | Endpoint::Completions
-            | Endpoint::Embeddings
-            | Endpoint::Messages),
-        ) => e,
+    // The real APIs serve these exact paths; anything else (`/v1/v1/chat/completions`,
+    // a trailing `/`, `/v1/foo/chat/completions`) is a 404 there and here.
+    let endpoint = match path.as_str() {
+        "chat/completions" => Endpoint::ChatCompletions,
+        "completions" => Endpoint::Completions,
+        "embeddings" => Endpoint::Embeddings,
+        "messages" => Endpoint::Messages,
         _ => {
             return respond::error(
                 Endpoint::ChatCompletions,
@@ -515,8 +523,8 @@ fn admit(
     let tokens = estimated.total();
     let mut keys = shared.keys.lock().unwrap_or_else(PoisonError::into_inner);
     let state = keys.entry(key.to_owned()).or_insert_with(|| KeyState {
-        requests: Bucket::full(config.rpm, now),
-        tokens: Bucket::full(config.tpm, now),
+        requests: Bucket::filled(config.rpm, config.start_fill, now),
+        tokens: Bucket::filled(config.tpm, config.start_fill, now),
         window: VecDeque::new(),
         window_tokens: 0,
     });

@@ -247,3 +247,64 @@ async fn faults_are_injected_at_the_configured_share() {
     assert_eq!(ok + dropped, stats.admitted);
     sim.shutdown().await.expect("shutdown");
 }
+
+/// A key can start part spent, as one an earlier run or another app used: its first
+/// request sees the bucket's real level, and an empty one refuses at once, with the time
+/// until the request fits.
+#[tokio::test]
+async fn a_key_can_start_spent() {
+    // "hello world" chat = 9 prompt tokens; + max_tokens 91 = 100 per request.
+    let (sim, client) = start(SimConfig {
+        start_fill: 0.5,
+        ..config(60, 1_000)
+    })
+    .await;
+    let r = post(&client, &sim, "/v1/chat/completions", "k1", chat(91)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-remaining-tokens"], "400");
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "29");
+    let (empty, client) = start(SimConfig {
+        start_fill: 0.0,
+        ..config(60, 6_000)
+    })
+    .await;
+    let r = post(&client, &empty, "/v1/chat/completions", "k1", chat(91)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-ratelimit-remaining-tokens"], "0");
+    // 100 tokens at 6,000 a minute: one second.
+    let wait: u64 = r.headers()["retry-after-ms"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("ms");
+    assert!((900..=1_000).contains(&wait), "{wait}");
+    for bad in [-0.1, 1.5, f64::NAN] {
+        let e = SimConfig {
+            start_fill: bad,
+            ..SimConfig::default()
+        };
+        assert!(e.check().is_err(), "{bad}");
+    }
+}
+
+/// Paths the real API does not serve are 404, as there: a client whose base URL ends in
+/// `/v1` and which adds `/v1` again must fail here too, not be served by a suffix match.
+#[tokio::test]
+async fn only_the_real_paths_are_served() {
+    let (sim, client) = start(config(1_000, 100_000)).await;
+    for path in [
+        "/v1/v1/chat/completions",
+        "/v1/chat/completions/",
+        "/v1/foo/chat/completions",
+        "/v1/v1/messages",
+        "/v1/responses",
+    ] {
+        let r = post(&client, &sim, path, "k1", chat(5)).await;
+        assert_eq!(r.status(), 404, "{path}");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "unknown_url", "{path}");
+    }
+    let r = post(&client, &sim, "/v1/chat/completions", "k1", chat(5)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sim.stats().requests, 1, "404s are not API requests");
+}
