@@ -42,6 +42,7 @@
 //! limiter's; this crate only turns provider answers into waits and retries.
 
 mod input;
+mod look;
 mod output;
 mod progress;
 
@@ -64,6 +65,7 @@ use tollgate::{Accounting, Cost, Error as LimitError, Limiter, Quota, Usage};
 pub use progress::Progress;
 
 use input::{Format, Job, Malformed};
+use look::{Look, Turn};
 use output::Record;
 use progress::Counters;
 
@@ -384,6 +386,7 @@ pub async fn run(
         limits: Arc::default(),
         shown: limits.clone(),
         lowering: Arc::default(),
+        look: Arc::new(Look::new()),
         config: Arc::new(config.clone()),
         account,
         gate: Arc::new(Mutex::new(None)),
@@ -506,6 +509,7 @@ pub async fn run(
                         .await;
                 }
                 ctx.replace_limiter(limiter, rpm, tpm);
+                ctx.mark_alive().await;
             }
             continue;
         }
@@ -621,25 +625,39 @@ fn burst(amount: u64, jitter: Duration) -> u64 {
         .max(1)
 }
 
-/// The quotas: requests and tokens per minute, each with its burst lowered by what it
-/// refills during the jitter allowance; tokens charged as estimated, as OpenAI does.
+/// The quotas, with their bursts: requests and tokens per minute, each with its burst
+/// lowered by what it refills during the jitter allowance; tokens charged as estimated,
+/// as OpenAI does.
+fn quotas(config: &BatchConfig, rpm: Option<u64>, tpm: Option<u64>) -> Vec<(Quota, u64)> {
+    let mut quotas = Vec::new();
+    if let Some(rpm) = rpm {
+        let b = burst(rpm, config.jitter);
+        quotas.push((Quota::requests(rpm).per_minute().burst(b), b));
+    }
+    if let Some(tpm) = tpm {
+        let b = burst(tpm, config.jitter);
+        let q = Quota::tokens(tpm)
+            .per_minute()
+            .burst(b)
+            .accounting(Accounting::Estimate);
+        quotas.push((q, b));
+    }
+    if config.redis.is_some() && !quotas.is_empty() {
+        quotas.push((look::alive_quota(), 0));
+    }
+    quotas
+}
+
+/// The limiter holding [`quotas`]; on Redis, each decision reports its quotas' status
+/// (no extra round trip), where a state Redis has lost shows (see [`look::alive_quota`]).
 async fn build_limiter(
     config: &BatchConfig,
     rpm: Option<u64>,
     tpm: Option<u64>,
 ) -> Result<Limiter, BatchError> {
-    let burst = |amount| burst(amount, config.jitter);
     let mut builder = Limiter::builder();
-    if let Some(rpm) = rpm {
-        builder = builder.quota(Quota::requests(rpm).per_minute().burst(burst(rpm)));
-    }
-    if let Some(tpm) = tpm {
-        builder = builder.quota(
-            Quota::tokens(tpm)
-                .per_minute()
-                .burst(burst(tpm))
-                .accounting(Accounting::Estimate),
-        );
+    for (q, _) in quotas(config, rpm, tpm) {
+        builder = builder.quota(q);
     }
     let limiter = match &config.redis {
         None => builder.build().map_err(LimitError::from)?,
@@ -647,6 +665,7 @@ async fn build_limiter(
             builder
                 .redis(url.clone())
                 .prefix("tollgate:batch:")
+                .status_with_decisions(true)
                 .build()
                 .await?
         }
@@ -693,6 +712,8 @@ struct Ctx {
     shown: Arc<Mutex<(Option<u64>, Option<u64>)>>,
     /// Held while a limiter is replaced by one with lower limits.
     lowering: Arc<tokio::sync::Mutex<()>>,
+    /// Who looks at the provider's budget before the others go.
+    look: Arc<Look>,
     config: Arc<BatchConfig>,
     account: String,
     /// Until when the provider asked everyone to wait.
@@ -719,6 +740,9 @@ struct Limits {
     /// Counts the replacements: a permit from an older limiter is given back and taken
     /// again from the new one.
     generation: u64,
+    /// On Redis: each decision is checked for the mark a look leaves, to find a shared
+    /// state that Redis lost (in memory nothing loses it).
+    shared: bool,
 }
 
 /// Why a line failed.
@@ -855,6 +879,7 @@ impl Ctx {
             rpm,
             tpm,
             generation: limits.generation + 1,
+            shared: self.config.redis.is_some(),
         };
         *self.shown.lock().unwrap_or_else(PoisonError::into_inner) = (rpm, tpm);
     }
@@ -913,6 +938,8 @@ impl Ctx {
         less(&mut left.tokens, tokens);
         let _ = limiter.absorb(&self.account, &left, age).await;
         self.replace_limiter(limiter, new_rpm, new_tpm);
+        // The new limiter's state was just set from the provider's: as good as a look.
+        self.mark_alive().await;
         for (name, flag, limit) in [("--rpm", current.rpm, rpm), ("--tpm", current.tpm, tpm)] {
             if let (Some(flag), Some(limit)) = (flag, limit) {
                 tracing::warn!(
@@ -920,6 +947,47 @@ impl Ctx {
                 );
             }
         }
+    }
+
+    /// Leaves the mark of a look in the shared state when it is missing (see
+    /// [`look::alive_quota`]).
+    async fn mark_alive(&self) {
+        let limits = self.limits();
+        if let (true, Some(limiter)) = (limits.shared, &limits.limiter) {
+            // Refused when the mark is there already: it stays as it was made.
+            let _ = limiter.try_acquire(&self.account, look::mark_alive()).await;
+        }
+    }
+
+    /// Whether the shared state that granted `permit` is the one in Redis now. Not when
+    /// the decision found the state without the mark a look leaves (Redis restarted
+    /// empty or was flushed), nor when the state is now without it, nor when it was
+    /// marked again since this permit's turn was reserved (lost and set again from the
+    /// provider's headers, which do not count the reservation): then a look is wanted
+    /// where the mark is missing, and the permit must be taken again.
+    async fn state_kept(&self, limiter: &Limiter, permit: &tollgate::Permit<'_>) -> bool {
+        let Ok(held) = permit.status().await else {
+            return true;
+        };
+        let mut kept = !look::lost(&held);
+        // A turn reserved earlier: is the state still the one it was reserved in?
+        if kept
+            && !permit.waited().is_zero()
+            && let Ok(now) = limiter.status(&self.account).await
+        {
+            kept = !look::lost(&now);
+            if kept && !look::same_mark(&held, &now, permit.waited()) {
+                tracing::debug!("the shared budget was lost and set again since this request's turn was reserved: taking it again");
+                return false;
+            }
+        }
+        if !kept {
+            tracing::warn!(
+                "the shared budget in Redis was found empty while this run had spent it (Redis restarted or was flushed?): one request looks at the provider's budget before the others go"
+            );
+            self.look.want();
+        }
+        kept
     }
 
     /// Waits while the provider asked everyone to pause; false when the run stops.
@@ -999,9 +1067,24 @@ impl Ctx {
         let mut cost = estimated.cost();
         let mut attempt = 0u32;
         let mut seen = None;
+        // Set when this line is the one request looking at the provider's budget.
+        let mut looking = None;
         loop {
             if !self.wait_gate().await {
                 return seen;
+            }
+            // Every other request waits while one looks; this one may be it.
+            let mut epoch = None;
+            if looking.is_none() {
+                let mut stop = self.stop.clone();
+                match self.look.turn(&mut stop).await {
+                    Turn::Look(l) => {
+                        tracing::debug!(line = job.line, "looking at the provider's budget: this request goes alone");
+                        looking = Some(l);
+                    }
+                    Turn::Go(e) => epoch = Some(e),
+                    Turn::Stop => return seen,
+                }
             }
             let limits = self.limits();
             let permit = match &limits.limiter {
@@ -1042,6 +1125,11 @@ impl Ctx {
                         }
                         Err(LimitError::Unavailable(u)) => {
                             tracing::warn!("the shared limiter is unavailable ({u}); waiting");
+                            // Back from an outage, Redis may have lost the budget: one
+                            // request looks at the provider's before the others go.
+                            if looking.is_none() {
+                                self.look.want();
+                            }
                             if !self.sleep(Duration::from_millis(500)).await {
                                 return seen;
                             }
@@ -1068,6 +1156,25 @@ impl Ctx {
                 drop(permit);
                 continue;
             }
+            if let (Some(epoch), Some(p)) = (epoch, &permit) {
+                // A look wanted, begun or ended while this line waited: the permit was
+                // granted from a state the look corrects. Taken again.
+                let mut trusted = self.look.still(epoch);
+                if trusted
+                    && limits.shared
+                    && let Some(limiter) = &limits.limiter
+                {
+                    trusted = self.state_kept(limiter, p).await;
+                }
+                if !trusted {
+                    tracing::debug!(line = job.line, "a permit granted before the last look is taken again");
+                    // Dropped, never given back: a look may already have set the state
+                    // from the provider's headers, which do not count this permit, and
+                    // giving it back there would make room the provider does not have.
+                    drop(permit);
+                    continue;
+                }
+            }
             // A 429 may have paused everyone while this request waited its turn.
             if !self.wait_gate().await {
                 return seen;
@@ -1093,6 +1200,13 @@ impl Ctx {
                     }
                     let hint = headers_seen.wait_hint();
                     seen = Some(headers_seen);
+                    // The provider answered (with or without rate-limit headers, which are
+                    // absorbed above): the look is over, the others may go.
+                    if let Some(l) = looking.take() {
+                        tracing::debug!(line = job.line, status = status.as_u16(), "looked: the others may go");
+                        self.mark_alive().await;
+                        l.done();
+                    }
                     // Kept as text when it is not JSON, or nests too deep for its output
                     // line to be read back on resume.
                     let response = serde_json::from_slice::<Value>(&bytes)
