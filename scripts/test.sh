@@ -64,4 +64,6 @@ if ! python3 -c 'import openai' 2>/dev/null; then
 fi
 cargo build --quiet -p tollgate-cli
 python3 scripts/gateway_openai.py target/debug/tollgate
+echo "== the official openai Python package through tollgate serve --upstream (a pacing proxy)"
+python3 scripts/gateway_pacing.py target/debug/tollgate
 echo "all checks passed"

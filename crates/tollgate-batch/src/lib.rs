@@ -977,7 +977,9 @@ impl Ctx {
         {
             kept = !look::lost(&now);
             if kept && !look::same_mark(&held, &now, permit.waited()) {
-                tracing::debug!("the shared budget was lost and set again since this request's turn was reserved: taking it again");
+                tracing::debug!(
+                    "the shared budget was lost and set again since this request's turn was reserved: taking it again"
+                );
                 return false;
             }
         }
@@ -1079,7 +1081,10 @@ impl Ctx {
                 let mut stop = self.stop.clone();
                 match self.look.turn(&mut stop).await {
                     Turn::Look(l) => {
-                        tracing::debug!(line = job.line, "looking at the provider's budget: this request goes alone");
+                        tracing::debug!(
+                            line = job.line,
+                            "looking at the provider's budget: this request goes alone"
+                        );
                         looking = Some(l);
                     }
                     Turn::Go(e) => epoch = Some(e),
@@ -1167,7 +1172,10 @@ impl Ctx {
                     trusted = self.state_kept(limiter, p).await;
                 }
                 if !trusted {
-                    tracing::debug!(line = job.line, "a permit granted before the last look is taken again");
+                    tracing::debug!(
+                        line = job.line,
+                        "a permit granted before the last look is taken again"
+                    );
                     // Dropped, never given back: a look may already have set the state
                     // from the provider's headers, which do not count this permit, and
                     // giving it back there would make room the provider does not have.
@@ -1203,7 +1211,11 @@ impl Ctx {
                     // The provider answered (with or without rate-limit headers, which are
                     // absorbed above): the look is over, the others may go.
                     if let Some(l) = looking.take() {
-                        tracing::debug!(line = job.line, status = status.as_u16(), "looked: the others may go");
+                        tracing::debug!(
+                            line = job.line,
+                            status = status.as_u16(),
+                            "looked: the others may go"
+                        );
                         self.mark_alive().await;
                         l.done();
                     }

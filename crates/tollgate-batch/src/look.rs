@@ -200,10 +200,16 @@ mod tests {
             .build()
             .expect("limiter");
         // Never marked (or marked, then wiped with the rest of the state): lost.
-        let p = limiter.try_acquire("acct", Cost::request()).await.expect("admitted");
+        let p = limiter
+            .try_acquire("acct", Cost::request())
+            .await
+            .expect("admitted");
         assert!(lost(&p.status().await.expect("status")));
         drop(p);
-        limiter.try_acquire("acct", mark_alive()).await.expect("marked");
+        limiter
+            .try_acquire("acct", mark_alive())
+            .await
+            .expect("marked");
         let held = limiter.status("acct").await.expect("status");
         assert!(!lost(&held));
         // A second mark is refused and changes nothing.
@@ -215,7 +221,10 @@ mod tests {
         // cost no mark.
         assert_eq!((now[0].remaining, now[1].remaining), (60, 0));
         // Another account's state says nothing of this one.
-        let other = limiter.try_acquire("other", Cost::request()).await.expect("admitted");
+        let other = limiter
+            .try_acquire("other", Cost::request())
+            .await
+            .expect("admitted");
         assert!(lost(&other.status().await.expect("status")));
         // Lost, then marked again by a later look: not the same mark.
         let wiped = tollgate::Limiter::builder()
@@ -225,7 +234,10 @@ mod tests {
             .build()
             .expect("limiter");
         clock.advance(Duration::from_secs(3));
-        wiped.try_acquire("acct", mark_alive()).await.expect("marked");
+        wiped
+            .try_acquire("acct", mark_alive())
+            .await
+            .expect("marked");
         let again = wiped.status("acct").await.expect("status");
         assert!(!same_mark(&held, &again, Duration::from_secs(8)));
         assert!(same_mark(&now, &now, Duration::ZERO));

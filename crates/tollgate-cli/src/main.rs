@@ -61,20 +61,38 @@ struct ServeArgs {
     /// Share limits with other gateway instances through Redis (overrides `redis`).
     #[arg(long)]
     redis: Option<String>,
-    /// Without a config file: forward everything to this OpenAI-compatible URL, with no
-    /// callers (open to anyone who can reach the listener) and no limits but the
-    /// upstream's `--rpm` / `--tpm`.
+    /// Without a config file: a pacing proxy to this OpenAI-compatible base URL (as SDKs
+    /// write it, `https://api.openai.com/v1` or without the `/v1`), open to anyone who can
+    /// reach the listener. Its account's limits are `--rpm` / `--tpm`, or learned from
+    /// its answers' rate-limit headers; requests wait their turn (`--max-wait`).
     #[arg(long)]
     upstream: Option<String>,
-    /// With --upstream: the environment variable holding the upstream's API key.
+    /// With --upstream: the environment variable holding the upstream's API key. When
+    /// it is unset, each caller's own key is passed through and paced as its own account.
     #[arg(long, default_value = "OPENAI_API_KEY")]
     upstream_key_env: String,
-    /// With --upstream: the upstream account's requests per minute.
+    /// With --upstream: the upstream account's requests per minute [default: learned].
     #[arg(long)]
     rpm: Option<u64>,
-    /// With --upstream: the upstream account's tokens per minute.
+    /// With --upstream: the upstream account's tokens per minute [default: learned].
     #[arg(long)]
     tpm: Option<u64>,
+    /// With --upstream: the longest a request waits for its turn in the account's
+    /// limits before it is refused with 429 (at most a day).
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    max_wait: Duration,
+    /// With --upstream: when the account's limits have no room, wait (queue, up to
+    /// --max-wait) or reject at once with 429.
+    #[arg(long, value_enum, default_value = "wait")]
+    on_limit: OnLimitArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnLimitArg {
+    /// Queue (first come, first served) up to --max-wait.
+    Wait,
+    /// Answer 429 at once, with `retry-after`.
+    Reject,
 }
 
 /// Parses `250ms`, `1.5s`, `6m0s`, or plain seconds.
@@ -362,25 +380,85 @@ async fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The configuration `tollgate serve --upstream URL` runs with, and the start-up
+/// line's description of it.
+fn upstream_config(
+    url: &str,
+    args: &ServeArgs,
+) -> anyhow::Result<(tollgate_gateway::Config, String)> {
+    if args.max_wait > Duration::from_secs(86_400) {
+        anyhow::bail!("--max-wait is over a day; no caller waits that long for an answer");
+    }
+    let mut src = format!("[upstreams.upstream]\nkind = \"openai-compatible\"\nurl = {url:?}\n");
+    let own_key = std::env::var(&args.upstream_key_env).is_ok_and(|v| !v.is_empty());
+    if own_key {
+        src.push_str(&format!("api_key_env = {:?}\n", args.upstream_key_env));
+    } else {
+        src.push_str("forward_caller_key = true\n");
+    }
+    if args.rpm.is_some() || args.tpm.is_some() {
+        src.push_str("[upstreams.upstream.limits]\n");
+        if let Some(n) = args.rpm {
+            src.push_str(&format!("requests_per_minute = {n}\n"));
+        }
+        if let Some(n) = args.tpm {
+            src.push_str(&format!("tokens_per_minute = {n}\n"));
+        }
+    }
+    let policy = match args.on_limit {
+        OnLimitArg::Wait => "wait",
+        OnLimitArg::Reject => "reject",
+    };
+    src.push_str(&format!(
+        "[tiers.default]\non_limit = \"{policy}\"\nmax_wait = \"{}ms\"\n",
+        args.max_wait.as_millis()
+    ));
+    let config = tollgate_gateway::Config::parse(&src).context("--upstream")?;
+    let key = if own_key {
+        format!("the upstream key from ${}", args.upstream_key_env)
+    } else {
+        format!(
+            "${} is unset: each caller's own key is passed through and paced as its own account",
+            args.upstream_key_env
+        )
+    };
+    let limits = match (args.rpm, args.tpm) {
+        (None, None) => "limits learned from the upstream's rate-limit headers".to_string(),
+        (rpm, tpm) => {
+            let mut parts = Vec::new();
+            if let Some(n) = rpm {
+                parts.push(format!("{n} requests/min"));
+            }
+            if let Some(n) = tpm {
+                parts.push(format!("{n} tokens/min"));
+            }
+            format!(
+                "{} (lowered to what the upstream's headers say is left)",
+                parts.join(", ")
+            )
+        }
+    };
+    let policy = match args.on_limit {
+        OnLimitArg::Wait => format!(
+            "requests wait their turn up to {}",
+            tollgate::provider::format_duration(args.max_wait)
+        ),
+        OnLimitArg::Reject => "requests over the limits are refused with 429".to_string(),
+    };
+    Ok((
+        config,
+        format!("pacing proxy to {url}: {key}; {limits}; {policy}"),
+    ))
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut mode = None;
     let mut config = match (&args.config, &args.upstream) {
         (Some(path), None) => tollgate_gateway::Config::load(path)?,
         (None, Some(url)) => {
-            let mut src =
-                format!("[upstreams.upstream]\nkind = \"openai-compatible\"\nurl = {url:?}\n");
-            if std::env::var(&args.upstream_key_env).is_ok_and(|v| !v.is_empty()) {
-                src.push_str(&format!("api_key_env = {:?}\n", args.upstream_key_env));
-            }
-            if args.rpm.is_some() || args.tpm.is_some() {
-                src.push_str("[upstreams.upstream.limits]\n");
-                if let Some(n) = args.rpm {
-                    src.push_str(&format!("requests_per_minute = {n}\n"));
-                }
-                if let Some(n) = args.tpm {
-                    src.push_str(&format!("tokens_per_minute = {n}\n"));
-                }
-            }
-            tollgate_gateway::Config::parse(&src).context("--upstream")?
+            let (config, described) = upstream_config(url, &args)?;
+            mode = Some(described);
+            config
         }
         (Some(_), Some(_)) => anyhow::bail!(
             "give either --config or --upstream: with a config file, put the upstream in it"
@@ -402,14 +480,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    eprintln!(
-        "tollgate serve: listening on http://{addr} ({})",
+    let mode = mode.unwrap_or_else(|| {
         if callers == 0 {
             "open: no callers configured".to_string()
         } else {
             format!("{callers} callers")
         }
-    );
+    });
+    eprintln!("tollgate serve: listening on http://{addr} ({mode})");
     gateway
         .serve(listener, interrupted("draining requests in flight"))
         .await?;

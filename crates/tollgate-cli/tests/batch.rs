@@ -641,9 +641,7 @@ fn each_restart_after_sigkill_looks_before_its_burst() {
     let mut per_run = Vec::new();
     for kill in 0..4 {
         let (_, before) = admitted_and_refused(&sim);
-        let mut child = batch(&input, &output, &url, &flags)
-            .spawn()
-            .expect("spawn");
+        let mut child = batch(&input, &output, &url, &flags).spawn().expect("spawn");
         if kill < 3 {
             std::thread::sleep(Duration::from_secs(4));
             child.kill().expect("kill -9");

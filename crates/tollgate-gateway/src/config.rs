@@ -440,7 +440,9 @@ pub struct Upstream {
     /// The API it speaks.
     pub kind: Kind,
     /// Base URL: scheme, host, port (and a path prefix, if any); the request's path
-    /// (`/v1/chat/completions`) is appended.
+    /// (`/v1/chat/completions`) is appended. A base ending in the API's own root, as
+    /// SDKs write it (`https://api.openai.com/v1`, `https://x.openai.azure.com/openai`),
+    /// is not doubled: `/v1/chat/completions` goes to `https://api.openai.com/v1/chat/completions`.
     pub url: toml::Spanned<String>,
     /// The account's API key. Prefer `api_key_env`.
     #[serde(default)]
@@ -448,6 +450,12 @@ pub struct Upstream {
     /// The environment variable holding the account's API key.
     #[serde(default)]
     pub api_key_env: Option<toml::Spanned<String>>,
+    /// Pass each caller's own key (`Authorization`, `x-api-key`, `api-key`) through to
+    /// this upstream, and pace each distinct key as an account of its own (its state kept
+    /// under a hash of the key). For a gateway with no `[callers]` and no key of its own
+    /// for this upstream: what `tollgate serve --upstream URL` does when no key is set.
+    #[serde(default)]
+    pub forward_caller_key: bool,
     /// Models routed here (and listed by `GET /v1/models`); empty: any model.
     #[serde(default)]
     pub models: Vec<String>,
@@ -740,6 +748,30 @@ impl Config {
                             "the environment variable `{}` is not set; export it with the account's API key",
                             var.get_ref()
                         ),
+                    );
+                }
+            }
+            if u.forward_caller_key {
+                let why = if u.api_key.is_some() || u.api_key_env.is_some() {
+                    Some(
+                        "the upstream has a key of its own (api_key or api_key_env): drop one of them",
+                    )
+                } else if !self.callers.is_empty() {
+                    Some(
+                        "callers authenticate to this gateway with their keys, which must never reach an upstream: drop [callers] or this setting",
+                    )
+                } else if !u.model_limits.is_empty() {
+                    Some(
+                        "model_limits are not supported with it: give the account's limits in `limits`",
+                    )
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return err(
+                        None,
+                        format!("upstreams.{name}.forward_caller_key"),
+                        why.into(),
                     );
                 }
             }

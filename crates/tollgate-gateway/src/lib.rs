@@ -23,6 +23,7 @@
 
 pub mod config;
 pub mod metrics;
+mod pace;
 mod proxy;
 pub mod sse;
 pub mod usage;
@@ -101,8 +102,11 @@ pub(crate) struct UpstreamState {
     pub(crate) name: String,
     pub(crate) kind: config::Kind,
     /// Its URL up to and without the trailing `/` of its path, checked once: each
-    /// request's URI is this and its own path and query.
+    /// request's URI is this and its own path and query (less the API root both end and
+    /// begin with, see [`proxy::upstream_uri`]).
     pub(crate) prefix: String,
+    /// Callers' own keys go through, each paced as an account of its own.
+    pub(crate) forward_key: bool,
     /// The header carrying the gateway's key for this upstream, in the upstream's
     /// spelling (marked sensitive, so it never shows in debug output).
     pub(crate) auth: Option<(http::HeaderName, http::HeaderValue)>,
@@ -118,6 +122,9 @@ pub(crate) struct UpstreamState {
 pub(crate) struct AccountState {
     /// The account's quotas alone: the upstream's rate-limit headers are absorbed here.
     pub(crate) limiter: Option<Limiter>,
+    /// An account paced apart from the callers' decision: to limits learned from its
+    /// answers (none configured), or per caller key (callers' keys passed through).
+    pub(crate) pace: Option<Arc<pace::Pace>>,
     /// An absorb is running: answers arriving meanwhile skip theirs (the next answer's
     /// headers are as fresh), so absorbing never queues requests behind it.
     pub(crate) absorbing: std::sync::atomic::AtomicBool,
@@ -139,6 +146,9 @@ pub(crate) struct TierState {
     pub(crate) name: String,
     /// The time within which upstream 429s and 5xx are retried.
     pub(crate) max_wait: Duration,
+    /// The longest the tier's policy lets a request wait for an account paced apart
+    /// ([`AccountState::pace`]): `max_wait` when it waits, zero when it rejects.
+    pub(crate) wait: Duration,
     /// Per account (same order as `accounts`): the limiter deciding the tier's and the
     /// account's quotas together; `None` when neither has a limit.
     pub(crate) limiters: Vec<Option<Gate>>,
@@ -246,14 +256,45 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-/// The quotas of a set of limits, named `<prefix>.<limit>`, per key or shared; with the
-/// wait each allows a request of `tier`, when given.
+/// How much later than the gateway decides a request its upstream may count it
+/// (connection set-up, a first request's longer way): an account paced apart keeps this
+/// much of its refill in hand, as the batch runner's `--jitter` does, so a schedule exact
+/// at the gateway stays inside the limits at the provider, whose clock starts when the
+/// first request arrives.
+pub(crate) const SEND_ALLOWANCE: Duration = Duration::from_millis(250);
+
+/// The burst of an account paced apart with `amount` a `period`: the amount less what
+/// it refills in [`SEND_ALLOWANCE`], at least 1.
+pub(crate) fn paced_burst(amount: u64, period: Duration) -> u64 {
+    let slack = (u128::from(amount) * SEND_ALLOWANCE.as_nanos()).div_ceil(period.as_nanos().max(1));
+    amount
+        .saturating_sub(u64::try_from(slack).unwrap_or(u64::MAX))
+        .max(1)
+}
+
+/// Whose limits a set of quotas holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// Each caller's own (per key), tokens charged as used.
+    Caller,
+    /// The provider account's, shared by every caller, tokens charged as the provider
+    /// counts them (the estimate at admission).
+    Account,
+    /// A provider account that is each caller's own (its key passed through): per key,
+    /// counted as the provider counts.
+    OwnAccount,
+}
+
+/// The quotas of a set of limits, named `<prefix>.<limit>`, as `owner` holds them; with
+/// the wait each allows a request of `tier`, when given.
 fn quotas(
     limits: &config::Limits,
     prefix: &str,
-    shared: bool,
+    owner: Owner,
     tier: Option<&config::Tier>,
 ) -> Vec<(Quota, Measure)> {
+    let shared = owner == Owner::Account;
+    let provider = owner != Owner::Caller;
     let mut out = Vec::new();
     for (name, value) in limits.entries() {
         let Some(limit) = value else { continue };
@@ -270,10 +311,19 @@ fn quotas(
         let q = q.named(format!("{prefix}.{name}"));
         // A caller's tokens are charged as used (refunded on settle); an account's as
         // the provider counts them, the estimate at admission.
-        let q = match (shared, m) {
-            (true, Measure::Tokens) => q.shared().accounting(Accounting::Estimate),
-            (true, _) => q.shared(),
-            (false, _) => q,
+        let q = if provider && m == Measure::Tokens {
+            q.accounting(Accounting::Estimate)
+        } else {
+            q
+        };
+        let q = if shared { q.shared() } else { q };
+        // A caller's own account is paced apart, with the provider's clock in mind.
+        let q = match (owner, q.period()) {
+            (Owner::OwnAccount, Some(period)) => {
+                let burst = paced_burst(q.amount(), period);
+                q.burst(burst)
+            }
+            _ => q,
         };
         let q = match tier {
             Some(t) => q.max_wait(limit.wait(t)),
@@ -356,15 +406,26 @@ impl Gateway {
         // Each account's limits and the prefix of its quotas' names.
         let mut account_limits: Vec<(&config::Limits, String)> = Vec::new();
         let mut account_names: Vec<String> = Vec::new();
+        let no_limits = config::Limits::default();
+        let store = pace::Store {
+            redis: redis.clone(),
+            prefix: prefix.clone(),
+        };
         for (name, u) in &config.upstreams {
-            let mut budgets = vec![(None, &u.limits, format!("upstream.{name}"))];
+            // Callers' own accounts are paced per key, apart from the callers' decision.
+            let general = if u.forward_caller_key {
+                &no_limits
+            } else {
+                &u.limits
+            };
+            let mut budgets = vec![(None, general, format!("upstream.{name}"))];
             for (model, l) in &u.model_limits {
                 budgets.push((Some(model.clone()), l, format!("upstream.{name}.{model}")));
             }
             let mut model_accounts = HashMap::new();
             let default_account = accounts.len();
             for (model, limits, prefix) in budgets {
-                let qs = quotas(limits, &prefix, true, None);
+                let qs = quotas(limits, &prefix, Owner::Account, None);
                 let what = match &model {
                     Some(m) => format!("`{name}`, model `{m}`"),
                     None => format!("`{name}`"),
@@ -379,12 +440,33 @@ impl Gateway {
                     }
                     Some(build(b, format!("upstream {what}")).await?)
                 };
+                // Paced apart: a caller's own account (per key, to its configured limits
+                // or learned ones), or an account with no limits configured (learned).
+                let pace = if u.forward_caller_key {
+                    let own = quotas(&u.limits, &prefix, Owner::OwnAccount, None);
+                    let configured = if own.is_empty() {
+                        None
+                    } else {
+                        let mut b = Limiter::builder().clock(clock.clone());
+                        for (q, m) in &own {
+                            measures.insert(q.name(), *m);
+                            b = b.quota(q.clone());
+                        }
+                        Some(build(b, format!("upstream {what}")).await?)
+                    };
+                    Some(Arc::new(pace::Pace::new(name, configured, store.clone())))
+                } else if model.is_none() && limiter.is_none() {
+                    Some(Arc::new(pace::Pace::new(name, None, store.clone())))
+                } else {
+                    None
+                };
                 if let Some(m) = model {
                     model_accounts.insert(m, accounts.len());
                 }
                 account_names.push(what);
                 accounts.push(AccountState {
                     limiter,
+                    pace,
                     absorbing: std::sync::atomic::AtomicBool::new(false),
                 });
                 account_limits.push((limits, prefix));
@@ -431,6 +513,7 @@ impl Gateway {
                 name: name.clone(),
                 kind: u.kind,
                 prefix,
+                forward_key: u.forward_caller_key,
                 auth,
                 models,
                 default: u.default,
@@ -457,7 +540,7 @@ impl Gateway {
         }
         let mut tiers = Vec::new();
         for (tname, t) in &tier_configs {
-            let own = quotas(&t.limits, &format!("tier.{tname}"), false, Some(t));
+            let own = quotas(&t.limits, &format!("tier.{tname}"), Owner::Caller, Some(t));
             for (q, m) in &own {
                 measures.insert(q.name(), *m);
             }
@@ -465,7 +548,7 @@ impl Gateway {
             let mut first: Option<Limiter> = None;
             for (ai, (limits, prefix)) in account_limits.iter().enumerate() {
                 // The account's quotas, waiting as long as each allows this tier.
-                let account = quotas(limits, prefix, true, Some(t));
+                let account = quotas(limits, prefix, Owner::Account, Some(t));
                 if own.is_empty() && account.is_empty() {
                     limiters.push(None);
                     continue;
@@ -502,7 +585,7 @@ impl Gateway {
                 let own = quotas(
                     limits,
                     &format!("tier.{tname}.model.{model}"),
-                    false,
+                    Owner::Caller,
                     Some(t),
                 );
                 let wait = longest_wait(&own);
@@ -525,6 +608,7 @@ impl Gateway {
             tiers.push(TierState {
                 name: tname.clone(),
                 max_wait: t.max_wait,
+                wait: t.wait(),
                 limiters,
                 models,
             });

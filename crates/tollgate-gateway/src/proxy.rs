@@ -24,6 +24,7 @@ use tollgate::retry::Backoff;
 use tollgate::{Cost, Error, Limiter, Permit, QuotaStatus, Usage};
 
 use crate::config::{Kind, Price};
+use crate::pace::{self, Turn};
 use crate::usage::{Seen, StreamUsage};
 use crate::{CallerInfo, Gate, Measure, State};
 
@@ -332,11 +333,17 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
             );
         }
     }
+    let pace_key = if u.forward_key {
+        pace::caller_account(&parts.headers)
+    } else {
+        "account".to_string()
+    };
     let call = Call {
         st: st.clone(),
         caller,
         up,
         account,
+        pace_key,
         method: parts.method,
         path_and_query: match parts.uri.query() {
             Some(q) => format!("{path}?{q}"),
@@ -392,6 +399,48 @@ fn pick_upstream(st: &State, anthropic: bool, model: &str) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
+/// What the quota named `name` limits: as configured, or, for limits learned from an
+/// upstream (`...requests_per_minute`, `...tokens_per_minute`), as its name says.
+fn measure(st: &State, name: &str) -> Option<Measure> {
+    st.measures.get(name).copied().or_else(|| {
+        if name.ends_with("tokens_per_minute") {
+            Some(Measure::Tokens)
+        } else if name.ends_with("requests_per_minute") {
+            Some(Measure::Requests)
+        } else {
+            None
+        }
+    })
+}
+
+/// The URI of a request at an upstream: the upstream's prefix (its URL without a
+/// trailing `/`) and the request's path and query, less the API root both spell. A base
+/// written as SDKs write it (`https://api.openai.com/v1`, `https://x.openai.azure.com/openai`,
+/// `https://openrouter.ai/api/v1`) and a request for `/v1/chat/completions` (or
+/// `/openai/deployments/...`) make one `/v1`, not two. Only API roots (`v1`, `openai`) are
+/// merged; any other base path is kept whole in front of the request's.
+pub(crate) fn upstream_uri(prefix: &str, path_and_query: &str) -> String {
+    const ROOTS: [&str; 2] = ["v1", "openai"];
+    let path_at = prefix
+        .find("://")
+        .and_then(|i| prefix[i + 3..].find('/').map(|j| i + 3 + j))
+        .unwrap_or(prefix.len());
+    let base: Vec<&str> = prefix[path_at..].split('/').skip(1).collect();
+    let path = path_and_query.split('?').next().unwrap_or("");
+    let wanted: Vec<&str> = path.split('/').skip(1).collect();
+    // The most segments the base ends with and the path begins with, all API roots (the
+    // path's last segment is a resource, never a root).
+    let most = base.len().min(wanted.len().saturating_sub(1));
+    for k in (1..=most).rev() {
+        let tail = &base[base.len() - k..];
+        if tail == &wanted[..k] && tail.iter().all(|s| ROOTS.contains(s)) {
+            let cut: usize = tail.iter().map(|s| s.len() + 1).sum();
+            return format!("{}{path_and_query}", &prefix[..prefix.len() - cut]);
+        }
+    }
+    format!("{prefix}{path_and_query}")
+}
+
 /// The answer to a refused or failed decision.
 fn limiter_error(st: &State, caller: &CallerInfo, e: &Error, anthropic: bool) -> Response {
     match e {
@@ -402,7 +451,7 @@ fn limiter_error(st: &State, caller: &CallerInfo, e: &Error, anthropic: bool) ->
                 &[("caller", &caller.name), ("quota", name)],
                 1,
             );
-            let measure = st.measures.get(name).copied().unwrap_or(Measure::Requests);
+            let measure = measure(st, name).unwrap_or(Measure::Requests);
             let kind = match measure {
                 Measure::Requests => "requests",
                 Measure::Tokens => "tokens",
@@ -456,7 +505,7 @@ fn limiter_error(st: &State, caller: &CallerInfo, e: &Error, anthropic: bool) ->
                 &[("caller", &caller.name), ("quota", name)],
                 1,
             );
-            let (kind, message) = if st.measures.get(name) == Some(&Measure::Spend) {
+            let (kind, message) = if measure(st, name) == Some(Measure::Spend) {
                 (
                     "spend",
                     format!(
@@ -546,7 +595,7 @@ fn ratelimit_headers(st: &State, status: &[QuotaStatus], h: &mut HeaderMap) {
     for (measure, [limit, remaining, reset]) in NAMES {
         let binding = status
             .iter()
-            .filter(|s| st.measures.get(s.quota.name()) == Some(&measure))
+            .filter(|s| self::measure(st, s.quota.name()) == Some(measure))
             .min_by_key(|s| (s.remaining, std::cmp::Reverse(s.reset)));
         if let Some(s) = binding {
             h.insert(HeaderName::from_static(limit), HeaderValue::from(s.limit));
@@ -623,6 +672,9 @@ struct Call {
     up: usize,
     /// The budget of the upstream this call spends: the model's own, or the general one.
     account: usize,
+    /// The key of that budget when it is paced apart ([`crate::AccountState::pace`]): a
+    /// hash of the caller's own key when it is passed through, else `account`.
+    pace_key: String,
     method: Method,
     path_and_query: String,
     headers: HeaderMap,
@@ -650,13 +702,17 @@ impl Call {
         let started = Instant::now();
         let mut tx = tx;
         let model_gate = tier.models.get(&self.model).cloned();
+        // The account's own pace, when it is paced apart: its limiter (declared before
+        // the permits, which borrow it) and, for the request that looks, the right to.
+        let pace_limiter: Option<Limiter>;
+        let looking: Option<pace::Looking>;
         let decided = tokio::select! {
             r = decide(model_gate.as_ref(), gate.as_ref(), &key, self.cost) => r,
             // The client went away while waiting: dropping the decision gives back its
             // reservations.
             () = tx.closed() => return,
         };
-        let permit = match decided {
+        let mut permit = match decided {
             Ok(p) => p,
             Err(e) => {
                 let mut resp = limiter_error(&st, &self.caller, &e, self.anthropic);
@@ -671,6 +727,52 @@ impl Call {
                 return;
             }
         };
+        // An account paced apart takes its turn after the caller's own limits allowed
+        // the request (a caller over its own budget hears so at once), waiting as long
+        // as the tier lets a request wait; refused, the caller's permits are given back.
+        let wait = tier.wait;
+        match &st.accounts[self.account].pace {
+            Some(pace) => {
+                let turn = tokio::select! {
+                    t = pace.turn(&self.pace_key, wait) => t,
+                    () = tx.closed() => { permit.give_back(); return; }
+                };
+                (pace_limiter, looking) = match turn {
+                    Turn::Limiter(l) => (Some(l), None),
+                    Turn::Look(l) => (None, Some(l)),
+                    Turn::Free => (None, None),
+                };
+            }
+            None => (pace_limiter, looking) = (None, None),
+        }
+        if let Some(l) = &pace_limiter {
+            let left = wait.saturating_sub(started.elapsed());
+            let turn = async {
+                if left.is_zero() {
+                    l.try_acquire(&self.pace_key, self.cost).await
+                } else {
+                    l.acquire_within(&self.pace_key, self.cost, left).await
+                }
+            };
+            let paced = tokio::select! {
+                r = turn => r,
+                () = tx.closed() => { permit.give_back(); return; }
+            };
+            match paced {
+                Ok(p) => permit.0[2] = Some(p),
+                Err(e) => {
+                    let mut resp = limiter_error(&st, &self.caller, &e, self.anthropic);
+                    let mut status = permit.status().await;
+                    if let Ok(s) = l.status(&self.pace_key).await {
+                        status.extend(s);
+                    }
+                    ratelimit_headers(&st, &status, resp.headers_mut());
+                    permit.give_back();
+                    let _ = tx.send(resp);
+                    return;
+                }
+            }
+        }
         let waited = started.elapsed();
         let upstream = &st.upstreams[self.up];
         st.metrics.count(
@@ -730,6 +832,9 @@ impl Call {
             // for it: wait for it and charge what it used (the sends below go nowhere).
             self.forward(deadline).await
         };
+        // The look is over: its answer's headers were learned from in `forward` (or it
+        // failed, and the next request looks).
+        drop(looking);
         let answer = match answer {
             Forwarded::Answer(a) => a,
             Forwarded::Failed(mut resp) => {
@@ -831,7 +936,7 @@ impl Call {
         let upstream = &st.upstreams[self.up];
         // The caller's path was checked and normalized: it is a valid URI's path, and
         // the prefix was checked at startup.
-        let Ok(uri) = Uri::try_from(format!("{}{}", upstream.prefix, self.path_and_query)) else {
+        let Ok(uri) = Uri::try_from(upstream_uri(&upstream.prefix, &self.path_and_query)) else {
             return Forwarded::Failed(error(
                 StatusCode::BAD_REQUEST,
                 self.anthropic,
@@ -852,6 +957,14 @@ impl Call {
         }
         if let Some((n, v)) = &upstream.auth {
             headers.insert(n.clone(), v.clone());
+        }
+        if upstream.forward_key {
+            // The caller's own account: its credentials go through as it sent them.
+            for name in [header::AUTHORIZATION.as_str(), "x-api-key", "api-key"] {
+                for v in self.headers.get_all(name) {
+                    headers.append(HeaderName::from_static(name), v.clone());
+                }
+            }
         }
         if self.json.is_some() {
             headers.insert(
@@ -886,7 +999,11 @@ impl Call {
                     labels(resp.status().as_str());
                     let rl = RateLimitHeaders::parse(resp.headers(), SystemTime::now());
                     let acct = &st.accounts[self.account];
-                    if acct.limiter.is_some()
+                    if let Some(pace) = &acct.pace {
+                        // Learned at once (the others may be waiting for it), else
+                        // absorbed off the request's path.
+                        pace.observe(&self.pace_key, &rl, elapsed).await;
+                    } else if acct.limiter.is_some()
                         && !rl.is_empty()
                         && !acct.absorbing.swap(true, Ordering::Acquire)
                     {
@@ -978,12 +1095,17 @@ impl Call {
     /// False when the turn would come too late, or the limiter cannot decide. The
     /// permit drops unsettled: the request stays counted.
     async fn retry_turn(&self, deadline: Instant) -> bool {
-        let Some(account) = &self.st.accounts[self.account].limiter else {
+        let acct = &self.st.accounts[self.account];
+        let (limiter, key) = match &acct.pace {
+            Some(pace) => (pace.limiter(&self.pace_key), self.pace_key.as_str()),
+            None => (acct.limiter.clone(), "account"),
+        };
+        let Some(account) = limiter else {
             return true;
         };
         let left = deadline.saturating_duration_since(Instant::now());
         account
-            .acquire_within("account", Cost::request(), left)
+            .acquire_within(key, Cost::request(), left)
             .await
             .is_ok()
     }
@@ -1129,10 +1251,19 @@ impl Drop for Clear<'_> {
 }
 
 /// What admitted a request: the caller's limits on its model (when its tier has them),
-/// and the decision over the tier's and the account's limits.
-struct Permits<'a>([Option<Permit<'a>>; 2]);
+/// the decision over the tier's and the account's limits, and the account's own pace
+/// when it is paced apart.
+struct Permits<'a>([Option<Permit<'a>>; 3]);
 
 impl Permits<'_> {
+    /// Gives every permit back: the request was refused after all, or its caller left
+    /// before it was sent.
+    fn give_back(self) {
+        for p in self.0.into_iter().flatten() {
+            p.cancel();
+        }
+    }
+
     /// Every quota's status after the decisions, for the `x-ratelimit-*` headers.
     async fn status(&self) -> Vec<QuotaStatus> {
         let mut out = Vec::new();
@@ -1186,7 +1317,7 @@ async fn decide<'a>(
         Some(g) => Some(one(g).await?),
         None => None,
     };
-    Ok(Permits([first.0.take(), second]))
+    Ok(Permits([first.0.take(), second, None]))
 }
 
 /// Settle a request's permits with what it used, and what that cost at its price.
