@@ -1345,6 +1345,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_base_url_and_a_path_share_their_api_root_once() {
+        let cases = [
+            (
+                "https://api.openai.com/v1",
+                "/v1/chat/completions",
+                "https://api.openai.com/v1/chat/completions",
+            ),
+            (
+                "https://api.openai.com",
+                "/v1/chat/completions",
+                "https://api.openai.com/v1/chat/completions",
+            ),
+            (
+                "https://openrouter.ai/api/v1",
+                "/v1/chat/completions?x=1",
+                "https://openrouter.ai/api/v1/chat/completions?x=1",
+            ),
+            (
+                "https://x.openai.azure.com/openai",
+                "/openai/deployments/d/chat/completions?api-version=1",
+                "https://x.openai.azure.com/openai/deployments/d/chat/completions?api-version=1",
+            ),
+            (
+                "https://x.openai.azure.com/openai/v1",
+                "/openai/v1/chat/completions",
+                "https://x.openai.azure.com/openai/v1/chat/completions",
+            ),
+            (
+                "https://api.anthropic.com/v1",
+                "/v1/messages",
+                "https://api.anthropic.com/v1/messages",
+            ),
+            // Not an API root: kept.
+            (
+                "http://h/tenant-a",
+                "/tenant-a/v1/files",
+                "http://h/tenant-a/tenant-a/v1/files",
+            ),
+            // The last segment is a resource, never merged.
+            ("http://h/v1", "/v1", "http://h/v1/v1"),
+            ("http://h:8080", "/v1/models", "http://h:8080/v1/models"),
+        ];
+        for (prefix, path, want) in cases {
+            assert_eq!(upstream_uri(prefix, path), want, "{prefix} + {path}");
+        }
+    }
+
+    #[test]
     fn paths_have_one_spelling_and_cannot_climb() {
         let ok = |p: &str| normalize_path(p).expect(p);
         assert_eq!(ok("/v1/chat/completion%73"), "/v1/chat/completions");

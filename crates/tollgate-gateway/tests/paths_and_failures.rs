@@ -275,7 +275,14 @@ async fn a_caller_that_leaves_before_a_whole_answer_pays_what_was_generated() {
         output: 900,
     })
     .await;
-    let url = gateway(&addr, "limits = { tokens_per_day = 100000 }").await;
+    // The account's limits are given: with none, the first request would look at the
+    // upstream alone and the next ones, waiting for it, would leave before being sent.
+    let src = config(
+        &addr,
+        "limits = { requests_per_minute = 1000 }",
+        "limits = { tokens_per_day = 100000 }",
+    );
+    let (url, _gateway, _serving) = start(&src, std::future::pending()).await;
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(150))
         .build()
