@@ -970,9 +970,11 @@ impl Ctx {
             return true;
         };
         let mut kept = !look::lost(&held);
-        // A turn reserved earlier: is the state still the one it was reserved in?
+        // A turn reserved earlier: is the state still the one it was reserved in? (A
+        // grant's own round trip counts as waiting on Redis; a state lost and marked again
+        // within that is not possible: a look takes a provider's round trip.)
         if kept
-            && !permit.waited().is_zero()
+            && permit.waited() > Duration::from_millis(100)
             && let Ok(now) = limiter.status(&self.account).await
         {
             kept = !look::lost(&now);
@@ -983,11 +985,10 @@ impl Ctx {
                 return false;
             }
         }
-        if !kept {
+        if !kept && self.look.want() {
             tracing::warn!(
                 "the shared budget in Redis was found empty while this run had spent it (Redis restarted or was flushed?): one request looks at the provider's budget before the others go"
             );
-            self.look.want();
         }
         kept
     }
@@ -1162,15 +1163,15 @@ impl Ctx {
                 continue;
             }
             if let (Some(epoch), Some(p)) = (epoch, &permit) {
-                // A look wanted, begun or ended while this line waited: the permit was
-                // granted from a state the look corrects. Taken again.
-                let mut trusted = self.look.still(epoch);
-                if trusted
-                    && limits.shared
-                    && let Some(limiter) = &limits.limiter
-                {
-                    trusted = self.state_kept(limiter, p).await;
-                }
+                let trusted = match &limits.limiter {
+                    // On Redis the mark tells exactly whether the state that granted the
+                    // permit is still there: a permit reserved before a look that found
+                    // the state as it was (an outage that lost nothing) stays good.
+                    Some(limiter) if limits.shared => self.state_kept(limiter, p).await,
+                    // In memory nothing loses the state; a look wanted, begun or ended
+                    // while this line waited corrected it: the permit is taken again.
+                    _ => self.look.still(epoch),
+                };
                 if !trusted {
                     tracing::debug!(
                         line = job.line,
@@ -1208,9 +1209,12 @@ impl Ctx {
                     }
                     let hint = headers_seen.wait_hint();
                     seen = Some(headers_seen);
-                    // The provider answered (with or without rate-limit headers, which are
-                    // absorbed above): the look is over, the others may go.
-                    if let Some(l) = looking.take() {
+                    // The provider answered with its rate-limit headers (absorbed above),
+                    // or with success and none (it sends none): the look is over, the
+                    // others may go. An error without them (a 5xx from a load balancer)
+                    // told nothing: this request keeps looking as it is retried.
+                    let told = !headers_seen.is_empty() || status.is_success();
+                    if told && let Some(l) = looking.take() {
                         tracing::debug!(
                             line = job.line,
                             status = status.as_u16(),

@@ -85,13 +85,14 @@ impl Look {
     }
 
     /// Asks for a look before the next request (the shared store was unavailable, or
-    /// has lost its state).
-    pub(crate) fn want(&self) {
+    /// has lost its state); true when none was wanted or under way already (so the
+    /// caller says so once).
+    pub(crate) fn want(&self) -> bool {
         self.state.send_if_modified(|s| {
             let changed = !s.wanted && !s.looking;
             s.wanted |= !s.looking;
             changed
-        });
+        })
     }
 
     /// Waits while another request looks; then this one looks when a look is wanted,
@@ -158,7 +159,7 @@ pub(crate) fn mark_alive() -> Cost {
 
 /// How far two readings of one mark may disagree on when it was made (the round trips
 /// to Redis, a timer firing late on a loaded machine) and still be the same mark.
-const SAME_MARK: Duration = Duration::from_secs(1);
+const SAME_MARK: Duration = Duration::from_secs(5);
 
 /// Whether a status (of a limiter with [`alive_quota`]) shows a state without the mark.
 pub(crate) fn lost(status: &[QuotaStatus]) -> bool {
@@ -267,7 +268,8 @@ mod tests {
         assert_eq!(waiter.await.expect("task"), Some(1));
         assert!(look.still(1));
         // A look wanted (the store came back) invalidates permits taken before it.
-        look.want();
+        assert!(look.want(), "the first to ask says so");
+        assert!(!look.want(), "asked once");
         assert!(!look.still(1));
         let Turn::Look(looking) = look.turn(&mut stop).await else {
             panic!("a wanted look is taken by the next request");

@@ -78,13 +78,14 @@ struct ServeArgs {
     #[arg(long)]
     tpm: Option<u64>,
     /// With --upstream: the longest a request waits for its turn in the account's
-    /// limits before it is refused with 429 (at most a day).
-    #[arg(long, value_parser = duration, default_value = "60s")]
-    max_wait: Duration,
+    /// limits before it is refused with 429 (at most a day), and the time within which
+    /// the upstream's 429s and 5xx are retried [default: 60s].
+    #[arg(long, value_parser = duration)]
+    max_wait: Option<Duration>,
     /// With --upstream: when the account's limits have no room, wait (queue, up to
-    /// --max-wait) or reject at once with 429.
-    #[arg(long, value_enum, default_value = "wait")]
-    on_limit: OnLimitArg,
+    /// --max-wait) or reject at once with 429 (once the limits are known) [default: wait].
+    #[arg(long, value_enum)]
+    on_limit: Option<OnLimitArg>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -386,7 +387,9 @@ fn upstream_config(
     url: &str,
     args: &ServeArgs,
 ) -> anyhow::Result<(tollgate_gateway::Config, String)> {
-    if args.max_wait > Duration::from_secs(86_400) {
+    let max_wait = args.max_wait.unwrap_or(Duration::from_secs(60));
+    let on_limit = args.on_limit.unwrap_or(OnLimitArg::Wait);
+    if max_wait > Duration::from_secs(86_400) {
         anyhow::bail!("--max-wait is over a day; no caller waits that long for an answer");
     }
     let mut src = format!("[upstreams.upstream]\nkind = \"openai-compatible\"\nurl = {url:?}\n");
@@ -405,13 +408,13 @@ fn upstream_config(
             src.push_str(&format!("tokens_per_minute = {n}\n"));
         }
     }
-    let policy = match args.on_limit {
+    let policy = match on_limit {
         OnLimitArg::Wait => "wait",
         OnLimitArg::Reject => "reject",
     };
     src.push_str(&format!(
         "[tiers.default]\non_limit = \"{policy}\"\nmax_wait = \"{}ms\"\n",
-        args.max_wait.as_millis()
+        max_wait.as_millis()
     ));
     let config = tollgate_gateway::Config::parse(&src).context("--upstream")?;
     let key = if own_key {
@@ -438,10 +441,10 @@ fn upstream_config(
             )
         }
     };
-    let policy = match args.on_limit {
+    let policy = match on_limit {
         OnLimitArg::Wait => format!(
             "requests wait their turn up to {}",
-            tollgate::provider::format_duration(args.max_wait)
+            tollgate::provider::format_duration(max_wait)
         ),
         OnLimitArg::Reject => "requests over the limits are refused with 429".to_string(),
     };
@@ -454,7 +457,21 @@ fn upstream_config(
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut mode = None;
     let mut config = match (&args.config, &args.upstream) {
-        (Some(path), None) => tollgate_gateway::Config::load(path)?,
+        (Some(path), None) => {
+            for (flag, given) in [
+                ("--rpm", args.rpm.is_some()),
+                ("--tpm", args.tpm.is_some()),
+                ("--max-wait", args.max_wait.is_some()),
+                ("--on-limit", args.on_limit.is_some()),
+            ] {
+                if given {
+                    anyhow::bail!(
+                        "{flag} is for --upstream; with a config file, set limits and on_limit in it (see docs/GATEWAY.md)"
+                    );
+                }
+            }
+            tollgate_gateway::Config::load(path)?
+        }
         (None, Some(url)) => {
             let (config, described) = upstream_config(url, &args)?;
             mode = Some(described);

@@ -681,9 +681,10 @@ fn flushall(port: u16) {
 
 /// Two processes share one budget through Redis; mid-run Redis restarts empty (or is
 /// flushed, with no outage to notice), so the shared limiter is full again while the
-/// provider's bucket is drained. Each process finds out (the outage, or a decision with
-/// far more room than its own admissions left) and looks before going on: at most a few
-/// 429s after the state is lost (69 to 80 before), nothing lost or duplicated.
+/// provider's bucket is drained. Each process finds out (the outage, or a decision from a
+/// state without the mark the last look left, or marked again since its turn was
+/// reserved) and looks before going on: at most a few 429s after the state is lost (69
+/// to 80 before), nothing lost or duplicated.
 #[test]
 fn a_shared_budget_redis_lost_is_looked_up_again() {
     let _serial = serial();

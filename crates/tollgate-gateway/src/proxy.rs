@@ -333,10 +333,10 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
             );
         }
     }
-    let pace_key = if u.forward_key {
-        pace::caller_account(&parts.headers)
-    } else {
-        "account".to_string()
+    let pace_key = match &st.accounts[account].pace {
+        Some(pace) if u.forward_key => pace.key(&pace::caller_account(&parts.headers), &model),
+        Some(pace) => pace.key("account", &model),
+        None => "account".to_string(),
     };
     let call = Call {
         st: st.clone(),
@@ -673,7 +673,8 @@ struct Call {
     /// The budget of the upstream this call spends: the model's own, or the general one.
     account: usize,
     /// The key of that budget when it is paced apart ([`crate::AccountState::pace`]): a
-    /// hash of the caller's own key when it is passed through, else `account`.
+    /// hash of the caller's own key when it is passed through, else `account`; with the
+    /// model for learned limits, which providers report per model.
     pace_key: String,
     method: Method,
     path_and_query: String,
@@ -959,8 +960,15 @@ impl Call {
             headers.insert(n.clone(), v.clone());
         }
         if upstream.forward_key {
-            // The caller's own account: its credentials go through as it sent them.
-            for name in [header::AUTHORIZATION.as_str(), "x-api-key", "api-key"] {
+            // The caller's own account: its credentials, and its choice of organization
+            // and project, go through as it sent them.
+            for name in [
+                header::AUTHORIZATION.as_str(),
+                "x-api-key",
+                "api-key",
+                "openai-organization",
+                "openai-project",
+            ] {
                 for v in self.headers.get_all(name) {
                     headers.append(HeaderName::from_static(name), v.clone());
                 }
@@ -1002,7 +1010,8 @@ impl Call {
                     if let Some(pace) = &acct.pace {
                         // Learned at once (the others may be waiting for it), else
                         // absorbed off the request's path.
-                        pace.observe(&self.pace_key, &rl, elapsed).await;
+                        pace.observe(&self.pace_key, resp.status(), &rl, elapsed)
+                            .await;
                     } else if acct.limiter.is_some()
                         && !rl.is_empty()
                         && !acct.absorbing.swap(true, Ordering::Acquire)
