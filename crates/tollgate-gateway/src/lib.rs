@@ -425,35 +425,30 @@ impl Gateway {
             let mut model_accounts = HashMap::new();
             let default_account = accounts.len();
             for (model, limits, prefix) in budgets {
-                let qs = quotas(limits, &prefix, Owner::Account, None);
                 let what = match &model {
                     Some(m) => format!("`{name}`, model `{m}`"),
                     None => format!("`{name}`"),
                 };
-                let limiter = if qs.is_empty() {
-                    None
-                } else {
-                    let mut b = Limiter::builder().clock(clock.clone());
-                    for (q, m) in &qs {
-                        measures.insert(q.name(), *m);
-                        b = b.quota(q.clone());
-                    }
-                    Some(build(b, format!("upstream {what}")).await?)
-                };
+                // The limiter of an account's quotas alone, when it has any.
+                let account_limiter =
+                    async |qs: Vec<(Quota, Measure)>, measures: &mut HashMap<String, Measure>| {
+                        if qs.is_empty() {
+                            return Ok(None);
+                        }
+                        let mut b = Limiter::builder().clock(clock.clone());
+                        for (q, m) in qs {
+                            measures.insert(q.name(), m);
+                            b = b.quota(q);
+                        }
+                        build(b, format!("upstream {what}")).await.map(Some)
+                    };
+                let qs = quotas(limits, &prefix, Owner::Account, None);
+                let limiter = account_limiter(qs, &mut measures).await?;
                 // Paced apart: a caller's own account (per key, to its configured limits
                 // or learned ones), or an account with no limits configured (learned).
                 let pace = if u.forward_caller_key {
                     let own = quotas(&u.limits, &prefix, Owner::OwnAccount, None);
-                    let configured = if own.is_empty() {
-                        None
-                    } else {
-                        let mut b = Limiter::builder().clock(clock.clone());
-                        for (q, m) in &own {
-                            measures.insert(q.name(), *m);
-                            b = b.quota(q.clone());
-                        }
-                        Some(build(b, format!("upstream {what}")).await?)
-                    };
+                    let configured = account_limiter(own, &mut measures).await?;
                     Some(Arc::new(pace::Pace::new(name, configured, store.clone())))
                 } else if model.is_none() && limiter.is_none() {
                     Some(Arc::new(pace::Pace::new(name, None, store.clone())))

@@ -142,6 +142,17 @@ impl Drop for Looking {
     }
 }
 
+/// The headers that name a caller's own account: its credentials, and the organization
+/// and project it bills. Passed through when the caller's key is, and hashed into its
+/// account key.
+pub(crate) const OWN_ACCOUNT_HEADERS: [&str; 5] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "openai-organization",
+    "openai-project",
+];
+
 /// The account key of a caller whose own key is passed through: a hash of its
 /// credentials (`Authorization`, `x-api-key`, `api-key`) and of the organization and
 /// project it names (providers limit each apart), never the key itself.
@@ -149,13 +160,7 @@ impl Drop for Looking {
 /// Two callers with the same key are one account; no key at all is one account too.
 pub(crate) fn caller_account(headers: &HeaderMap) -> String {
     let mut hash = Sha256::new();
-    for name in [
-        "authorization",
-        "x-api-key",
-        "api-key",
-        "openai-organization",
-        "openai-project",
-    ] {
+    for name in OWN_ACCOUNT_HEADERS {
         for v in headers.get_all(name) {
             hash.update(name.as_bytes());
             hash.update(b"\0");
@@ -442,6 +447,18 @@ mod tests {
         h
     }
 
+    /// Pacing to learned limits, in memory.
+    fn learning() -> Arc<Pace> {
+        Arc::new(Pace::new(
+            "u",
+            None,
+            Store {
+                redis: None,
+                prefix: "t:".into(),
+            },
+        ))
+    }
+
     #[test]
     fn a_callers_account_is_a_hash_of_its_key_never_the_key() {
         let a = caller_account(&headers(&[("authorization", "Bearer sk-secret-a")]));
@@ -460,14 +477,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_request_looks_and_the_others_are_paced_to_what_it_learned() {
-        let pace = Arc::new(Pace::new(
-            "u",
-            None,
-            Store {
-                redis: None,
-                prefix: "t:".into(),
-            },
-        ));
+        let pace = learning();
         let Turn::Look(looking) = pace.turn("acct", Duration::ZERO).await else {
             panic!("the first request looks");
         };
@@ -547,14 +557,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_look_without_an_answer_passes_to_the_next_request_and_no_headers_means_unpaced() {
-        let pace = Arc::new(Pace::new(
-            "u",
-            None,
-            Store {
-                redis: None,
-                prefix: "t:".into(),
-            },
-        ));
+        let pace = learning();
         let Turn::Look(looking) = pace.turn("acct", Duration::ZERO).await else {
             panic!("the first request looks");
         };
@@ -608,14 +611,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flood_of_keys_makes_old_ones_look_again_never_unpaced() {
-        let pace = Arc::new(Pace::new(
-            "u",
-            None,
-            Store {
-                redis: None,
-                prefix: "t:".into(),
-            },
-        ));
+        let pace = learning();
         {
             let mut keys = pace.keys();
             for i in 0..MAX_KEYS {

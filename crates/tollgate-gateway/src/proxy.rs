@@ -962,13 +962,7 @@ impl Call {
         if upstream.forward_key {
             // The caller's own account: its credentials, and its choice of organization
             // and project, go through as it sent them.
-            for name in [
-                header::AUTHORIZATION.as_str(),
-                "x-api-key",
-                "api-key",
-                "openai-organization",
-                "openai-project",
-            ] {
+            for name in pace::OWN_ACCOUNT_HEADERS {
                 for v in self.headers.get_all(name) {
                     headers.append(HeaderName::from_static(name), v.clone());
                 }
