@@ -15,6 +15,10 @@
 //!   the provider's `x-ratelimit-limit-*` headers of the first answers (sent one at a time).
 //!   When an answer reports a limit below the one given, the provider's is used from
 //!   then on (a warning says so); a higher one never raises a limit given.
+//! - Every run, fresh or resumed, sends its first request alone and absorbs its answer's
+//!   rate-limit headers before any other goes out; so does the first request after the
+//!   shared Redis store was unavailable or is found to have lost the budget (the `look`
+//!   module): a key already spent at start costs one 429, not one per request of a burst.
 //! - A 429 pauses every request until the provider's `retry-after` / reset (when that
 //!   is more than [`tollgate::retry::Backoff::max_hint`] away, the run stops instead and
 //!   [`Summary::stopped_because`] says why), and each response's

@@ -3,9 +3,11 @@
 //! - `tollgate batch FILE -o RESULTS --url URL [--rpm N] [--tpm N] ...` sends a JSONL file
 //!   of requests at the provider's limits (see the `tollgate-batch` crate).
 //! - `tollgate serve --config tollgate.toml [--listen ADDR] [--redis URL]` (or
-//!   `tollgate serve --upstream URL` for the simple case) runs the gateway (the
-//!   `tollgate-gateway` crate); `tollgate hash-key KEY` prints the hash its config wants.
-//! - `tollgate sim [--port 8089] [--rpm 600] [--tpm 90000] ...` serves an
+//!   `tollgate serve --upstream URL [--rpm N] [--max-wait 60s]`, a pacing proxy that
+//!   learns the limits and passes callers' keys through when it has none) runs the
+//!   gateway (the `tollgate-gateway` crate); `tollgate hash-key KEY` prints the hash its
+//!   config wants.
+//! - `tollgate sim [--port 8089] [--rpm 600] [--tpm 90000] [--start-fill 1.0] ...` serves an
 //!   OpenAI/Anthropic-compatible API that enforces those limits (the `tollgate-sim` crate).
 
 use std::net::{IpAddr, SocketAddr};
@@ -481,7 +483,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "give either --config or --upstream: with a config file, put the upstream in it"
         ),
         (None, None) => anyhow::bail!(
-            "give --config tollgate.toml (see docs/GATEWAY.md), or --upstream URL for a plain proxy"
+            "give --config tollgate.toml (see docs/GATEWAY.md), or --upstream URL for a pacing proxy"
         ),
     };
     if let Some(l) = args.listen {
