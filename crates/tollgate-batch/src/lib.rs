@@ -1205,9 +1205,19 @@ impl Ctx {
                     if !headers_seen.is_empty()
                         && let Some(limiter) = &self.limits().limiter
                     {
-                        let _ = limiter
-                            .absorb(&self.account, &headers_seen, sent.elapsed())
-                            .await;
+                        // The look's answer sets the state from the provider's, and errs on
+                        // the safe side once: no refill counted for the round trip (its
+                        // first connection's set-up made the provider's count look up to
+                        // 7 ms older than it was), and one unit less than it says is left
+                        // (the two clocks' phases within a unit never agree). Without both,
+                        // the request after a 429-ed look met a second 429, a millisecond
+                        // before the provider's refill.
+                        let (absorbed, age) = if looking.is_some() {
+                            (look::one_less(&headers_seen), Duration::ZERO)
+                        } else {
+                            (headers_seen, sent.elapsed())
+                        };
+                        let _ = limiter.absorb(&self.account, &absorbed, age).await;
                         self.lower_limits(&headers_seen, sent.elapsed(), order)
                             .await;
                     }

@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tollgate::provider::RateLimitHeaders;
 use tollgate::{Cost, Quota, QuotaStatus};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -132,6 +133,25 @@ impl Look {
     }
 }
 
+/// `seen` with one unit less left in each budget that says what is left.
+pub(crate) fn one_less(seen: &RateLimitHeaders) -> RateLimitHeaders {
+    let mut less = *seen;
+    for budget in [
+        &mut less.requests,
+        &mut less.tokens,
+        &mut less.input_tokens,
+        &mut less.output_tokens,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Some(left) = budget.remaining.as_mut() {
+            *left = left.saturating_sub(1);
+        }
+    }
+    less
+}
+
 /// The name of the quota that marks a shared state as alive (see [`alive`]).
 pub(crate) const ALIVE: &str = "alive";
 
@@ -242,6 +262,23 @@ mod tests {
         let again = wiped.status("acct").await.expect("status");
         assert!(!same_mark(&held, &again, Duration::from_secs(8)));
         assert!(same_mark(&now, &now, Duration::ZERO));
+    }
+
+    #[test]
+    fn one_less_takes_a_unit_from_each_budget_that_says_what_is_left() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-ratelimit-remaining-tokens", "10".parse().expect("value"));
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            "0".parse().expect("value"),
+        );
+        h.insert("x-ratelimit-limit-requests", "60".parse().expect("value"));
+        let seen = RateLimitHeaders::parse(&h, std::time::SystemTime::now());
+        let less = one_less(&seen);
+        assert_eq!(less.tokens.and_then(|b| b.remaining), Some(9));
+        assert_eq!(less.requests.and_then(|b| b.remaining), Some(0));
+        assert_eq!(less.requests.and_then(|b| b.limit), Some(60));
+        assert!(less.input_tokens.is_none());
     }
 
     #[tokio::test]
