@@ -113,7 +113,7 @@ def run(rpm_flag):
         limit = 0 if rpm_flag else 4
         assert s["rate_limited"] <= limit, s
         assert s["admitted"] == CALLS, s
-        # 1.1 x is the target (measured 1.06 to 1.09 on an idle 2-core machine); a loaded
+        # 1.1 x is the target (measured 1.01 to 1.09 on an idle 2-core machine, debug and release builds); a loaded
         # CI machine gets one second more before this fails.
         assert wall <= 1.1 * allowed + 1.0, f"{wall:.2f} s against {allowed:.1f} s"
         return wall / allowed, s["rate_limited"]
