@@ -19,7 +19,6 @@ first 120 at once from a full bucket, then one every half second). Run by script
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,17 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gateway_openai import free_port  # noqa: E402  one helper for both SDK scripts
+
 BIN = sys.argv[1] if len(sys.argv) > 1 else "target/debug/tollgate"
 KEY = "sk-callers-own-key"
 RPM = 120
 CALLS = 150
 THREADS = 30
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(proc, log_path, what):

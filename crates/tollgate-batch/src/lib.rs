@@ -744,9 +744,6 @@ struct Limits {
     /// Counts the replacements: a permit from an older limiter is given back and taken
     /// again from the new one.
     generation: u64,
-    /// On Redis: each decision is checked for the mark a look leaves, to find a shared
-    /// state that Redis lost (in memory nothing loses it).
-    shared: bool,
 }
 
 /// Why a line failed.
@@ -883,7 +880,6 @@ impl Ctx {
             rpm,
             tpm,
             generation: limits.generation + 1,
-            shared: self.config.redis.is_some(),
         };
         *self.shown.lock().unwrap_or_else(PoisonError::into_inner) = (rpm, tpm);
     }
@@ -953,11 +949,18 @@ impl Ctx {
         }
     }
 
+    /// Whether the limits live in Redis, shared with other processes: each decision is
+    /// then checked for the mark a look leaves, to find a state Redis lost (in memory
+    /// nothing loses it).
+    fn shared(&self) -> bool {
+        self.config.redis.is_some()
+    }
+
     /// Leaves the mark of a look in the shared state when it is missing (see
     /// [`look::alive_quota`]).
     async fn mark_alive(&self) {
         let limits = self.limits();
-        if let (true, Some(limiter)) = (limits.shared, &limits.limiter) {
+        if let (true, Some(limiter)) = (self.shared(), &limits.limiter) {
             // Refused when the mark is there already: it stays as it was made.
             let _ = limiter.try_acquire(&self.account, look::mark_alive()).await;
         }
@@ -1171,7 +1174,7 @@ impl Ctx {
                     // On Redis the mark tells exactly whether the state that granted the
                     // permit is still there: a permit reserved before a look that found
                     // the state as it was (an outage that lost nothing) stays good.
-                    Some(limiter) if limits.shared => self.state_kept(limiter, p).await,
+                    Some(limiter) if self.shared() => self.state_kept(limiter, p).await,
                     // In memory nothing loses the state; a look wanted, begun or ended
                     // while this line waited corrected it: the permit is taken again.
                     _ => self.look.still(epoch),

@@ -4,6 +4,7 @@
 //! so a stream's permit lives until the stream ends and is settled with what was
 //! generated, whether the stream finished or the client went away.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -334,9 +335,12 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
         }
     }
     let pace_key = match &st.accounts[account].pace {
-        Some(pace) if u.forward_key => pace.key(&pace::caller_account(&parts.headers), &model),
-        Some(pace) => pace.key("account", &model),
-        None => "account".to_string(),
+        Some(pace) if u.forward_key => {
+            Cow::Owned(pace.key(&pace::caller_account(&parts.headers), &model))
+        }
+        Some(pace) => Cow::Owned(pace.key("account", &model)),
+        // Not paced apart: never read on the request path, and no allocation for it.
+        None => Cow::Borrowed("account"),
     };
     let call = Call {
         st: st.clone(),
@@ -425,6 +429,12 @@ pub(crate) fn upstream_uri(prefix: &str, path_and_query: &str) -> String {
         .find("://")
         .and_then(|i| prefix[i + 3..].find('/').map(|j| i + 3 + j))
         .unwrap_or(prefix.len());
+    // The common case, a base without an API root at its end: nothing to merge, and
+    // nothing collected on the request path.
+    let last = prefix[path_at..].rsplit('/').next().unwrap_or("");
+    if !ROOTS.contains(&last) {
+        return format!("{prefix}{path_and_query}");
+    }
     let base: Vec<&str> = prefix[path_at..].split('/').skip(1).collect();
     let path = path_and_query.split('?').next().unwrap_or("");
     let wanted: Vec<&str> = path.split('/').skip(1).collect();
@@ -675,7 +685,7 @@ struct Call {
     /// The key of that budget when it is paced apart ([`crate::AccountState::pace`]): a
     /// hash of the caller's own key when it is passed through, else `account`; with the
     /// model for learned limits, which providers report per model.
-    pace_key: String,
+    pace_key: Cow<'static, str>,
     method: Method,
     path_and_query: String,
     headers: HeaderMap,
@@ -1100,7 +1110,7 @@ impl Call {
     async fn retry_turn(&self, deadline: Instant) -> bool {
         let acct = &self.st.accounts[self.account];
         let (limiter, key) = match &acct.pace {
-            Some(pace) => (pace.limiter(&self.pace_key), self.pace_key.as_str()),
+            Some(pace) => (pace.limiter(&self.pace_key), &*self.pace_key),
             None => (acct.limiter.clone(), "account"),
         };
         let Some(account) = limiter else {
