@@ -401,6 +401,8 @@ fn upstream_config(
     } else {
         src.push_str("forward_caller_key = true\n");
     }
+    // Each caller's own account behind its own key: every route is its own to use.
+    let routes = if own_key { "" } else { "allow_routes = [\"/\"]\n" };
     if args.rpm.is_some() || args.tpm.is_some() {
         src.push_str("[upstreams.upstream.limits]\n");
         if let Some(n) = args.rpm {
@@ -415,7 +417,7 @@ fn upstream_config(
         OnLimitArg::Reject => "reject",
     };
     src.push_str(&format!(
-        "[tiers.default]\non_limit = \"{policy}\"\nmax_wait = \"{}ms\"\n",
+        "[tiers.default]\non_limit = \"{policy}\"\nmax_wait = \"{}ms\"\n{routes}",
         max_wait.as_millis()
     ));
     let config = tollgate_gateway::Config::parse(&src).context("--upstream")?;

@@ -507,9 +507,42 @@ pub struct Tier {
     /// which upstream 429s and 5xx are retried. Default 30 s.
     #[serde(default = "default_max_wait", deserialize_with = "duration")]
     pub max_wait: Duration,
+    /// Routes beyond the estimated ones (`POST` chat, completions, embeddings, responses,
+    /// messages) that the tier's callers may use, each a path prefix matched at a `/`
+    /// (`"/v1/files"` allows `/v1/files/file-abc/content` too), optionally after a method
+    /// (`"GET /v1/models/"`). Each such request counts as one request, never as tokens or
+    /// spend. Files, batches, stored completions, assistants and vector stores belong to
+    /// the upstream account: every caller allowed them sees and changes every other
+    /// caller's. Default: none.
+    #[serde(default)]
+    pub allow_routes: Vec<toml::Spanned<String>>,
 }
 
 impl Tier {
+    /// Whether `method` on `path` (normalized) is one of the tier's `allow_routes`.
+    ///
+    /// ```
+    /// let c = tollgate_gateway::Config::parse(r#"
+    /// [upstreams.sim]
+    /// kind = "sim"
+    /// url = "http://127.0.0.1:9000"
+    /// [tiers.ops]
+    /// allow_routes = ["/v1/files", "GET /v1/batches"]
+    /// [callers.ops-bot]
+    /// key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+    /// tier = "ops"
+    /// "#).unwrap();
+    /// let t = &c.tiers["ops"];
+    /// assert!(t.allows("DELETE", "/v1/files/file-1"));
+    /// assert!(t.allows("GET", "/v1/batches"));
+    /// assert!(!t.allows("POST", "/v1/batches"));
+    /// assert!(!t.allows("GET", "/v1/filesystem"));
+    /// ```
+    pub fn allows(&self, method: &str, path: &str) -> bool {
+        self.allow_routes
+            .iter()
+            .any(|r| route_allows(r.get_ref(), method, path))
+    }
     /// The longest the tier's policy lets a request wait for a limit without a policy
     /// of its own: `max_wait` when it waits, zero when it rejects.
     ///
@@ -575,6 +608,48 @@ pub struct Config {
     /// Models' prices, for spend limits; `"*"` prices every model not listed.
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
+    /// The most output tokens a model generates per answer, for requests that set no
+    /// `max_tokens` (their worst case, reserved and written into the request), over the
+    /// built-in table ([`tollgate::estimate::max_output_tokens`]); `"*"` for every model
+    /// neither knows (default 32768). Models are matched as limits are: case folded,
+    /// provider prefix and date suffix dropped.
+    #[serde(default)]
+    pub max_output_tokens: BTreeMap<String, u64>,
+    /// Other names of models: `"fast" = "gpt-4o-mini"` sends `fast` as `gpt-4o-mini`,
+    /// limited and priced as it.
+    #[serde(default)]
+    pub model_aliases: BTreeMap<String, String>,
+    /// Only models an upstream lists (`models` or `model_limits`) are served; any other
+    /// gets 404 `model_not_found` from the gateway. Default false: an unlisted model goes
+    /// to the default upstream.
+    #[serde(default)]
+    pub strict_models: bool,
+    /// Put the upstream accounts' limits in callers' `x-ratelimit-*` headers too. Default
+    /// false: a caller's headers report its own limits only, never what the account has
+    /// left (which tells of other callers' traffic).
+    #[serde(default)]
+    pub expose_account_limits: bool,
+}
+
+/// The default of `[max_output_tokens] "*"`: the worst case reserved for a request
+/// without `max_tokens` to a model no table knows.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 32_768;
+
+/// Whether an `allow_routes` entry (`"/v1/files"`, `"GET /v1/batches"`) allows `method`
+/// on `path`.
+pub(crate) fn route_allows(entry: &str, method: &str, path: &str) -> bool {
+    let (m, prefix) = match entry.split_once(' ') {
+        Some((m, p)) => (Some(m), p.trim()),
+        None => (None, entry),
+    };
+    if m.is_some_and(|m| !m.eq_ignore_ascii_case(method)) {
+        return false;
+    }
+    let prefix = prefix.trim_end_matches('/');
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
+        None => false,
+    }
 }
 
 fn default_listen() -> String {
@@ -798,6 +873,15 @@ impl Config {
                     "is over a day; no caller waits that long for an answer".into(),
                 );
             }
+            for r in &t.allow_routes {
+                if let Some(why) = bad_route(r.get_ref()) {
+                    return err(
+                        Some(r.span()),
+                        format!("tiers.{name}.allow_routes"),
+                        format!("`{}` {why}", r.get_ref()),
+                    );
+                }
+            }
             check_limits(&t.limits, &format!("tiers.{name}.limits"))
                 .map_err(|m| ConfigError::at(src, None, &format!("tiers.{name}.limits"), m))?;
             for (model, l) in &t.model_limits {
@@ -831,6 +915,47 @@ impl Config {
                 None,
                 "prices".into(),
                 "spend limits are set but no model has a price: add [prices] with each model's dollars per million tokens, e.g. \"gpt-4o\" = { input = 2.50, output = 10.00 }, or \"*\" for every model".into(),
+            );
+        }
+        for (model, n) in &self.max_output_tokens {
+            if *n == 0 {
+                return err(
+                    None,
+                    format!("max_output_tokens.{model}"),
+                    "is 0; give the most output tokens the model generates in one answer".into(),
+                );
+            }
+        }
+        for (alias, target) in &self.model_aliases {
+            if alias.trim().is_empty() || target.trim().is_empty() {
+                return err(
+                    None,
+                    format!("model_aliases.{alias}"),
+                    "an alias and its model are non-empty names".into(),
+                );
+            }
+            if self
+                .model_aliases
+                .keys()
+                .any(|a| a.eq_ignore_ascii_case(target))
+            {
+                return err(
+                    None,
+                    format!("model_aliases.{alias}"),
+                    format!("`{target}` is itself an alias; name the model it stands for"),
+                );
+            }
+        }
+        if self.strict_models
+            && self
+                .upstreams
+                .values()
+                .all(|u| u.models.is_empty() && u.model_limits.is_empty())
+        {
+            return err(
+                None,
+                "strict_models".into(),
+                "no upstream lists a model (`models` or `model_limits`), so every request would be refused: list them".into(),
             );
         }
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
@@ -883,6 +1008,34 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Why an `allow_routes` entry is not one, if it is not.
+fn bad_route(entry: &str) -> Option<&'static str> {
+    let path = match entry.split_once(' ') {
+        Some((m, p)) => {
+            if !matches!(
+                m,
+                "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS"
+            ) {
+                return Some(
+                    "starts with no method this gateway forwards: write a path (\"/v1/files\") or a method in capitals and a path (\"GET /v1/batches\")",
+                );
+            }
+            p.trim()
+        }
+        None => entry,
+    };
+    if !path.starts_with('/') {
+        return Some("is not a path: write it from the root, like \"/v1/files\"");
+    }
+    if path
+        .split('/')
+        .any(|seg| seg == "." || seg == ".." || seg.contains('%'))
+    {
+        return Some("must be a plain path: no `.`/`..` segments and no `%` escapes");
+    }
+    None
 }
 
 fn check_limits(l: &Limits, key: &str) -> Result<(), String> {

@@ -23,8 +23,10 @@
 
 pub mod config;
 pub mod metrics;
+mod models;
 mod pace;
 mod proxy;
+mod redact;
 pub mod sse;
 pub mod usage;
 
@@ -111,6 +113,8 @@ pub(crate) struct UpstreamState {
     /// spelling (marked sensitive, so it never shows in debug output).
     pub(crate) auth: Option<(http::HeaderName, http::HeaderValue)>,
     pub(crate) models: Vec<String>,
+    /// The same, by canonical name, for routing.
+    pub(crate) listed: Vec<String>,
     pub(crate) default: bool,
     /// The account serving models without limits of their own.
     pub(crate) default_account: usize,
@@ -139,6 +143,9 @@ pub(crate) struct Gate {
     pub(crate) wait: Duration,
     /// Whether any quota is a spend limit (requests then need their model's price).
     pub(crate) spends: bool,
+    /// Whether any quota counts tokens or spend: a request's worst-case output then
+    /// matters, and one without `max_tokens` gets its model's maximum written in.
+    pub(crate) tokens: bool,
 }
 
 /// A tier, ready to decide.
@@ -152,9 +159,14 @@ pub(crate) struct TierState {
     /// Per account (same order as `accounts`): the limiter deciding the tier's and the
     /// account's quotas together; `None` when neither has a limit.
     pub(crate) limiters: Vec<Option<Gate>>,
-    /// Each caller's own limits on one model (`model_limits`), decided before the
-    /// others and given back if they refuse.
+    /// Each caller's own limits on one model (`model_limits`, by canonical name),
+    /// decided before the others and given back if they refuse.
     pub(crate) models: HashMap<String, Gate>,
+    /// Routes beyond the estimated ones its callers may use (`allow_routes`).
+    pub(crate) routes: Vec<String>,
+    /// The names of its own quotas that reject rather than wait: one with nothing left
+    /// refuses a request before its body is read.
+    pub(crate) rejecting: std::collections::HashSet<String>,
 }
 
 /// What the quota named like this limits, for headers and error bodies.
@@ -182,6 +194,10 @@ pub(crate) struct State {
     /// Models' prices, for spend limits, and the price of every other model (`"*"`).
     pub(crate) prices: HashMap<String, config::Price>,
     pub(crate) default_price: Option<config::Price>,
+    /// Model names, resolved to one canonical name each.
+    pub(crate) models: models::Models,
+    /// Account limits go in callers' `x-ratelimit-*` headers too.
+    pub(crate) expose_account_limits: bool,
     /// Requests being handled, settlement included (which runs after the answer is sent).
     pub(crate) calls: Calls,
 }
@@ -377,6 +393,7 @@ impl Gateway {
     /// ```
     pub async fn new(config: Config) -> Result<Gateway, GatewayError> {
         let clock = Clock::system();
+        let model_names = models::Models::new(&config);
         let mut measures = HashMap::new();
         let redis = config.redis.clone();
         let prefix = config.redis_prefix.clone();
@@ -456,7 +473,7 @@ impl Gateway {
                     None
                 };
                 if let Some(m) = model {
-                    model_accounts.insert(m, accounts.len());
+                    model_accounts.insert(model_names.resolve(&m).canonical, accounts.len());
                 }
                 account_names.push(what);
                 accounts.push(AccountState {
@@ -504,6 +521,10 @@ impl Gateway {
                 }
                 None => None,
             };
+            let listed = models
+                .iter()
+                .map(|m| model_names.resolve(m).canonical)
+                .collect();
             upstreams.push(UpstreamState {
                 name: name.clone(),
                 kind: u.kind,
@@ -511,6 +532,7 @@ impl Gateway {
                 forward_key: u.forward_caller_key,
                 auth,
                 models,
+                listed,
                 default: u.default,
                 default_account,
                 model_accounts,
@@ -530,6 +552,7 @@ impl Gateway {
                     model_limits: Default::default(),
                     on_limit: config::OnLimit::Reject,
                     max_wait: Duration::from_secs(30),
+                    allow_routes: Vec::new(),
                 },
             ));
         }
@@ -573,6 +596,10 @@ impl Gateway {
                         .iter()
                         .chain(&account)
                         .any(|(_, m)| *m == Measure::Spend),
+                    tokens: own
+                        .iter()
+                        .chain(&account)
+                        .any(|(_, m)| matches!(m, Measure::Spend | Measure::Tokens)),
                 }));
             }
             let mut models = HashMap::new();
@@ -585,6 +612,9 @@ impl Gateway {
                 );
                 let wait = longest_wait(&own);
                 let spends = own.iter().any(|(_, m)| *m == Measure::Spend);
+                let tokens = own
+                    .iter()
+                    .any(|(_, m)| matches!(m, Measure::Spend | Measure::Tokens));
                 let mut b = Limiter::builder().clock(clock.clone());
                 for (q, m) in own {
                     measures.insert(q.name(), m);
@@ -592,11 +622,12 @@ impl Gateway {
                 }
                 let limiter = build(b, format!("tier `{tname}` on model `{model}`")).await?;
                 models.insert(
-                    model.clone(),
+                    model_names.resolve(model).canonical,
                     Gate {
                         limiter,
                         wait,
                         spends,
+                        tokens,
                     },
                 );
             }
@@ -606,6 +637,12 @@ impl Gateway {
                 wait: t.wait(),
                 limiters,
                 models,
+                routes: t.allow_routes.iter().map(|r| r.get_ref().clone()).collect(),
+                rejecting: own
+                    .iter()
+                    .filter(|(q, _)| q.get_max_wait().unwrap_or(Duration::ZERO).is_zero())
+                    .map(|(q, _)| q.name())
+                    .collect(),
             });
         }
         let tier_index = |n: &str| tiers.iter().position(|t| t.name == n).unwrap_or(0);
@@ -643,9 +680,11 @@ impl Gateway {
                     .prices
                     .iter()
                     .filter(|(m, _)| m.as_str() != "*")
-                    .map(|(m, p)| (m.clone(), *p))
+                    .map(|(m, p)| (model_names.resolve(m).canonical, *p))
                     .collect(),
                 default_price: config.prices.get("*").copied(),
+                models: model_names,
+                expose_account_limits: config.expose_account_limits,
                 calls: Calls::default(),
             }),
         })

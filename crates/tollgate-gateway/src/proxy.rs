@@ -57,15 +57,23 @@ fn authenticate(st: &State, headers: &HeaderMap) -> Option<CallerInfo> {
     let key = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(bearer)
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))?;
     st.callers
         .get(&crate::config::hash_key(key.trim()))
         .cloned()
+}
+
+/// The credentials of an `Authorization` header of the `Bearer` scheme, however it is
+/// spelled (the scheme is case-insensitive, RFC 9110 §11.1) and whatever spaces or tabs
+/// surround them.
+pub(crate) fn bearer(value: &str) -> Option<&str> {
+    let value = value.trim_start_matches([' ', '\t']);
+    let at = value.find([' ', '\t'])?;
+    let (scheme, rest) = value.split_at(at);
+    let token = rest.trim_matches([' ', '\t']);
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn unauthorized(anthropic: bool) -> Response {
@@ -228,9 +236,102 @@ fn classify(path: &str) -> (Option<Endpoint>, bool) {
     (endpoint, false)
 }
 
-/// Everything else: proxied.
+/// The most of an upstream's error answer the gateway reads, and how long it waits for
+/// it.
+const ERROR_BODY_MAX: usize = 1 << 20;
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a caller may take to send its request's body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A body this large or of unknown length is read only after the caller's limits were
+/// found not exhausted (a cheap check): reading and tokenising megabytes for a caller
+/// already over its limit would cost the gateway more than the refusal.
+const PRECHECK_BODY: u64 = 16 * 1024;
+
+/// The output field a request without one gets its worst case written into.
+fn output_field(endpoint: Endpoint, kind: Kind, model: &str) -> Option<&'static str> {
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            // OpenAI's reasoning models refuse `max_tokens`; every OpenAI model takes
+            // `max_completion_tokens`, and other servers (vLLM, Ollama, Azure's older
+            // API versions) take `max_tokens`.
+            let reasoning = ["o1", "o3", "o4", "gpt-5"].iter().any(|p| {
+                model
+                    .strip_prefix(p)
+                    .is_some_and(|r| r.is_empty() || r.starts_with('-'))
+            });
+            Some(if kind == Kind::OpenAi || reasoning {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            })
+        }
+        Endpoint::Responses => Some("max_output_tokens"),
+        // Completions default to 16 and messages require `max_tokens`: always declared.
+        Endpoint::Completions | Endpoint::Messages | Endpoint::Embeddings => None,
+    }
+}
+
+/// Whether a body declares its most output: a chat's `max_completion_tokens` or
+/// `max_tokens`, a response's `max_output_tokens` (a `null` declares nothing).
+fn declares_output(endpoint: Endpoint, body: &Value) -> bool {
+    let set = |f: &str| body.get(f).is_some_and(|v| !v.is_null());
+    match endpoint {
+        Endpoint::ChatCompletions => set("max_completion_tokens") || set("max_tokens"),
+        Endpoint::Responses => set("max_output_tokens"),
+        Endpoint::Completions | Endpoint::Messages | Endpoint::Embeddings => true,
+    }
+}
+
+/// The output the gateway wrote into a request that declared none.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Written {
+    field: &'static str,
+    /// Per choice.
+    max: u64,
+    /// Choices (`n`).
+    choices: u64,
+}
+
+/// A refusal before the body is read: a limit of the caller's that rejects (it does
+/// not wait) and has nothing left. The request would be refused whatever its cost.
+async fn exhausted(st: &State, caller: &CallerInfo, anthropic: bool) -> Option<Response> {
+    let tier = &st.tiers[caller.tier];
+    let limiter = &tier.limiters.iter().flatten().next()?.limiter;
+    let status = limiter.status(&caller.name).await.ok()?;
+    let s = status
+        .iter()
+        .find(|s| s.remaining == 0 && tier.rejecting.contains(s.quota.name()))?;
+    let measure = measure(st, s.quota.name()).unwrap_or(Measure::Requests);
+    let wait = (measure != Measure::Concurrency).then_some(s.reset);
+    let mut resp = refused(
+        st,
+        caller,
+        s.quota.name(),
+        measure,
+        (s.limit, 0),
+        wait,
+        anthropic,
+    );
+    ratelimit_headers(st, &status, resp.headers_mut());
+    Some(resp)
+}
+
+/// Everything else: proxied, when the route is one the caller may use.
 pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    // `*` (OPTIONS *) and any other target that is not a path would be joined to the
+    // upstream's URL as its port or host.
+    if !parts.uri.path().starts_with('/') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            false,
+            "invalid_request_error",
+            "invalid_request_target",
+            "The request target must be an absolute path such as /v1/chat/completions.",
+        );
+    }
     let path = match normalize_path(parts.uri.path()) {
         Ok(path) => path,
         Err(why) => {
@@ -247,27 +348,95 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
     let Some(caller) = authenticate(&st, &parts.headers) else {
         return unauthorized(anthropic);
     };
-    let body = match axum::body::to_bytes(body, st.max_body).await {
-        Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
+    let tier = &st.tiers[caller.tier];
+    // Routes are an allow-list: the estimated ones by POST, and what the tier allows.
+    let allowed = || {
+        tier.routes
+            .iter()
+            .any(|r| crate::config::route_allows(r, parts.method.as_str(), &path))
+    };
+    let endpoint = match endpoint {
+        Some(ep) if parts.method == Method::POST => Some(ep),
+        _ if allowed() => None,
+        Some(_) => {
+            let mut resp = error(
+                StatusCode::METHOD_NOT_ALLOWED,
                 anthropic,
                 "invalid_request_error",
-                "request_too_large",
+                "method_not_allowed",
                 &format!(
-                    "The request body is over this gateway's limit of {} bytes.",
-                    st.max_body
+                    "This gateway takes {path} by POST only; its operator can allow `{} {path}` with allow_routes in [tiers.{}].",
+                    parts.method, tier.name
+                ),
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return resp;
+        }
+        None => {
+            return error(
+                StatusCode::FORBIDDEN,
+                anthropic,
+                "permission_error",
+                "route_not_allowed",
+                &format!(
+                    "This gateway does not forward {} {path} for caller `{}`: its operator can allow it with allow_routes = [\"{path}\"] in [tiers.{}] (files, batches and stored objects are shared by every caller allowed them).",
+                    parts.method, caller.name, tier.name
                 ),
             );
         }
     };
-    // Known endpoints are estimated; anything else counts as one request.
-    let mut json_body: Option<Value> = None;
-    let mut cost = Cost::request();
-    if let (Some(ep), &Method::POST) = (endpoint, &parts.method) {
-        let v: Value = match serde_json::from_slice(&body) {
-            Ok(v) => v,
+    // An oversized body is refused from its declared length, before `100 Continue`.
+    let length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if length.is_some_and(|n| n > st.max_body as u64) {
+        return too_large(&st, anthropic);
+    }
+    if length.is_none_or(|n| n > PRECHECK_BODY)
+        && let Some(resp) = exhausted(&st, &caller, anthropic).await
+    {
+        return resp;
+    }
+    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, st.max_body))
+        .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let over = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .any(|e| e.is::<http_body_util::LengthLimitError>());
+            if over {
+                return too_large(&st, anthropic);
+            }
+            return error(
+                StatusCode::BAD_REQUEST,
+                anthropic,
+                "invalid_request_error",
+                "body_incomplete",
+                "The request body broke off before its end (a connection closed early or a malformed chunk): send it again.",
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                anthropic,
+                "invalid_request_error",
+                "body_timeout",
+                &format!(
+                    "The request body did not arrive within {}: send it at once.",
+                    format_duration(BODY_TIMEOUT)
+                ),
+            );
+        }
+    };
+    // Known endpoints are estimated; an allowed route counts as one request.
+    let mut json_body: Option<Value> = match endpoint {
+        Some(_) => match serde_json::from_slice(&body) {
+            Ok(v) => Some(v),
             Err(e) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -277,27 +446,35 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
                     &format!("The request body is not valid JSON: {e}"),
                 );
             }
-        };
-        match tollgate::estimate::estimate(ep, &v) {
-            Ok(e) => cost = Cost::input(e.input).output(e.output),
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    anthropic,
-                    "invalid_request_error",
-                    "invalid_request",
-                    &e.to_string(),
-                );
-            }
-        }
-        json_body = Some(v);
-    }
-    let model = json_body
+        },
+        None => None,
+    };
+    let raw_model = json_body
         .as_ref()
         .and_then(|v| v.get("model"))
         .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+        .unwrap_or("");
+    let resolved = st.models.resolve(raw_model);
+    if endpoint.is_some() && !st.models.served(&resolved.canonical) {
+        return error(
+            StatusCode::NOT_FOUND,
+            anthropic,
+            "invalid_request_error",
+            "model_not_found",
+            &format!(
+                "The model `{raw_model}` does not exist on this gateway; GET /v1/models lists those it serves."
+            ),
+        );
+    }
+    let mut rewritten = false;
+    if let (Some(name), Some(obj)) = (
+        &resolved.forward,
+        json_body.as_mut().and_then(Value::as_object_mut),
+    ) {
+        obj.insert("model".into(), Value::String(name.clone()));
+        rewritten = true;
+    }
+    let model = resolved.canonical;
     let Some(up) = pick_upstream(&st, anthropic, &model) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -313,13 +490,59 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
         .get(&model)
         .copied()
         .unwrap_or(u.default_account);
+    // The worst case is reserved: a request declaring no most output, where tokens or
+    // spend are limited, gets its model's maximum written in (the provider then holds
+    // it to what was reserved).
+    let counts_tokens = tier.limiters[account].as_ref().is_some_and(|g| g.tokens)
+        || tier.models.get(&model).is_some_and(|g| g.tokens);
+    let mut written = None;
+    if let (Some(ep), Some(v)) = (endpoint, json_body.as_mut())
+        && counts_tokens
+        && !declares_output(ep, v)
+        && let Some(field) = output_field(ep, u.kind, &model)
+        && let Some(obj) = v.as_object_mut()
+    {
+        let max = st.models.max_output(&model);
+        let choices = match ep {
+            Endpoint::ChatCompletions => obj.get("n").and_then(Value::as_u64).unwrap_or(1),
+            _ => 1,
+        };
+        obj.insert(field.into(), Value::from(max));
+        written = Some(Written {
+            field,
+            max,
+            choices,
+        });
+        rewritten = true;
+    }
+    let mut cost = Cost::request();
+    if let (Some(ep), Some(v)) = (endpoint, &json_body) {
+        match tollgate::estimate::estimate(ep, v) {
+            Ok(e) => cost = Cost::input(e.input).output(e.output),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    anthropic,
+                    "invalid_request_error",
+                    "invalid_request",
+                    &e.to_string(),
+                );
+            }
+        }
+    }
+    let body = match (&json_body, rewritten) {
+        (Some(v), true) => match serde_json::to_vec(v) {
+            Ok(b) => Bytes::from(b),
+            Err(_) => body,
+        },
+        _ => body,
+    };
     // Spend: the estimate at the model's price. Known endpoints need a price when a
     // spend limit applies; other routes count as requests only.
     let price = st.prices.get(&model).copied().or(st.default_price);
     if let Some(p) = price {
         cost = cost.spend(p.micro_dollars(cost.input, cost.output));
     } else if json_body.is_some() {
-        let tier = &st.tiers[caller.tier];
         let spends = tier.limiters[account].as_ref().is_some_and(|g| g.spends)
             || tier.models.get(&model).is_some_and(|g| g.spends);
         if spends {
@@ -360,6 +583,7 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
         model,
         cost,
         price,
+        written,
         anthropic,
     };
     let (tx, rx) = oneshot::channel();
@@ -379,6 +603,19 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
     })
 }
 
+fn too_large(st: &State, anthropic: bool) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        anthropic,
+        "invalid_request_error",
+        "request_too_large",
+        &format!(
+            "The request body is over this gateway's limit of {} bytes.",
+            st.max_body
+        ),
+    )
+}
+
 /// Which upstream serves a request: one listing the model, else the default, else the
 /// first that speaks the route's API.
 fn pick_upstream(st: &State, anthropic: bool, model: &str) -> Option<usize> {
@@ -396,7 +633,7 @@ fn pick_upstream(st: &State, anthropic: bool, model: &str) -> Option<usize> {
             .filter(|(_, u)| fits(u.kind))
     };
     ups()
-        .find(|(_, u)| u.models.iter().any(|m| m == model))
+        .find(|(_, u)| u.listed.iter().any(|m| m == model))
         .or_else(|| ups().find(|(_, u)| u.default))
         .or_else(|| ups().find(|(_, u)| u.models.is_empty()))
         .or_else(|| ups().next())
@@ -451,62 +688,88 @@ pub(crate) fn upstream_uri(prefix: &str, path_and_query: &str) -> String {
     format!("{prefix}{path_and_query}")
 }
 
+/// A 429 for the quota `name`: what it limits, its figures (`(limit, remaining)`) and
+/// the wait until a request fits (`None`: when a request ends, for concurrency). An
+/// account's figures tell of every caller's traffic: they are shown only with
+/// `expose_account_limits`.
+fn refused(
+    st: &State,
+    caller: &CallerInfo,
+    name: &str,
+    measure: Measure,
+    (limit, remaining): (u64, u64),
+    wait: Option<Duration>,
+    anthropic: bool,
+) -> Response {
+    st.metrics.count(
+        "tollgate_rejected_total",
+        &[("caller", &caller.name), ("quota", name)],
+        1,
+    );
+    let kind = match measure {
+        Measure::Requests => "requests",
+        Measure::Tokens => "tokens",
+        Measure::Concurrency => "concurrency",
+        Measure::Spend => "spend",
+    };
+    let own = exposed(st, name);
+    let later = match wait {
+        Some(w) => format!("Please try again in {}.", format_duration(w)),
+        None => "Please try again when a request ends.".to_string(),
+    };
+    let message = match (own, wait) {
+        (false, _) => format!(
+            "Rate limit reached on the upstream account's quota `{name}`, shared by every caller of this gateway. {later}"
+        ),
+        (true, Some(_)) if measure == Measure::Spend => format!(
+            "Spend limit reached for caller `{}` on quota `{name}`: budget {}, remaining {}. {later}",
+            caller.name,
+            dollars(limit),
+            dollars(remaining),
+        ),
+        (true, Some(_)) => format!(
+            "Rate limit reached for caller `{}` on quota `{name}`: limit {limit}, remaining {remaining}. {later}",
+            caller.name,
+        ),
+        (true, None) => format!(
+            "Limit reached for caller `{}` on quota `{name}`: all {limit} slots are in use. {later}",
+            caller.name,
+        ),
+    };
+    let mut resp = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        anthropic,
+        kind,
+        "rate_limit_exceeded",
+        &message,
+    );
+    let h = resp.headers_mut();
+    let wait = wait.unwrap_or(Duration::from_secs(1));
+    insert(
+        h,
+        "retry-after",
+        &wait.as_secs_f64().ceil().max(1.0).to_string(),
+    );
+    insert(h, "retry-after-ms", &wait.as_millis().max(1).to_string());
+    insert(h, "x-tollgate-quota", name);
+    resp
+}
+
 /// The answer to a refused or failed decision.
 fn limiter_error(st: &State, caller: &CallerInfo, e: &Error, anthropic: bool) -> Response {
     match e {
         Error::Limited(r) => {
             let name = r.quota().name();
-            st.metrics.count(
-                "tollgate_rejected_total",
-                &[("caller", &caller.name), ("quota", name)],
-                1,
-            );
             let measure = measure(st, name).unwrap_or(Measure::Requests);
-            let kind = match measure {
-                Measure::Requests => "requests",
-                Measure::Tokens => "tokens",
-                Measure::Concurrency => "concurrency",
-                Measure::Spend => "spend",
-            };
-            let wait = r.retry_after();
-            let message = match wait {
-                Some(w) if measure == Measure::Spend => format!(
-                    "Spend limit reached for caller `{}` on quota `{name}`: budget {}, remaining {}. Please try again in {}.",
-                    caller.name,
-                    dollars(r.limit()),
-                    dollars(r.remaining()),
-                    format_duration(w)
-                ),
-                Some(w) => format!(
-                    "Rate limit reached for caller `{}` on quota `{name}`: limit {}, remaining {}. Please try again in {}.",
-                    caller.name,
-                    r.limit(),
-                    r.remaining(),
-                    format_duration(w)
-                ),
-                None => format!(
-                    "Limit reached for caller `{}` on quota `{name}`: all {} slots are in use. Please try again when a request ends.",
-                    caller.name,
-                    r.limit()
-                ),
-            };
-            let mut resp = error(
-                StatusCode::TOO_MANY_REQUESTS,
+            refused(
+                st,
+                caller,
+                name,
+                measure,
+                (r.limit(), r.remaining()),
+                r.retry_after(),
                 anthropic,
-                kind,
-                "rate_limit_exceeded",
-                &message,
-            );
-            let h = resp.headers_mut();
-            let wait = wait.unwrap_or(Duration::from_secs(1));
-            insert(
-                h,
-                "retry-after",
-                &wait.as_secs_f64().ceil().max(1.0).to_string(),
-            );
-            insert(h, "retry-after-ms", &wait.as_millis().max(1).to_string());
-            insert(h, "x-tollgate-quota", name);
-            resp
+            )
         }
         Error::TooLarge(t) => {
             let name = t.quota().name();
@@ -583,6 +846,21 @@ fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
 }
 
 /// `x-ratelimit-*` headers for the binding (least remaining) requests and tokens quotas.
+/// Whether a quota's figures may be shown to a caller: its own (its tier's, or its own
+/// account's when its key is passed through), or an account's with
+/// `expose_account_limits`.
+fn exposed(st: &State, name: &str) -> bool {
+    name.starts_with("tier.")
+        || st.expose_account_limits
+        || st.upstreams.iter().any(|u| {
+            u.forward_key
+                && name
+                    .strip_prefix("upstream.")
+                    .and_then(|n| n.strip_prefix(u.name.as_str()))
+                    .is_some_and(|rest| rest.starts_with('.'))
+        })
+}
+
 fn ratelimit_headers(st: &State, status: &[QuotaStatus], h: &mut HeaderMap) {
     const NAMES: [(Measure, [&str; 3]); 2] = [
         (
@@ -605,7 +883,9 @@ fn ratelimit_headers(st: &State, status: &[QuotaStatus], h: &mut HeaderMap) {
     for (measure, [limit, remaining, reset]) in NAMES {
         let binding = status
             .iter()
-            .filter(|s| self::measure(st, s.quota.name()) == Some(measure))
+            .filter(|s| {
+                self::measure(st, s.quota.name()) == Some(measure) && exposed(st, s.quota.name())
+            })
             .min_by_key(|s| (s.remaining, std::cmp::Reverse(s.reset)));
         if let Some(s) = binding {
             h.insert(HeaderName::from_static(limit), HeaderValue::from(s.limit));
@@ -696,6 +976,8 @@ struct Call {
     cost: Cost,
     /// The model's price, for spend limits.
     price: Option<Price>,
+    /// The most output the gateway wrote into a request that declared none.
+    written: Option<Written>,
     anthropic: bool,
 }
 
@@ -717,12 +999,28 @@ impl Call {
         // the permits, which borrow it) and, for the request that looks, the right to.
         let pace_limiter: Option<Limiter>;
         let looking: Option<pace::Looking>;
-        let decided = tokio::select! {
+        let mut decided = tokio::select! {
             r = decide(model_gate.as_ref(), gate.as_ref(), &key, self.cost) => r,
             // The client went away while waiting: dropping the decision gives back its
             // reservations.
             () = tx.closed() => return,
         };
+        // A request whose most output the gateway wrote in is capped to what fits the
+        // limit that refused it, rather than refused (twice at most: another limit may
+        // refuse the capped request).
+        for _ in 0..2 {
+            let (Err(e), Some(w)) = (&decided, self.written) else {
+                break;
+            };
+            let Some(max) = self.fitting(e, w) else {
+                break;
+            };
+            self.cap(w, max);
+            decided = tokio::select! {
+                r = decide(model_gate.as_ref(), gate.as_ref(), &key, self.cost) => r,
+                () = tx.closed() => return,
+            };
+        }
         let mut permit = match decided {
             Ok(p) => p,
             Err(e) => {
@@ -863,6 +1161,12 @@ impl Call {
             }
         }
         headers.extend(rl);
+        if let Some(w) = self.written {
+            headers.insert(
+                HeaderName::from_static("x-tollgate-max-output-tokens"),
+                HeaderValue::from(w.max),
+            );
+        }
         let is_stream = answer
             .headers()
             .get(header::CONTENT_TYPE)
@@ -916,6 +1220,56 @@ impl Call {
             settle(permit, u, self.price).await;
         }
         // No usage reported: the estimate stands (the permit drops unsettled).
+    }
+
+    /// The most output per choice that fits the limit behind `e` (a refusal of this
+    /// request's current cost), when capping the output the gateway wrote in would make
+    /// it fit: a tokens limit counting output, or a spend limit.
+    fn fitting(&self, e: &Error, w: Written) -> Option<u64> {
+        let (name, room) = match e {
+            Error::TooLarge(t) => (t.quota().name(), t.capacity()),
+            Error::Limited(r) if r.retry_after().is_some() => (r.quota().name(), r.remaining()),
+            _ => return None,
+        };
+        let input = self.cost.input;
+        let output_room = match measure(&self.st, name)? {
+            Measure::Tokens if name.ends_with("input_tokens_per_minute") => return None,
+            Measure::Tokens if name.ends_with("output_tokens_per_minute") => room,
+            Measure::Tokens => room.checked_sub(input)?,
+            Measure::Spend => {
+                let p = self.price?;
+                let left = room.checked_sub(p.micro_dollars(input, 0))?;
+                if p.output <= 0.0 {
+                    return None;
+                }
+                (left as f64 / p.output).floor() as u64
+            }
+            Measure::Requests | Measure::Concurrency => return None,
+        };
+        let per_choice = output_room / w.choices.max(1);
+        (per_choice >= 1 && per_choice < w.max).then_some(per_choice)
+    }
+
+    /// Lower the output the gateway wrote in to `max` per choice: the body and the cost
+    /// follow.
+    fn cap(&mut self, w: Written, max: u64) {
+        let Some(obj) = self.json.as_mut().and_then(Value::as_object_mut) else {
+            return;
+        };
+        obj.insert(w.field.into(), Value::from(max));
+        if let Some(v) = &self.json
+            && let Ok(b) = serde_json::to_vec(v)
+        {
+            self.body = Bytes::from(b);
+        }
+        let output = max.saturating_mul(w.choices);
+        self.cost = Cost::input(self.cost.input).output(output);
+        if let Some(p) = self.price {
+            self.cost = self
+                .cost
+                .spend(p.micro_dollars(self.cost.input, self.cost.output));
+        }
+        self.written = Some(Written { max, ..w });
     }
 
     fn count_tokens(&self, u: Usage) {
@@ -1033,11 +1387,28 @@ impl Call {
                             }
                         });
                     }
-                    if !tollgate::retry::is_retryable(resp.status()) {
+                    let status = resp.status();
+                    if !(status.is_client_error() || status.is_server_error()) {
                         return Forwarded::Answer(resp);
                     }
+                    // An error: read it (it is small) to tell a wait from a refusal
+                    // that no wait cures, and to answer in the gateway's own words.
+                    let (parts, body) = resp.into_parts();
+                    let body = tokio::time::timeout(
+                        ERROR_BODY_TIMEOUT,
+                        http_body_util::Limited::new(body, ERROR_BODY_MAX).collect(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
                     let hint = rl.wait_hint();
-                    (true, hint, Ok(resp))
+                    // A 429 is retried only when it says how long to wait (and that
+                    // wait fits the caller's), never when it is permanent.
+                    let retry = !tollgate::retry::is_permanent(status, &body)
+                        && (status != StatusCode::TOO_MANY_REQUESTS || hint.is_some());
+                    (retry, hint, Ok((parts, body)))
                 }
                 Ok(Err(e)) => {
                     labels("0");
@@ -1051,8 +1422,10 @@ impl Call {
                     } else {
                         (StatusCode::BAD_GATEWAY, "failed while answering")
                     };
+                    // An upstream that cannot be reached is tried once more, not for
+                    // the caller's whole wait: it answers 502 quickly.
                     (
-                        true,
+                        !e.is_connect() || attempt == 0,
                         None,
                         Err((status, format!("The upstream `{}` {what}.", upstream.name))),
                     )
@@ -1090,7 +1463,9 @@ impl Call {
                 }
             }
             return match failure {
-                Ok(resp) => Forwarded::Answer(resp),
+                Ok((parts, body)) => {
+                    Forwarded::Failed(self.upstream_error(parts, &body, attempt + 1))
+                }
                 Err((status, message)) => Forwarded::Failed(error(
                     status,
                     self.anthropic,
@@ -1100,6 +1475,79 @@ impl Call {
                 )),
             };
         }
+    }
+
+    /// The gateway's answer to an upstream's error answer. The caller never reads the
+    /// upstream's credentials in it, nor takes the account's problem for its own: a
+    /// 401/403 to the gateway's key is a 502 `upstream_auth_failed`, a 5xx is a 502
+    /// (504 for the upstream's own timeout) in the gateway's words; any other 4xx is the
+    /// caller's request as the upstream judged it, passed with anything that looks like
+    /// a credential redacted.
+    fn upstream_error(&self, parts: http::response::Parts, body: &[u8], attempts: u32) -> Response {
+        let up = &self.st.upstreams[self.up];
+        let code = parts.status.as_u16();
+        let tries = if attempts > 1 {
+            format!(" after {attempts} attempts")
+        } else {
+            String::new()
+        };
+        let mut resp = if matches!(code, 401 | 403) && !up.forward_key {
+            error(
+                StatusCode::BAD_GATEWAY,
+                self.anthropic,
+                "server_error",
+                "upstream_auth_failed",
+                &format!(
+                    "The upstream `{}` refused this gateway's own credentials (HTTP {code}): the gateway's operator must fix its key for this upstream. Your key to the gateway is fine.",
+                    up.name
+                ),
+            )
+        } else if parts.status.is_server_error() {
+            let (status, kind) = if code == 504 {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+            } else {
+                (StatusCode::BAD_GATEWAY, "upstream_error")
+            };
+            error(
+                status,
+                self.anthropic,
+                "server_error",
+                kind,
+                &format!("The upstream `{}` failed with HTTP {code}{tries}.", up.name),
+            )
+        } else {
+            let mut headers = HeaderMap::new();
+            for (n, v) in &parts.headers {
+                if returnable(n) && !named_by_connection(&parts.headers, n) {
+                    headers.append(n.clone(), v.clone());
+                }
+            }
+            let mut secrets: Vec<&str> = Vec::new();
+            if let Some((_, v)) = &up.auth
+                && let Ok(v) = v.to_str()
+            {
+                secrets.push(v.strip_prefix("Bearer ").unwrap_or(v));
+            }
+            for name in pace::OWN_ACCOUNT_HEADERS {
+                for v in self.headers.get_all(name) {
+                    if let Ok(v) = v.to_str() {
+                        secrets.push(bearer(v).unwrap_or(v));
+                    }
+                }
+            }
+            build(
+                parts.status,
+                headers,
+                Body::from(crate::redact::redact(body, &secrets).into_owned()),
+            )
+        };
+        let h = resp.headers_mut();
+        insert(h, "x-tollgate-upstream", &up.name);
+        h.insert(
+            HeaderName::from_static("x-tollgate-upstream-status"),
+            HeaderValue::from(code),
+        );
+        resp
     }
 
     /// A retry is one more request at the provider: it takes its turn in the account's

@@ -353,10 +353,10 @@ async fn waiting_callers_are_served_in_arrival_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embeddings_and_unknown_routes_pass_through() {
+async fn embeddings_pass_and_other_routes_only_where_allowed() {
     let s = setup(
         fast_sim(),
-        "[tiers.t]\nlimits = { requests_per_minute = 100 }",
+        "[tiers.t]\nlimits = { requests_per_minute = 100 }\nallow_routes = [\"/v1/unknown\"]",
     )
     .await;
     let r = s
@@ -370,10 +370,35 @@ async fn embeddings_and_unknown_routes_pass_through() {
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "99");
     let v: Value = r.json().await.expect("json");
     assert!(v["data"][0]["embedding"].is_array());
-    // Unknown to the gateway: forwarded, counted as a request.
+    // Allowed to the tier: forwarded, counted as a request.
     let r = s.post("key-a", "/v1/unknown", &json!({})).await;
     assert_eq!(r.status(), 404, "the simulator's own answer");
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "98");
+    // Not allowed: refused at the gateway, naming the setting, and free.
+    let r = s.post("key-a", "/v1/files", &json!({})).await;
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "route_not_allowed");
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains("allow_routes"), "{message}");
+    // A known route by another method (listing stored completions) is refused too.
+    let r = s
+        .http
+        .get(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth("key-a")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 405);
+    assert_eq!(header(&r, "allow"), "POST");
+    let r = s
+        .post(
+            "key-a",
+            "/v1/embeddings",
+            &json!({"model": "text-embedding-3-small", "input": "hello"}),
+        )
+        .await;
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "97");
     // A body that is not JSON on a known route is the caller's mistake.
     let r = s
         .http

@@ -9,7 +9,7 @@
 //!
 //! | endpoint | input counted | output counted |
 //! |---|---|---|
-//! | chat completions | every message (role, name, text parts) as [`crate::tokens`] counts a chat | `max_completion_tokens` or `max_tokens` (0 when absent) × `n` |
+//! | chat completions | every message (role, name, text parts) as [`crate::tokens`] counts a chat | the larger of `max_completion_tokens` and `max_tokens` (0 when both are absent) × `n` |
 //! | completions | `prompt`: text, texts, or token arrays (their length) | `max_tokens` (default 16, as OpenAI's) × `n`, or × `best_of` when larger |
 //! | embeddings | `input`: text, texts, or token arrays | 0 |
 //! | Anthropic messages | `system` and every message's text blocks | `max_tokens` (required) |
@@ -216,10 +216,11 @@ pub fn estimate(endpoint: Endpoint, body: &Value) -> Result<Estimate, EstimateEr
             for message in messages {
                 input = input.saturating_add(chat_message(enc, message)?);
             }
-            let max = match optional_u64(body, "max_completion_tokens")? {
-                Some(max) => max,
-                None => optional_u64(body, "max_tokens")?.unwrap_or(0),
-            };
+            // Both may be sent, and a server may honour either: the larger is the most
+            // the request can generate.
+            let max = optional_u64(body, "max_completion_tokens")?
+                .unwrap_or(0)
+                .max(optional_u64(body, "max_tokens")?.unwrap_or(0));
             Ok(Estimate {
                 input,
                 output: max.saturating_mul(n),
@@ -288,6 +289,60 @@ pub fn estimate(endpoint: Endpoint, body: &Value) -> Result<Estimate, EstimateEr
             })
         }
     }
+}
+
+/// The most output tokens a model generates in one answer (per choice), as its provider
+/// documents it, for the models this table knows: the worst case of a request that sets
+/// no `max_tokens`. A model is matched by the longest known name it starts with, up to a
+/// `-` (`gpt-4o-2024-08-06` is `gpt-4o`, `gpt-4o-mini-2024-07-18` is `gpt-4o-mini`), after
+/// any provider prefix (`openai/`) and case are dropped; `None` for a model it does not
+/// know, whose worst case is the caller's to set (the gateway's `[max_output_tokens]`).
+///
+/// ```
+/// use tollgate::estimate::max_output_tokens;
+///
+/// assert_eq!(max_output_tokens("gpt-4o"), Some(16_384));
+/// assert_eq!(max_output_tokens("openai/GPT-4o-2024-08-06"), Some(16_384));
+/// assert_eq!(max_output_tokens("gpt-4.1-mini"), Some(32_768));
+/// assert_eq!(max_output_tokens("my-llama"), None);
+/// ```
+pub fn max_output_tokens(model: &str) -> Option<u64> {
+    const KNOWN: [(&str, u64); 24] = [
+        ("gpt-3.5-turbo", 4_096),
+        ("gpt-4", 8_192),
+        ("gpt-4-turbo", 4_096),
+        ("gpt-4o", 16_384),
+        ("gpt-4o-mini", 16_384),
+        ("chatgpt-4o-latest", 16_384),
+        ("gpt-4.1", 32_768),
+        ("gpt-4.1-mini", 32_768),
+        ("gpt-4.1-nano", 32_768),
+        ("gpt-5", 128_000),
+        ("o1", 100_000),
+        ("o1-mini", 65_536),
+        ("o1-pro", 100_000),
+        ("o3", 100_000),
+        ("o3-mini", 100_000),
+        ("o3-pro", 100_000),
+        ("o4-mini", 100_000),
+        ("claude-3-haiku", 4_096),
+        ("claude-3-opus", 4_096),
+        ("claude-3-5-haiku", 8_192),
+        ("claude-3-5-sonnet", 8_192),
+        ("claude-3-7-sonnet", 64_000),
+        ("claude-sonnet-4", 64_000),
+        ("claude-opus-4", 32_000),
+    ];
+    let lower = model.trim().to_ascii_lowercase();
+    let name = lower.rsplit('/').next().unwrap_or(&lower);
+    KNOWN
+        .iter()
+        .filter(|(known, _)| {
+            name.strip_prefix(known)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+        })
+        .max_by_key(|(known, _)| known.len())
+        .map(|(_, max)| *max)
 }
 
 fn count(enc: Encoding, text: &str) -> u64 {

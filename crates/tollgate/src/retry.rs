@@ -667,6 +667,49 @@ pub fn is_retryable(status: StatusCode) -> bool {
     )
 }
 
+/// Whether an error answer says that the same request can never succeed however long
+/// it waits, although its status (429) says "too many requests": the account is out of
+/// credit (`insufficient_quota`, `billing_hard_limit_reached`, "exceeded your current
+/// quota"), or the request alone is over a limit ("Request too large"). Such answers are
+/// never worth a retry: a retry is only one more refused request on the account.
+///
+/// `body` is the answer's body as the provider sent it (OpenAI's and Anthropic's error
+/// JSON, or text); anything unreadable is not permanent.
+///
+/// # Example
+///
+/// ```
+/// use http::StatusCode;
+/// use tollgate::retry::is_permanent;
+///
+/// let quota = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+/// assert!(is_permanent(StatusCode::TOO_MANY_REQUESTS, quota));
+/// let large = br#"{"error":{"message":"Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000.","type":"tokens","code":"rate_limit_exceeded"}}"#;
+/// assert!(is_permanent(StatusCode::TOO_MANY_REQUESTS, large));
+/// let busy = br#"{"error":{"message":"Rate limit reached for gpt-4o. Please try again in 1s.","type":"tokens","code":"rate_limit_exceeded"}}"#;
+/// assert!(!is_permanent(StatusCode::TOO_MANY_REQUESTS, busy));
+/// assert!(is_permanent(StatusCode::BAD_REQUEST, b"anything"));
+/// ```
+pub fn is_permanent(status: StatusCode, body: &[u8]) -> bool {
+    if !is_retryable(status) {
+        return true;
+    }
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        return false;
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]).to_ascii_lowercase();
+    [
+        "insufficient_quota",
+        "billing_hard_limit",
+        "exceeded your current quota",
+        "request too large",
+        "too large for",
+        "credit balance is too low",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
 /// The outcome of one call of the operation given to [`retry`].
 ///
 /// # Example
