@@ -402,7 +402,11 @@ fn upstream_config(
         src.push_str("forward_caller_key = true\n");
     }
     // Each caller's own account behind its own key: every route is its own to use.
-    let routes = if own_key { "" } else { "allow_routes = [\"/\"]\n" };
+    let routes = if own_key {
+        ""
+    } else {
+        "allow_routes = [\"/\"]\n"
+    };
     if args.rpm.is_some() || args.tpm.is_some() {
         src.push_str("[upstreams.upstream.limits]\n");
         if let Some(n) = args.rpm {

@@ -233,7 +233,11 @@ async fn a_path_cannot_climb_out_of_the_upstreams_base() {
         output: 1,
     })
     .await;
-    let url = gateway(&format!("{addr}/tenant-a"), "").await;
+    let url = gateway(
+        &format!("{addr}/tenant-a"),
+        "allow_routes = [\"GET /v1/files\"]",
+    )
+    .await;
     for target in [
         "/%2e%2e/admin/keys",
         "/v1/../../admin",
@@ -256,7 +260,7 @@ async fn an_openai_route_ending_in_messages_is_not_taken_for_anthropic() {
         output: 1,
     })
     .await;
-    let url = gateway(&addr, "").await;
+    let url = gateway(&addr, "allow_routes = [\"/v1/threads\"]").await;
     let message = json!({"role": "user", "content": "hi"});
     let status = post(&url, "/v1/threads/thread_1/messages", &message)
         .await
@@ -500,10 +504,18 @@ async fn retries_take_their_turn_in_the_accounts_quota() {
         "max_wait = \"4s\"",
     );
     let (url, _gateway, _serving) = start(&src, std::future::pending()).await;
-    let status = post(&url, "/v1/chat/completions", &chat(10, false))
-        .await
-        .status();
-    assert_eq!(status, 500, "the upstream's last answer");
+    let response = post(&url, "/v1/chat/completions", &chat(10, false)).await;
+    assert_eq!(response.status(), 502, "the gateway's own answer");
+    let upstream_status = response
+        .headers()
+        .get("x-tollgate-upstream-status")
+        .and_then(|v| v.to_str().ok());
+    assert_eq!(upstream_status, Some("500"));
+    let body = response.text().await.expect("body");
+    assert!(
+        body.contains("The upstream `u` failed with HTTP 500 after 2 attempts."),
+        "{body}"
+    );
     // The request and one retry fill the account's 2 a minute; the next retry's turn
     // would come 30 s later, past the 4 s the tier waits.
     assert_eq!(seen.lock().expect("log").len(), 2);
