@@ -28,6 +28,7 @@ mod pace;
 mod proxy;
 mod redact;
 pub mod sse;
+pub mod target;
 pub mod usage;
 
 use std::collections::HashMap;
@@ -105,7 +106,7 @@ pub(crate) struct UpstreamState {
     pub(crate) kind: config::Kind,
     /// Its URL up to and without the trailing `/` of its path, checked once: each
     /// request's URI is this and its own path and query (less the API root both end and
-    /// begin with, see [`proxy::upstream_uri`]).
+    /// begin with, see [`target::upstream_uri`]).
     pub(crate) prefix: String,
     /// Callers' own keys go through, each paced as an account of its own.
     pub(crate) forward_key: bool,

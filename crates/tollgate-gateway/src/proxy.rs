@@ -155,53 +155,6 @@ pub(crate) async fn usage(AxState(st): St, headers: HeaderMap) -> Response {
     axum::Json(json!({"caller": caller.name, "tier": tier.name, "quotas": quotas})).into_response()
 }
 
-/// The request path as it is classified and forwarded, one spelling for one route:
-/// escapes of unreserved characters decoded (RFC 3986 §6.2.2.2; `/v1/chat/completion%73`
-/// is the chat route, and is estimated and limited as one), other escapes kept. A path
-/// that could leave the upstream's base path or be read two ways is refused: a `.` or
-/// `..` segment, an encoded `/` or `\`, a raw `\`, a `%` not followed by two hex digits.
-/// (Tested in `tests::paths_have_one_spelling_and_cannot_climb`.)
-fn normalize_path(raw: &str) -> Result<String, &'static str> {
-    let bytes = raw.as_bytes();
-    let mut out = String::with_capacity(raw.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'\\' {
-            return Err("a `\\` in the path");
-        }
-        if b != b'%' {
-            if b.is_ascii() {
-                out.push(char::from(b));
-            } else {
-                out.push_str(&format!("%{b:02X}"));
-            }
-            i += 1;
-            continue;
-        }
-        let hex = |c: u8| char::from(c).to_digit(16);
-        let (Some(hi), Some(lo)) = (
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) else {
-            return Err("a `%` not followed by two hex digits in the path");
-        };
-        let c = u8::try_from(hi * 16 + lo).unwrap_or(0);
-        match c {
-            b'/' | b'\\' => return Err("an encoded `/` or `\\` in the path"),
-            c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
-                out.push(char::from(c));
-            }
-            c => out.push_str(&format!("%{c:02X}")),
-        }
-        i += 3;
-    }
-    if out.split('/').any(|seg| seg == "." || seg == "..") {
-        return Err("a `.` or `..` segment in the path");
-    }
-    Ok(out)
-}
-
 /// Whether the gateway may ask an upstream for a stream's usage chunk
 /// (`stream_options.include_usage`): not Anthropic's API, and Azure only from
 /// `api-version` 2024-09-01 (earlier versions refuse the field with a 400; their streams
@@ -321,26 +274,15 @@ async fn exhausted(st: &State, caller: &CallerInfo, anthropic: bool) -> Option<R
 /// Everything else: proxied, when the route is one the caller may use.
 pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    // `*` (OPTIONS *) and any other target that is not a path would be joined to the
-    // upstream's URL as its port or host.
-    if !parts.uri.path().starts_with('/') {
-        return error(
-            StatusCode::BAD_REQUEST,
-            false,
-            "invalid_request_error",
-            "invalid_request_target",
-            "The request target must be an absolute path such as /v1/chat/completions.",
-        );
-    }
-    let path = match normalize_path(parts.uri.path()) {
+    let path = match crate::target::normalize(parts.uri.path()) {
         Ok(path) => path,
-        Err(why) => {
+        Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 parts.uri.path().starts_with("/v1/messages"),
                 "invalid_request_error",
-                "invalid_path",
-                &format!("This gateway does not accept {why}."),
+                e.code(),
+                &e.to_string(),
             );
         }
     };
@@ -652,40 +594,6 @@ fn measure(st: &State, name: &str) -> Option<Measure> {
             None
         }
     })
-}
-
-/// The URI of a request at an upstream: the upstream's prefix (its URL without a
-/// trailing `/`) and the request's path and query, less the API root both spell. A base
-/// written as SDKs write it (`https://api.openai.com/v1`, `https://x.openai.azure.com/openai`,
-/// `https://openrouter.ai/api/v1`) and a request for `/v1/chat/completions` (or
-/// `/openai/deployments/...`) make one `/v1`, not two. Only API roots (`v1`, `openai`) are
-/// merged; any other base path is kept whole in front of the request's.
-pub(crate) fn upstream_uri(prefix: &str, path_and_query: &str) -> String {
-    const ROOTS: [&str; 2] = ["v1", "openai"];
-    let path_at = prefix
-        .find("://")
-        .and_then(|i| prefix[i + 3..].find('/').map(|j| i + 3 + j))
-        .unwrap_or(prefix.len());
-    // The common case, a base without an API root at its end: nothing to merge, and
-    // nothing collected on the request path.
-    let last = prefix[path_at..].rsplit('/').next().unwrap_or("");
-    if !ROOTS.contains(&last) {
-        return format!("{prefix}{path_and_query}");
-    }
-    let base: Vec<&str> = prefix[path_at..].split('/').skip(1).collect();
-    let path = path_and_query.split('?').next().unwrap_or("");
-    let wanted: Vec<&str> = path.split('/').skip(1).collect();
-    // The most segments the base ends with and the path begins with, all API roots (the
-    // path's last segment is a resource, never a root).
-    let most = base.len().min(wanted.len().saturating_sub(1));
-    for k in (1..=most).rev() {
-        let tail = &base[base.len() - k..];
-        if tail == &wanted[..k] && tail.iter().all(|s| ROOTS.contains(s)) {
-            let cut: usize = tail.iter().map(|s| s.len() + 1).sum();
-            return format!("{}{path_and_query}", &prefix[..prefix.len() - cut]);
-        }
-    }
-    format!("{prefix}{path_and_query}")
 }
 
 /// A 429 for the quota `name`: what it limits, its figures (`(limit, remaining)`) and
@@ -1301,7 +1209,10 @@ impl Call {
         let upstream = &st.upstreams[self.up];
         // The caller's path was checked and normalized: it is a valid URI's path, and
         // the prefix was checked at startup.
-        let Ok(uri) = Uri::try_from(upstream_uri(&upstream.prefix, &self.path_and_query)) else {
+        let Ok(uri) = Uri::try_from(crate::target::upstream_uri(
+            &upstream.prefix,
+            &self.path_and_query,
+        )) else {
             return Forwarded::Failed(error(
                 StatusCode::BAD_REQUEST,
                 self.anthropic,
@@ -1804,76 +1715,6 @@ fn build(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_base_url_and_a_path_share_their_api_root_once() {
-        let cases = [
-            (
-                "https://api.openai.com/v1",
-                "/v1/chat/completions",
-                "https://api.openai.com/v1/chat/completions",
-            ),
-            (
-                "https://api.openai.com",
-                "/v1/chat/completions",
-                "https://api.openai.com/v1/chat/completions",
-            ),
-            (
-                "https://openrouter.ai/api/v1",
-                "/v1/chat/completions?x=1",
-                "https://openrouter.ai/api/v1/chat/completions?x=1",
-            ),
-            (
-                "https://x.openai.azure.com/openai",
-                "/openai/deployments/d/chat/completions?api-version=1",
-                "https://x.openai.azure.com/openai/deployments/d/chat/completions?api-version=1",
-            ),
-            (
-                "https://x.openai.azure.com/openai/v1",
-                "/openai/v1/chat/completions",
-                "https://x.openai.azure.com/openai/v1/chat/completions",
-            ),
-            (
-                "https://api.anthropic.com/v1",
-                "/v1/messages",
-                "https://api.anthropic.com/v1/messages",
-            ),
-            // Not an API root: kept.
-            (
-                "http://h/tenant-a",
-                "/tenant-a/v1/files",
-                "http://h/tenant-a/tenant-a/v1/files",
-            ),
-            // The last segment is a resource, never merged.
-            ("http://h/v1", "/v1", "http://h/v1/v1"),
-            ("http://h:8080", "/v1/models", "http://h:8080/v1/models"),
-        ];
-        for (prefix, path, want) in cases {
-            assert_eq!(upstream_uri(prefix, path), want, "{prefix} + {path}");
-        }
-    }
-
-    #[test]
-    fn paths_have_one_spelling_and_cannot_climb() {
-        let ok = |p: &str| normalize_path(p).expect(p);
-        assert_eq!(ok("/v1/chat/completion%73"), "/v1/chat/completions");
-        assert_eq!(ok("/v1/%65mbeddings"), "/v1/embeddings");
-        assert_eq!(ok("/v1/files/a%20b%3f"), "/v1/files/a%20b%3F");
-        assert_eq!(ok("/v1/models/gpt-4o.x_y~z"), "/v1/models/gpt-4o.x_y~z");
-        for bad in [
-            "/%2e%2e/admin",
-            "/v1/../admin",
-            "/v1/./x",
-            "/v1/%2E",
-            "/v1/a%2Fb",
-            "/v1/a%5cb",
-            "/v1/a\\b",
-            "/v1/a%2",
-            "/v1/a%zz",
-        ] {
-            assert!(normalize_path(bad).is_err(), "{bad} is refused");
-        }
-    }
 
     #[test]
     fn azure_is_asked_for_the_usage_chunk_only_where_its_api_version_takes_it() {
