@@ -215,6 +215,7 @@ async fn requests_without_max_tokens_stay_inside_a_token_limit() {
         "limits = { tokens_per_minute = 20000 }",
     );
     let url = gateway(&src).await;
+    let started = Instant::now();
     let mut used = 0;
     for n in [128, 4, 1, 1, 1, 1] {
         let r = post(&url, "/v1/chat/completions", &chat_without_max(n)).await;
@@ -232,7 +233,12 @@ async fn requests_without_max_tokens_stay_inside_a_token_limit() {
         }
     }
     assert!(used > 0, "what fits is served");
-    assert!(used <= 20_000, "{used} tokens in a 20000 tokens/min tier");
+    // The limit refills as the test runs: 20000 a minute.
+    let refilled = 20_000.0 * started.elapsed().as_secs_f64() / 60.0;
+    assert!(
+        used as f64 <= 20_000.0 + refilled,
+        "{used} tokens in a 20000 tokens/min tier (+{refilled:.0} refilled)"
+    );
 }
 
 /// A request that declares its `max_tokens` is never rewritten, and one that declares
@@ -584,6 +590,115 @@ async fn a_callers_headers_show_its_own_limits_only() {
             header(&r, "x-ratelimit-remaining-requests"),
             Some(want),
             "{top}"
+        );
+    }
+}
+
+/// A small seeded generator: the same sequence of requests on every run.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// For each kind of token and spend limit: no sequence of requests (declared maxima or
+/// none, many choices or one, chat or Responses, long prompts or short) makes what the
+/// provider reports exceed the caller's limit, beyond what the limit refilled while the
+/// sequence ran (the simulator honours `max_tokens`, so no request overruns its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sequence_of_requests_exceeds_a_token_or_spend_limit() {
+    #[derive(Clone, Copy)]
+    enum Counts {
+        Total,
+        Output,
+        Spend,
+    }
+    let kinds = [
+        ("tokens_per_minute = 20000", Counts::Total, 20_000.0, 60.0),
+        ("tokens_per_day = 20000", Counts::Total, 20_000.0, 86_400.0),
+        (
+            "output_tokens_per_minute = 4000",
+            Counts::Output,
+            4_000.0,
+            60.0,
+        ),
+        ("spend_per_day = 0.05", Counts::Spend, 50_000.0, 86_400.0),
+        (
+            "spend_per_month = 0.05",
+            Counts::Spend,
+            50_000.0,
+            30.0 * 86_400.0,
+        ),
+    ];
+    let sim = sim(3_000).await;
+    for (seed, (limit_line, counts, limit, period)) in kinds.into_iter().enumerate() {
+        let url = gateway(&config(
+            "[prices]\n\"*\" = { input = 2.50, output = 10.00 }\n",
+            &sim.addr().to_string(),
+            "",
+            &format!("limits = {{ {limit_line} }}"),
+        ))
+        .await;
+        let mut rng = Lcg(seed as u64 + 7);
+        let started = Instant::now();
+        let mut used = 0.0;
+        let mut served = 0;
+        for _ in 0..30 {
+            let words = 1 + rng.below(400);
+            let prompt = vec!["tokens"; words as usize].join(" ");
+            let responses = rng.below(4) == 0;
+            let mut body = if responses {
+                json!({"model": "gpt-4o", "input": prompt})
+            } else {
+                let n = [1, 1, 2, 8, 128][rng.below(5) as usize];
+                json!({"model": "gpt-4o", "n": n,
+                    "messages": [{"role": "user", "content": prompt}]})
+            };
+            if rng.below(2) == 0 {
+                let field = if responses {
+                    "max_output_tokens"
+                } else {
+                    "max_tokens"
+                };
+                body[field] = json!(1 + rng.below(2_000));
+            }
+            let path = if responses {
+                "/v1/responses"
+            } else {
+                "/v1/chat/completions"
+            };
+            let r = post(&url, path, &body).await;
+            let status = r.status().as_u16();
+            assert!(matches!(status, 200 | 413 | 429), "{status}");
+            if status != 200 {
+                continue;
+            }
+            served += 1;
+            let v: Value = r.json().await.expect("json");
+            let u = &v["usage"];
+            let (input, output) = if responses {
+                (u["input_tokens"].as_u64(), u["output_tokens"].as_u64())
+            } else {
+                (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64())
+            };
+            let (input, output) = (input.expect("input") as f64, output.expect("output") as f64);
+            used += match counts {
+                Counts::Total => input + output,
+                Counts::Output => output,
+                Counts::Spend => input * 2.5 + output * 10.0,
+            };
+        }
+        let refilled = limit * started.elapsed().as_secs_f64() / period;
+        assert!(served > 0, "{limit_line}: what fits is served");
+        assert!(
+            used <= limit + refilled,
+            "{limit_line}: used {used} of {limit} (+{refilled:.0} refilled)"
         );
     }
 }

@@ -2,8 +2,8 @@
 //! way OpenAI does, offline, for tests, benchmarks and seeing how an app behaves at the
 //! limit.
 //!
-//! It serves `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and
-//! Anthropic's `/v1/messages`, and `GET /stats`; any other path is `404`, as at the real
+//! It serves `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+//! `/v1/responses` and Anthropic's `/v1/messages`, and `GET /stats`; any other path is `404`, as at the real
 //! API (so a client that doubles its base URL's `/v1` fails here as it would there).
 //! Every API key (`Authorization: Bearer`, `x-api-key` or `api-key`; none at all is the
 //! key `""`) has its own requests-per-minute and tokens-per-minute buckets, full at start
@@ -404,6 +404,7 @@ async fn api(
         "completions" => Endpoint::Completions,
         "embeddings" => Endpoint::Embeddings,
         "messages" => Endpoint::Messages,
+        "responses" => Endpoint::Responses,
         _ => {
             return respond::error(
                 Endpoint::ChatCompletions,
@@ -411,7 +412,7 @@ async fn api(
                 "invalid_request_error",
                 "unknown_url",
                 &format!(
-                    "Unknown request URL: POST /v1/{path}. The simulator serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/messages."
+                    "Unknown request URL: POST /v1/{path}. The simulator serves /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and /v1/messages."
                 ),
             );
         }

@@ -152,13 +152,29 @@ impl Answer {
                 })).collect::<Vec<_>>(),
                 "usage": {"prompt_tokens": self.prompt, "total_tokens": self.prompt},
             }),
-            Endpoint::Messages | Endpoint::Responses => json!({
+            Endpoint::Messages => json!({
                 "id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": [{"type": "text", "text": content}],
                 "stop_reason": self.finish(), "stop_sequence": null,
                 "usage": {"input_tokens": self.prompt, "output_tokens": self.per_choice},
             }),
+            Endpoint::Responses => self.response("completed", &content),
         }
+    }
+
+    /// A Responses API `response` object in `status`, its output `text`.
+    fn response(&self, status: &str, text: &str) -> Value {
+        let done = status == "completed";
+        json!({
+            "id": self.id, "object": "response", "created_at": unix_now(), "status": status,
+            "model": self.model,
+            "incomplete_details": if done && self.truncated { json!({"reason": "max_output_tokens"}) } else { Value::Null },
+            "output": if done { json!([{"type": "message", "id": format!("msg-{}", self.id),
+                "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}]) } else { json!([]) },
+            "usage": if done { json!({"input_tokens": self.prompt, "output_tokens": self.per_choice,
+                "total_tokens": self.prompt + self.per_choice}) } else { Value::Null },
+        })
     }
 
     /// The server-sent events of a streamed answer, in order.
@@ -167,7 +183,27 @@ impl Answer {
         let mut events = Vec::new();
         let data = |v: Value| format!("data: {v}\n\n");
         match self.endpoint {
-            Endpoint::Messages | Endpoint::Responses => {
+            Endpoint::Responses => {
+                let event = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
+                events.push(event(
+                    "response.created",
+                    json!({"type": "response.created", "response": self.response("in_progress", "")}),
+                ));
+                for i in 0..self.per_choice {
+                    events.push(event(
+                        "response.output_text.delta",
+                        json!({"type": "response.output_text.delta", "output_index": 0,
+                        "content_index": 0, "delta": piece(i)}),
+                    ));
+                }
+                events.push(event(
+                    "response.completed",
+                    json!({"type": "response.completed",
+                    "response": self.response("completed", &text(self.per_choice))}),
+                ));
+                return events;
+            }
+            Endpoint::Messages => {
                 let event = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
                 events.push(event(
                     "message_start",

@@ -297,7 +297,7 @@ async fn only_the_real_paths_are_served() {
         "/v1/chat/completions/",
         "/v1/foo/chat/completions",
         "/v1/v1/messages",
-        "/v1/responses",
+        "/v1/files",
     ] {
         let r = post(&client, &sim, path, "k1", chat(5)).await;
         assert_eq!(r.status(), 404, "{path}");
@@ -307,4 +307,30 @@ async fn only_the_real_paths_are_served() {
     let r = post(&client, &sim, "/v1/chat/completions", "k1", chat(5)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(sim.stats().requests, 1, "404s are not API requests");
+}
+
+/// The Responses API: a `response` with its usage, `max_output_tokens` honoured and
+/// counted at admission, and its event stream ending in `response.completed`.
+#[tokio::test]
+async fn the_responses_api_is_served_in_its_own_shape() {
+    let (sim, client) = start(config(1_000, 100_000)).await;
+    let body = json!({"model": "gpt-4o", "input": "hello there", "max_output_tokens": 3});
+    let r = post(&client, &sim, "/v1/responses", "k1", body.clone()).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["usage"]["output_tokens"], 3);
+    assert_eq!(v["output"][0]["content"][0]["type"], "output_text");
+    assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
+    let mut stream = body;
+    stream["stream"] = json!(true);
+    let r = post(&client, &sim, "/v1/responses", "k1", stream).await;
+    let text = r.text().await.expect("events");
+    assert!(text.starts_with("event: response.created"), "{text}");
+    assert_eq!(text.matches("event: response.output_text.delta").count(), 3);
+    let last = text.trim_end().lines().last().expect("a last line");
+    let done: Value = serde_json::from_str(last.trim_start_matches("data: ")).expect("json");
+    assert_eq!(done["type"], "response.completed");
+    assert_eq!(done["response"]["usage"]["output_tokens"], 3);
 }
