@@ -78,15 +78,6 @@ fn unauthorized(anthropic: bool) -> Response {
     )
 }
 
-/// `GET /metrics`.
-pub(crate) async fn metrics(AxState(st): St) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
-}
-
 /// `GET /v1/models`: the configured models.
 pub(crate) async fn models(AxState(st): St, headers: HeaderMap) -> Response {
     if authenticate(&st, &headers).is_none() {
