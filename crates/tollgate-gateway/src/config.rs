@@ -569,18 +569,30 @@ pub struct Config {
     /// Longest a client may take to send a request's whole header block, counted from
     /// when the connection is accepted or its previous answer was written: a client
     /// trickling its headers (slowloris) is disconnected. Default 10 s.
-    #[serde(default = "default_header_timeout", deserialize_with = "spanned_duration")]
+    #[serde(
+        default = "default_header_timeout",
+        deserialize_with = "spanned_duration"
+    )]
     pub header_timeout: toml::Spanned<Duration>,
     /// A connection with no request in flight and no byte read or written for this long
     /// is closed. A request waiting for its upstream's answer, or an answer still
     /// streaming, is in flight and is never cut by it. Default 60 s.
-    #[serde(default = "default_idle_timeout", deserialize_with = "spanned_duration")]
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "spanned_duration"
+    )]
     pub idle_timeout: toml::Spanned<Duration>,
     /// Longest a client may take to send a request's body. Default 30 s.
-    #[serde(default = "default_body_timeout", deserialize_with = "spanned_duration")]
+    #[serde(
+        default = "default_body_timeout",
+        deserialize_with = "spanned_duration"
+    )]
     pub body_timeout: toml::Spanned<Duration>,
     /// Longest the TCP connection to an upstream may take to open. Default 5 s.
-    #[serde(default = "default_connect_timeout", deserialize_with = "spanned_duration")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "spanned_duration"
+    )]
     pub connect_timeout: toml::Spanned<Duration>,
     /// Most client connections open at once; those accepted beyond it are closed at once
     /// (counted in `tollgate_connections_refused_total`), so file descriptors stay
@@ -1279,7 +1291,9 @@ mod tests {
 
     #[test]
     fn tiers_without_callers_need_open() {
-        let e = err(&format!("{BASE}[tiers.t]\nlimits = {{ concurrency = 2 }}\n"));
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = 2 }}\n"
+        ));
         assert!(
             e.starts_with("line 4: `callers`: tiers are defined but no caller is"),
             "{e}"
@@ -1326,7 +1340,9 @@ mod tests {
                 e.starts_with(&format!("line 2: `{key}`: is 0")),
                 "{key}: {e}"
             );
-            let e = err(&format!("listen = \"127.0.0.1:1\"\n{key} = \"soon\"\n{BASE}"));
+            let e = err(&format!(
+                "listen = \"127.0.0.1:1\"\n{key} = \"soon\"\n{BASE}"
+            ));
             assert!(
                 e.starts_with("line 2:") && e.contains("`soon` is not a duration"),
                 "{key}: {e}"

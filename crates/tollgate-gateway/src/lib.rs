@@ -770,12 +770,8 @@ async fn metrics_handler(
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| sha256(token.trim().as_bytes()));
-        let ok = given.is_some_and(|g| {
-            g.iter()
-                .zip(want)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-        });
+        let ok =
+            given.is_some_and(|g| g.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
         if !ok {
             let body = serde_json::json!({"error": {
                 "message": "GET /metrics requires `Authorization: Bearer <token>` with the token in the gateway's metrics_token_env",

@@ -119,7 +119,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
         if n > 0 {
@@ -255,7 +259,9 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             conn.run(idle, &state.metrics).await;
             open.fetch_sub(1, Ordering::SeqCst);
-            state.metrics.add_gauge("tollgate_connections_open", &[], -1);
+            state
+                .metrics
+                .add_gauge("tollgate_connections_open", &[], -1);
         });
     }
     drop(listener);

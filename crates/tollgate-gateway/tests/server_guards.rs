@@ -83,7 +83,7 @@ fn fresh_client() -> reqwest::Client {
 async fn closed_within(sock: &mut TcpStream, within: Duration) -> Option<Duration> {
     let t = Instant::now();
     let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(within, async {
+    tokio::time::timeout(within, async {
         loop {
             match sock.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -203,7 +203,11 @@ async fn a_request_waiting_longer_than_idle_timeout_for_its_upstream_gets_its_an
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.expect("JSON");
     assert_eq!(body["object"], "chat.completion", "{body}");
-    assert!(t.elapsed() >= Duration::from_millis(800), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(
         g.gateway
             .metrics()
@@ -255,11 +259,7 @@ async fn connections_over_max_connections_are_closed_at_once() {
         "",
     )
     .await;
-    let open = || {
-        g.gateway
-            .metrics()
-            .gauge("tollgate_connections_open", &[])
-    };
+    let open = || g.gateway.metrics().gauge("tollgate_connections_open", &[]);
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(TcpStream::connect(g.addr).await.expect("connect"));
@@ -304,9 +304,7 @@ async fn connections_over_max_connections_are_closed_at_once() {
 /// SYNs, so a connect to it hangs until its timeout. `None` if the queue would not fill.
 async fn black_hole() -> Option<(SocketAddr, Vec<TcpStream>)> {
     let socket = tokio::net::TcpSocket::new_v4().ok()?;
-    socket
-        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .ok()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).ok()?;
     let listener = socket.listen(1).ok()?;
     let addr = listener.local_addr().ok()?;
     let mut filled = Vec::new();
@@ -378,7 +376,10 @@ async fn a_down_upstream_is_a_502() {
         .await
         .expect("an answer");
     let took = t.elapsed();
-    println!("down upstream (refused), max_wait 0 s: {} after {took:?}", r.status());
+    println!(
+        "down upstream (refused), max_wait 0 s: {} after {took:?}",
+        r.status()
+    );
     assert_eq!(r.status(), 502);
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
@@ -423,7 +424,10 @@ async fn metrics_can_require_a_bearer_token() {
         let r = metrics(Some(auth)).await.expect("an answer");
         assert_eq!(r.status(), 200);
         let text = r.text().await.expect("text");
-        assert!(text.contains("# TYPE tollgate_connections_open gauge"), "{text}");
+        assert!(
+            text.contains("# TYPE tollgate_connections_open gauge"),
+            "{text}"
+        );
     }
     // Without metrics_token_env, /metrics is open.
     let open = start("", "http://127.0.0.1:9", "").await;
