@@ -192,6 +192,7 @@ impl Limits {
 ///
 /// ```
 /// let c = tollgate_gateway::Config::parse(r#"
+/// open = true
 /// [upstreams.openai]
 /// kind = "openai"
 /// url = "https://api.openai.com"
@@ -238,6 +239,7 @@ impl<N> Limit<N> {
     /// use std::time::Duration;
     /// use tollgate_gateway::config::{Limit, OnLimit};
     /// let c = tollgate_gateway::Config::parse(r#"
+    /// open = true
     /// [upstreams.sim]
     /// kind = "sim"
     /// url = "http://127.0.0.1:9000"
@@ -476,6 +478,7 @@ pub struct Upstream {
 ///
 /// ```
 /// let c = tollgate_gateway::Config::parse(r#"
+/// open = true
 /// [upstreams.sim]
 /// kind = "sim"
 /// url = "http://127.0.0.1:9000"
@@ -548,6 +551,7 @@ impl Tier {
     ///
     /// ```
     /// let c = tollgate_gateway::Config::parse(r#"
+    /// open = true
     /// [upstreams.sim]
     /// kind = "sim"
     /// url = "http://127.0.0.1:9000"
@@ -595,6 +599,48 @@ pub struct Config {
     /// body (a stream: between two chunks). Default 600 s.
     #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
     pub upstream_timeout: Duration,
+    /// Longest a client may take to send a request's whole header block, counted from
+    /// when the connection is accepted or its previous answer was written: a client
+    /// trickling its headers (slowloris) is disconnected. Default 10 s.
+    #[serde(
+        default = "default_header_timeout",
+        deserialize_with = "spanned_duration"
+    )]
+    pub header_timeout: toml::Spanned<Duration>,
+    /// A connection with no request in flight and no byte read or written for this long
+    /// is closed. A request waiting for its upstream's answer, or an answer still
+    /// streaming, is in flight and is never cut by it. Default 60 s.
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "spanned_duration"
+    )]
+    pub idle_timeout: toml::Spanned<Duration>,
+    /// Longest a client may take to send a request's body. Default 30 s.
+    #[serde(
+        default = "default_body_timeout",
+        deserialize_with = "spanned_duration"
+    )]
+    pub body_timeout: toml::Spanned<Duration>,
+    /// Longest the TCP connection to an upstream may take to open. Default 5 s.
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "spanned_duration"
+    )]
+    pub connect_timeout: toml::Spanned<Duration>,
+    /// Most client connections open at once; those accepted beyond it are closed at once
+    /// (counted in `tollgate_connections_refused_total`), so file descriptors stay
+    /// bounded and the listener never stalls. Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: toml::Spanned<usize>,
+    /// The environment variable holding a bearer token that `GET /metrics` then requires
+    /// (`Authorization: Bearer <token>`). Unset: `/metrics` is open.
+    #[serde(default)]
+    pub metrics_token_env: Option<toml::Spanned<String>>,
+    /// Serve everyone, without `[callers]`, as the caller `anonymous` in the tier
+    /// `default`. Required when tiers are defined and no caller is, so that a gateway
+    /// is never left open by a forgotten `[callers]` table.
+    #[serde(default)]
+    pub open: Option<toml::Spanned<bool>>,
     /// Provider accounts, by name.
     #[serde(default)]
     pub upstreams: BTreeMap<String, Upstream>,
@@ -667,6 +713,30 @@ fn default_upstream_timeout() -> Duration {
 fn default_max_wait() -> Duration {
     Duration::from_secs(30)
 }
+fn default_header_timeout() -> toml::Spanned<Duration> {
+    toml::Spanned::new(0..0, Duration::from_secs(10))
+}
+fn default_idle_timeout() -> toml::Spanned<Duration> {
+    toml::Spanned::new(0..0, Duration::from_secs(60))
+}
+fn default_body_timeout() -> toml::Spanned<Duration> {
+    toml::Spanned::new(0..0, Duration::from_secs(30))
+}
+fn default_connect_timeout() -> toml::Spanned<Duration> {
+    toml::Spanned::new(0..0, Duration::from_secs(5))
+}
+fn default_max_connections() -> toml::Spanned<usize> {
+    toml::Spanned::new(0..0, 10_000)
+}
+
+fn spanned_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<toml::Spanned<Duration>, D::Error> {
+    let s = toml::Spanned::<String>::deserialize(d)?;
+    let span = s.span();
+    let v = parse_duration(s.get_ref())?;
+    Ok(toml::Spanned::new(span, v))
+}
 
 fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
@@ -674,8 +744,12 @@ fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Durati
 
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    tollgate::provider::parse_duration(&s).ok_or_else(|| {
-        serde::de::Error::custom(format!(
+    parse_duration(&s)
+}
+
+fn parse_duration<E: serde::de::Error>(s: &str) -> Result<Duration, E> {
+    tollgate::provider::parse_duration(s).ok_or_else(|| {
+        E::custom(format!(
             "`{s}` is not a duration: write it like \"30s\", \"1.5s\", \"250ms\" or \"2m0s\""
         ))
     })
@@ -768,6 +842,58 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return err(None, "max_body_bytes".into(), "must be at least 1".into());
+        }
+        for (key, value, max, what) in [
+            (
+                "header_timeout",
+                &self.header_timeout,
+                Duration::from_secs(600),
+                "10 minutes",
+            ),
+            ("idle_timeout", &self.idle_timeout, MAX_WAIT, "a day"),
+            ("body_timeout", &self.body_timeout, MAX_WAIT, "a day"),
+            (
+                "connect_timeout",
+                &self.connect_timeout,
+                Duration::from_secs(600),
+                "10 minutes",
+            ),
+        ] {
+            let v = *value.get_ref();
+            if v.is_zero() {
+                return err(
+                    Some(value.span()),
+                    key.into(),
+                    "is 0; it must be more than 0 (e.g. \"10s\")".into(),
+                );
+            }
+            if v > max {
+                return err(
+                    Some(value.span()),
+                    key.into(),
+                    format!("is {v:?}, over {what}; no sane timeout is that long"),
+                );
+            }
+        }
+        let max_connections = *self.max_connections.get_ref();
+        if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
+            return err(
+                Some(self.max_connections.span()),
+                "max_connections".into(),
+                format!("is {max_connections}; it must be from 1 to {MAX_CONNECTIONS}"),
+            );
+        }
+        if let Some(var) = &self.metrics_token_env
+            && std::env::var(var.get_ref()).map_or(true, |v| v.is_empty())
+        {
+            return err(
+                Some(var.span()),
+                "metrics_token_env".into(),
+                format!(
+                    "the environment variable `{}` is not set; export it with the token `GET /metrics` requires",
+                    var.get_ref()
+                ),
+            );
         }
         let mut defaults = 0;
         for (name, u) in &self.upstreams {
@@ -1006,6 +1132,30 @@ impl Config {
                 );
             }
         }
+        match &self.open {
+            Some(open) if *open.get_ref() && !self.callers.is_empty() => {
+                return err(
+                    Some(open.span()),
+                    "open".into(),
+                    "`open = true` serves everyone as `anonymous`, yet callers are defined: drop `open = true`, or the [callers] tables".into(),
+                );
+            }
+            Some(open) if !*open.get_ref() && self.callers.is_empty() => {
+                return err(
+                    Some(open.span()),
+                    "open".into(),
+                    "`open = false` but no caller is defined: nobody could use the gateway; add [callers.NAME] or write `open = true`".into(),
+                );
+            }
+            None if self.callers.is_empty() && !self.tiers.is_empty() => {
+                return err(
+                    table_line(src, "tiers"),
+                    "callers".into(),
+                    "tiers are defined but no caller is: the gateway would be open to anyone, unlimited by the tiers; add [callers.NAME] or write `open = true` to serve everyone as `anonymous` in tier `default`".into(),
+                );
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -1068,6 +1218,26 @@ fn check_limits(l: &Limits, key: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The span of the first line defining `table` (`[table.x]`, `[table]` or `table.x =`),
+/// for errors about the table as a whole.
+fn table_line(src: &str, table: &str) -> Option<std::ops::Range<usize>> {
+    let mut offset = 0;
+    for line in src.split_inclusive('\n') {
+        let t = line.trim_start();
+        let t = t.strip_prefix('[').unwrap_or(t).trim_start();
+        if let Some(rest) = t.strip_prefix(table)
+            && rest.trim_start().starts_with(['.', ']', '='])
+        {
+            return Some(offset..offset + line.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// The most connections `max_connections` may allow.
+const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// The largest spend limit, in dollars (a billion: micro-dollars stay exact).
 const MAX_DOLLARS: f64 = 1e9;
@@ -1148,7 +1318,7 @@ mod tests {
     #[test]
     fn a_limit_is_a_number_or_a_table_with_its_own_policy() {
         let c = Config::parse(&format!(
-            "{BASE}limits = {{ requests_per_minute = {{ limit = 500, max_wait = \"2s\" }}, concurrency = {{ limit = 4, on_limit = \"reject\" }} }}\n[tiers.t]\non_limit = \"wait\"\nmax_wait = \"7s\"\nlimits = {{ tokens_per_minute = 1000, requests_per_minute = {{ limit = 5, on_limit = \"wait\" }} }}\n"
+            "open = true\n{BASE}limits = {{ requests_per_minute = {{ limit = 500, max_wait = \"2s\" }}, concurrency = {{ limit = 4, on_limit = \"reject\" }} }}\n[tiers.t]\non_limit = \"wait\"\nmax_wait = \"7s\"\nlimits = {{ tokens_per_minute = 1000, requests_per_minute = {{ limit = 5, on_limit = \"wait\" }} }}\n"
         ))
         .expect("valid");
         let (up, t) = (&c.upstreams["sim"].limits, &c.tiers["t"]);
@@ -1195,7 +1365,7 @@ mod tests {
     #[test]
     fn spend_limits_are_dollars_and_need_prices() {
         let c = Config::parse(&format!(
-            "{BASE}[prices]\n\"*\" = {{ input = 1, output = 2.5 }}\n[tiers.t]\nlimits = {{ spend_per_day = 5, spend_per_month = {{ limit = 100.25, on_limit = \"reject\" }} }}\n"
+            "open = true\n{BASE}[prices]\n\"*\" = {{ input = 1, output = 2.5 }}\n[tiers.t]\nlimits = {{ spend_per_day = 5, spend_per_month = {{ limit = 100.25, on_limit = \"reject\" }} }}\n"
         ))
         .expect("valid");
         let l = &c.tiers["t"].limits;
@@ -1273,11 +1443,97 @@ mod tests {
     }
 
     #[test]
+    fn tiers_without_callers_need_open() {
+        let e = err(&format!(
+            "{BASE}[tiers.t]\nlimits = {{ concurrency = 2 }}\n"
+        ));
+        assert!(
+            e.starts_with("line 4: `callers`: tiers are defined but no caller is"),
+            "{e}"
+        );
+        assert!(e.contains("open = true"), "{e}");
+        let c = Config::parse(&format!(
+            "open = true\n{BASE}[tiers.default]\nlimits = {{ concurrency = 2 }}\n"
+        ))
+        .expect("open = true serves everyone");
+        assert!(c.open.is_some_and(|o| *o.get_ref()));
+        // No tiers, no callers: open as before, `open` or not.
+        Config::parse(BASE).expect("no tiers");
+        let h = hash_key("k");
+        let e = err(&format!(
+            "open = true\n{BASE}[tiers.t]\n[callers.a]\nkey_sha256 = \"{h}\"\ntier = \"t\"\n"
+        ));
+        assert!(
+            e.starts_with("line 1: `open`: `open = true` serves everyone"),
+            "{e}"
+        );
+        let e = err(&format!("open = false\n{BASE}"));
+        assert!(e.starts_with("line 1: `open`:"), "{e}");
+    }
+
+    #[test]
+    fn connection_guards_are_checked() {
+        let c = Config::parse(&format!(
+            "header_timeout = \"300ms\"\nidle_timeout = \"2m0s\"\nbody_timeout = \"1s\"\nconnect_timeout = \"250ms\"\nmax_connections = 3\n{BASE}"
+        ))
+        .expect("valid");
+        assert_eq!(*c.header_timeout.get_ref(), Duration::from_millis(300));
+        assert_eq!(*c.idle_timeout.get_ref(), Duration::from_secs(120));
+        assert_eq!(*c.body_timeout.get_ref(), Duration::from_secs(1));
+        assert_eq!(*c.connect_timeout.get_ref(), Duration::from_millis(250));
+        assert_eq!(*c.max_connections.get_ref(), 3);
+        for key in [
+            "header_timeout",
+            "idle_timeout",
+            "body_timeout",
+            "connect_timeout",
+        ] {
+            let e = err(&format!("listen = \"127.0.0.1:1\"\n{key} = \"0s\"\n{BASE}"));
+            assert!(
+                e.starts_with(&format!("line 2: `{key}`: is 0")),
+                "{key}: {e}"
+            );
+            let e = err(&format!(
+                "listen = \"127.0.0.1:1\"\n{key} = \"soon\"\n{BASE}"
+            ));
+            assert!(
+                e.starts_with("line 2:") && e.contains("`soon` is not a duration"),
+                "{key}: {e}"
+            );
+            let e = err(&format!("listen = \"127.0.0.1:1\"\n{key} = 10\n{BASE}"));
+            assert!(e.starts_with("line 2:"), "{key}: {e}");
+            let e = err(&format!("{key} = \"100000s\"\n{BASE}"));
+            assert!(
+                e.starts_with(&format!("line 1: `{key}`: is ")) && e.contains("over"),
+                "{key}: {e}"
+            );
+        }
+        let e = err(&format!("\nmax_connections = 0\n{BASE}"));
+        assert!(e.starts_with("line 2: `max_connections`: is 0"), "{e}");
+        let e = err(&format!("max_connections = -1\n{BASE}"));
+        assert!(e.starts_with("line 1:"), "{e}");
+        let e = err(&format!(
+            "metrics_token_env = \"TOLLGATE_TEST_SURELY_UNSET\"\n{BASE}"
+        ));
+        assert!(
+            e.starts_with("line 1: `metrics_token_env`")
+                && e.contains("`TOLLGATE_TEST_SURELY_UNSET` is not set"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn defaults_are_sane() {
         let c = Config::parse(BASE).expect("valid");
         assert_eq!(c.listen, "127.0.0.1:8080");
         assert_eq!(c.max_body_bytes, 16 << 20);
         assert_eq!(c.upstream_timeout, Duration::from_secs(600));
         assert!(c.callers.is_empty());
+        assert_eq!(*c.header_timeout.get_ref(), Duration::from_secs(10));
+        assert_eq!(*c.idle_timeout.get_ref(), Duration::from_secs(60));
+        assert_eq!(*c.body_timeout.get_ref(), Duration::from_secs(30));
+        assert_eq!(*c.connect_timeout.get_ref(), Duration::from_secs(5));
+        assert_eq!(*c.max_connections.get_ref(), 10_000);
+        assert!(c.metrics_token_env.is_none() && c.open.is_none());
     }
 }

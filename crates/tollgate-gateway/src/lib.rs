@@ -27,6 +27,7 @@ mod models;
 mod pace;
 mod proxy;
 mod redact;
+mod server;
 pub mod sse;
 pub mod target;
 pub mod usage;
@@ -75,11 +76,11 @@ pub(crate) type Http = hyper_util::client::legacy::Client<
     http_body_util::Full<bytes::Bytes>,
 >;
 
-fn client() -> Result<Http, GatewayError> {
+fn client(connect_timeout: Duration) -> Result<Http, GatewayError> {
     let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(Duration::from_secs(10)));
+    tcp.set_connect_timeout(Some(connect_timeout));
     let tls = hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
         .map_err(|e| GatewayError::Io(format!("cannot set up TLS for the upstreams: {e}")))?
@@ -192,6 +193,12 @@ pub(crate) struct State {
     pub(crate) metrics: metrics::Metrics,
     pub(crate) max_body: usize,
     pub(crate) upstream_timeout: Duration,
+    /// The longest a client may take to send a request's body (`body_timeout`).
+    pub(crate) body_timeout: Duration,
+    /// The SHA-256 of the token `GET /metrics` requires, when one is configured.
+    pub(crate) metrics_token: Option<[u8; 32]>,
+    /// The client connections' timeouts and cap.
+    pub(crate) guards: server::Guards,
     /// Models' prices, for spend limits, and the price of every other model (`"*"`).
     pub(crate) prices: HashMap<String, config::Price>,
     pub(crate) default_price: Option<config::Price>,
@@ -664,7 +671,19 @@ impl Gateway {
             name: config::ANONYMOUS.to_string(),
             tier: tier_index(config::DEFAULT_TIER),
         });
-        let http = client()?;
+        let http = client(*config.connect_timeout.get_ref())?;
+        let metrics_token = match &config.metrics_token_env {
+            Some(var) => {
+                let token = std::env::var(var.get_ref()).map_err(|_| {
+                    GatewayError::Io(format!(
+                        "metrics_token_env: the environment variable `{}` is not set",
+                        var.get_ref()
+                    ))
+                })?;
+                Some(sha256(token.as_bytes()))
+            }
+            None => None,
+        };
         Ok(Gateway {
             state: Arc::new(State {
                 callers,
@@ -677,6 +696,13 @@ impl Gateway {
                 metrics: metrics::Metrics::default(),
                 max_body: config.max_body_bytes,
                 upstream_timeout: config.upstream_timeout,
+                body_timeout: *config.body_timeout.get_ref(),
+                metrics_token,
+                guards: server::Guards {
+                    header_timeout: *config.header_timeout.get_ref(),
+                    idle_timeout: *config.idle_timeout.get_ref(),
+                    max_connections: *config.max_connections.get_ref(),
+                },
                 prices: config
                     .prices
                     .iter()
@@ -704,7 +730,7 @@ impl Gateway {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
-            .route("/metrics", get(proxy::metrics))
+            .route("/metrics", get(metrics_handler))
             .route("/v1/models", get(proxy::models))
             .route("/v1/usage", get(proxy::usage))
             .fallback(proxy::proxy)
@@ -729,6 +755,9 @@ impl Gateway {
     /// settlement runs after its answer is sent; on Redis it is a round trip that would
     /// otherwise be lost when the process exits).
     ///
+    /// Each connection is guarded by the configuration's `header_timeout`,
+    /// `idle_timeout` and `max_connections` (see the `server` module).
+    ///
     /// # Errors
     ///
     /// [`GatewayError::Io`] when serving fails.
@@ -746,19 +775,60 @@ impl Gateway {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            // Answers go out as they are written, not held back for an
-            // acknowledgement of the previous one.
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-        });
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| GatewayError::Io(format!("serving failed: {e}")))?;
+        let guards = self.state.guards;
+        server::serve(
+            listener,
+            self.router(),
+            guards,
+            self.state.clone(),
+            shutdown,
+        )
+        .await;
         self.state.calls.idle().await;
         Ok(())
     }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// `GET /metrics`: the metrics in Prometheus's text format; with `metrics_token_env`
+/// set, only for `Authorization: Bearer <token>` (the scheme in any case), compared in
+/// constant time (as SHA-256 digests), else 401.
+async fn metrics_handler(
+    axum::extract::State(st): axum::extract::State<Arc<State>>,
+    headers: http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Some(want) = &st.metrics_token {
+        let given = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| sha256(token.trim().as_bytes()));
+        let ok =
+            given.is_some_and(|g| g.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+        if !ok {
+            let body = serde_json::json!({"error": {
+                "message": "GET /metrics requires `Authorization: Bearer <token>` with the token in the gateway's metrics_token_env",
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "invalid_api_key",
+            }});
+            return (
+                http::StatusCode::UNAUTHORIZED,
+                [(http::header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(body),
+            )
+                .into_response();
+        }
+    }
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
 }

@@ -72,6 +72,21 @@ const HELP: &[(&str, &str, &str)] = &[
         "counter",
         "Streams whose client went away before the end.",
     ),
+    (
+        "tollgate_connections_open",
+        "gauge",
+        "Client connections open now.",
+    ),
+    (
+        "tollgate_connections_refused_total",
+        "counter",
+        "Client connections closed at once because max_connections were open.",
+    ),
+    (
+        "tollgate_connections_idle_closed_total",
+        "counter",
+        "Client connections closed after idle_timeout with no request in flight.",
+    ),
 ];
 
 #[derive(Default)]
@@ -86,6 +101,7 @@ struct Histogram {
 #[derive(Default)]
 pub struct Metrics {
     counters: Mutex<HashMap<String, u64>>,
+    gauges: Mutex<HashMap<String, i64>>,
     histograms: Mutex<HashMap<String, Histogram>>,
 }
 
@@ -168,6 +184,39 @@ impl Metrics {
         })
     }
 
+    /// Add `by` (negative: subtract) to a gauge.
+    ///
+    /// ```
+    /// let m = tollgate_gateway::metrics::Metrics::default();
+    /// m.add_gauge("tollgate_connections_open", &[], 2);
+    /// m.add_gauge("tollgate_connections_open", &[], -1);
+    /// assert_eq!(m.gauge("tollgate_connections_open", &[]), 1);
+    /// assert!(m.render().contains("tollgate_connections_open 1"));
+    /// ```
+    pub fn add_gauge(&self, name: &str, pairs: &[(&str, &str)], by: i64) {
+        with_key(name, pairs, |key| {
+            let mut gauges = lock(&self.gauges);
+            match gauges.get_mut(key) {
+                Some(v) => *v += by,
+                None => {
+                    gauges.insert(key.to_string(), by);
+                }
+            }
+        });
+    }
+
+    /// A gauge's value (0 when never set).
+    ///
+    /// ```
+    /// let m = tollgate_gateway::metrics::Metrics::default();
+    /// assert_eq!(m.gauge("x", &[]), 0);
+    /// ```
+    pub fn gauge(&self, name: &str, pairs: &[(&str, &str)]) -> i64 {
+        with_key(name, pairs, |key| {
+            lock(&self.gauges).get(key).copied().unwrap_or(0)
+        })
+    }
+
     /// Record one observation (seconds) in a histogram.
     ///
     /// ```
@@ -199,12 +248,20 @@ impl Metrics {
     /// assert!(m.render().contains("# TYPE tollgate_admitted_total counter"));
     /// ```
     pub fn render(&self) -> String {
-        let mut counters: Vec<(&str, &str, u64)> = Vec::new();
+        let mut counters: Vec<(&str, &str, i128)> = Vec::new();
         let mut histograms: Vec<(&str, &str, &Histogram)> = Vec::new();
-        let (c, h) = (lock(&self.counters), lock(&self.histograms));
+        let (c, g, h) = (
+            lock(&self.counters),
+            lock(&self.gauges),
+            lock(&self.histograms),
+        );
         for (k, v) in c.iter() {
             let (n, l) = split(k);
-            counters.push((n, l, *v));
+            counters.push((n, l, i128::from(*v)));
+        }
+        for (k, v) in g.iter() {
+            let (n, l) = split(k);
+            counters.push((n, l, i128::from(*v)));
         }
         for (k, v) in h.iter() {
             let (n, l) = split(k);

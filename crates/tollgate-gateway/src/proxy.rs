@@ -86,15 +86,6 @@ fn unauthorized(anthropic: bool) -> Response {
     )
 }
 
-/// `GET /metrics`.
-pub(crate) async fn metrics(AxState(st): St) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
-}
-
 /// `GET /v1/models`: the configured models.
 pub(crate) async fn models(AxState(st): St, headers: HeaderMap) -> Response {
     if authenticate(&st, &headers).is_none() {
@@ -193,9 +184,6 @@ fn classify(path: &str) -> (Option<Endpoint>, bool) {
 /// it.
 const ERROR_BODY_MAX: usize = 1 << 20;
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a caller may take to send its request's body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A body this large or of unknown length is read only after the caller's limits were
 /// found not exhausted (a cheap check): reading and tokenising megabytes for a caller
@@ -342,7 +330,7 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
     {
         return resp;
     }
-    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, st.max_body))
+    let body = match tokio::time::timeout(st.body_timeout, axum::body::to_bytes(body, st.max_body))
         .await
     {
         Ok(Ok(b)) => b,
@@ -370,7 +358,7 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
                 "body_timeout",
                 &format!(
                     "The request body did not arrive within {}: send it at once.",
-                    format_duration(BODY_TIMEOUT)
+                    format_duration(st.body_timeout)
                 ),
             );
         }

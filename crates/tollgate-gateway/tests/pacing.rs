@@ -20,7 +20,7 @@ async fn start(sim: SimConfig, url: &str, upstream: &str) -> (Sim, String) {
         .expect("start the simulator");
     let url = url.replace("{sim}", &sim.addr().to_string());
     let src = format!(
-        "[upstreams.sim]\nkind = \"openai-compatible\"\nurl = \"{url}\"\n{upstream}\n[tiers.default]\non_limit = \"wait\"\nmax_wait = \"60s\"\n"
+        "open = true\n[upstreams.sim]\nkind = \"openai-compatible\"\nurl = \"{url}\"\n{upstream}\n[tiers.default]\non_limit = \"wait\"\nmax_wait = \"60s\"\n"
     );
     let gateway = Gateway::new(Config::parse(&src).expect("a valid config"))
         .await

@@ -46,7 +46,7 @@ async fn two_instances_on_one_redis_enforce_one_limit() {
     .await
     .expect("sim");
     let src = format!(
-        "redis = \"{}\"\n[upstreams.sim]\nkind = \"sim\"\nurl = \"http://{}\"\nlimits = {{ requests_per_minute = 15 }}\n[tiers.t]\nlimits = {{ requests_per_minute = 10 }}\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n[callers.b]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
+        "redis = \"{}\"\nexpose_account_limits = true\n[upstreams.sim]\nkind = \"sim\"\nurl = \"http://{}\"\nlimits = {{ requests_per_minute = 15 }}\n[tiers.t]\nlimits = {{ requests_per_minute = 10 }}\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n[callers.b]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
         redis.url(),
         sim.addr(),
         hash_key("key-a"),
@@ -92,7 +92,7 @@ async fn two_instances_on_one_redis_enforce_one_limit() {
         vec![9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
     );
     // The account has 15 in all, across callers and instances: 5 are left for b, and
-    // now the account binds.
+    // now the account binds (its figures shown: `expose_account_limits`).
     assert_eq!(admitted("key-b", 10).await, vec![4, 3, 2, 1, 0]);
     assert_eq!(sim.stats().requests, 15);
 }
