@@ -37,6 +37,7 @@ fn error(status: StatusCode, anthropic: bool, kind: &str, code: &str, message: &
         let t = match status {
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             StatusCode::NOT_FOUND => "not_found_error",
             s if s.is_server_error() => "api_error",

@@ -505,6 +505,38 @@ async fn body_errors_say_what_happened() {
     assert!(seen.lock().expect("log").is_empty());
 }
 
+/// Finding 4: an authenticated caller could trickle a body forever, outside its
+/// concurrency limit. A body that has not arrived within `body_timeout` is a 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_is_cut_off_at_the_body_timeout() {
+    let (addr, seen) = scripted(ok_chat).await;
+    let url = gateway(&config("body_timeout = \"500ms\"", &addr, "", "")).await;
+    let host = url.trim_start_matches("http://");
+    let mut sock = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer key-a\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
+    sock.write_all(head.as_bytes()).await.expect("send");
+    let started = Instant::now();
+    let trickle = async {
+        loop {
+            if sock.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(900), trickle).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let response = String::from_utf8_lossy(&buf[..n]);
+    assert_eq!(status_of(&response), 408, "{response}");
+    assert!(response.contains("body_timeout"), "{response}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(seen.lock().expect("log").is_empty());
+}
+
 /// Finding 10: `BEARER key` and `Bearer<TAB>key` are legal spellings of the scheme.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bearer_scheme_is_read_as_http_spells_it() {
