@@ -394,9 +394,11 @@ fn upstream_config(
     if max_wait > Duration::from_secs(86_400) {
         anyhow::bail!("--max-wait is over a day; no caller waits that long for an answer");
     }
-    // No callers: everyone is served as `anonymous` in the tier `default` below.
-    let mut src =
-        format!("open = true\n[upstreams.upstream]\nkind = \"openai-compatible\"\nurl = {url:?}\n");
+    // No callers: everyone is served as `anonymous` in the tier `default` below, and
+    // sees the account's figures (the proxy's users share it knowingly).
+    let mut src = format!(
+        "open = true\nexpose_account_limits = true\n[upstreams.upstream]\nkind = \"openai-compatible\"\nurl = {url:?}\n"
+    );
     let own_key = std::env::var(&args.upstream_key_env).is_ok_and(|v| !v.is_empty());
     if own_key {
         src.push_str(&format!("api_key_env = {:?}\n", args.upstream_key_env));
