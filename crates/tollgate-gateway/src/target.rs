@@ -74,7 +74,9 @@ pub fn normalize(path: &str) -> Result<String, TargetError> {
 
 /// The request path as it is classified and forwarded, one spelling for one route:
 /// escapes of unreserved characters decoded (RFC 3986 §6.2.2.2; `/v1/chat/completion%73`
-/// is the chat route, and is estimated and limited as one), other escapes kept. A path
+/// is the chat route, and is estimated and limited as one), other escapes kept, any
+/// byte that is not a path character of RFC 3986 escaped (a space, a control, `?`, `#`,
+/// non-ASCII: the path stays one path wherever it is joined). A path
 /// that could leave the upstream's base path or be read two ways is refused: a `.` or
 /// `..` segment, an encoded `/` or `\`, a raw `\`, a `%` not followed by two hex digits.
 /// (Tested in `tests::paths_have_one_spelling_and_cannot_climb`.)
@@ -88,7 +90,10 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
             return Err("a `\\` in the path");
         }
         if b != b'%' {
-            if b.is_ascii() {
+            // A path character of RFC 3986 (`pchar` and `/`) as it is; anything else
+            // (non-ASCII, controls, spaces, `?`, `#`, ...) escaped, so the path stays
+            // one path wherever it is joined.
+            if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b) {
                 out.push(char::from(b));
             } else {
                 out.push_str(&format!("%{b:02X}"));
@@ -219,6 +224,8 @@ mod tests {
         assert_eq!(ok("/v1/%65mbeddings"), "/v1/embeddings");
         assert_eq!(ok("/v1/files/a%20b%3f"), "/v1/files/a%20b%3F");
         assert_eq!(ok("/v1/models/gpt-4o.x_y~z"), "/v1/models/gpt-4o.x_y~z");
+        // What would end the path, or is no URI character, is escaped.
+        assert_eq!(ok("/v1/files/a b?c#d\u{7}"), "/v1/files/a%20b%3Fc%23d%07");
         for bad in [
             "/%2e%2e/admin",
             "/v1/../admin",
