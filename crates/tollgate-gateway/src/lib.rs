@@ -166,9 +166,10 @@ pub(crate) struct TierState {
     pub(crate) models: HashMap<String, Gate>,
     /// Routes beyond the estimated ones its callers may use (`allow_routes`).
     pub(crate) routes: Vec<String>,
-    /// The names of its own quotas that reject rather than wait: one with nothing left
-    /// refuses a request before its body is read.
-    pub(crate) rejecting: std::collections::HashSet<String>,
+    /// Its own quotas that reject rather than wait, by name, with the time one unit of a
+    /// rate takes to come back (`None`: concurrency): one with nothing left refuses a
+    /// request before its body is read.
+    pub(crate) rejecting: HashMap<String, Option<Duration>>,
 }
 
 /// What the quota named like this limits, for headers and error bodies.
@@ -649,7 +650,13 @@ impl Gateway {
                 rejecting: own
                     .iter()
                     .filter(|(q, _)| q.get_max_wait().unwrap_or(Duration::ZERO).is_zero())
-                    .map(|(q, _)| q.name())
+                    .map(|(q, _)| {
+                        let unit = q.period().map(|p| {
+                            let nanos = p.as_nanos() / u128::from(q.amount().max(1));
+                            Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+                        });
+                        (q.name(), unit)
+                    })
                     .collect(),
             });
         }

@@ -242,11 +242,18 @@ async fn exhausted(st: &State, caller: &CallerInfo, anthropic: bool) -> Option<R
     let tier = &st.tiers[caller.tier];
     let limiter = &tier.limiters.iter().flatten().next()?.limiter;
     let status = limiter.status(&caller.name).await.ok()?;
-    let s = status
-        .iter()
-        .find(|s| s.remaining == 0 && tier.rejecting.contains(s.quota.name()))?;
+    let (s, unit) = status.iter().find_map(|s| {
+        let unit = tier.rejecting.get(s.quota.name())?;
+        (s.remaining == 0).then_some((s, *unit))
+    })?;
     let measure = measure(st, s.quota.name()).unwrap_or(Measure::Requests);
-    let wait = (measure != Measure::Concurrency).then_some(s.reset);
+    // The time until one unit is back: `reset` is until the whole limit is (GCRA, the
+    // gateway's algorithm, gives a unit back every period / amount).
+    let wait = unit.map(|unit| {
+        let rest =
+            unit.saturating_mul(u32::try_from(s.limit.saturating_sub(1)).unwrap_or(u32::MAX));
+        s.reset.saturating_sub(rest).max(Duration::from_millis(1))
+    });
     let mut resp = refused(
         st,
         caller,

@@ -578,15 +578,17 @@ async fn an_exhausted_caller_is_refused_before_its_body_is_read() {
         "",
         &addr,
         "",
-        "limits = { requests_per_minute = 1 }",
+        "limits = { requests_per_minute = 3 }",
     ))
     .await;
     let mut body = chat_without_max(1);
     body["max_tokens"] = json!(10);
-    assert_eq!(
-        post(&url, "/v1/chat/completions", &body).await.status(),
-        200
-    );
+    for _ in 0..3 {
+        assert_eq!(
+            post(&url, "/v1/chat/completions", &body).await.status(),
+            200
+        );
+    }
     let host = url.trim_start_matches("http://");
     let mut sock = tokio::net::TcpStream::connect(host).await.expect("connect");
     let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer key-a\r\ncontent-type: application/json\r\ncontent-length: 15000000\r\n\r\n";
@@ -598,6 +600,13 @@ async fn an_exhausted_caller_is_refused_before_its_body_is_read() {
         .expect("read");
     let response = String::from_utf8_lossy(&buf[..n]);
     assert_eq!(status_of(&response), 429, "{response}");
+    // The wait until one request is back (20 s at 3 a minute), not until all three are.
+    let wait: u64 = response
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after-ms: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after-ms in {response}"));
+    assert!((15_000..=20_000).contains(&wait), "{wait} ms");
 }
 
 /// Finding 12: a caller's `x-ratelimit-*` headers showed the shared account's remaining
