@@ -148,6 +148,17 @@ fn split(key: &str) -> (&str, &str) {
     key.split_once('\0').unwrap_or((key, ""))
 }
 
+/// Add `by` to the value under `key`, which starts at `by` (no allocation when it exists).
+fn add<N: std::ops::AddAssign + Copy>(map: &Mutex<HashMap<String, N>>, key: &str, by: N) {
+    let mut map = lock(map);
+    match map.get_mut(key) {
+        Some(v) => *v += by,
+        None => {
+            map.insert(key.to_string(), by);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -161,15 +172,7 @@ impl Metrics {
     /// assert_eq!(m.counter("tollgate_upstream_responses_total", &[("upstream", "sim"), ("status", "200")]), 2);
     /// ```
     pub fn count(&self, name: &str, pairs: &[(&str, &str)], by: u64) {
-        with_key(name, pairs, |key| {
-            let mut counters = lock(&self.counters);
-            match counters.get_mut(key) {
-                Some(v) => *v += by,
-                None => {
-                    counters.insert(key.to_string(), by);
-                }
-            }
-        });
+        with_key(name, pairs, |key| add(&self.counters, key, by));
     }
 
     /// A counter's value (0 when never counted).
@@ -194,15 +197,7 @@ impl Metrics {
     /// assert!(m.render().contains("tollgate_connections_open 1"));
     /// ```
     pub fn add_gauge(&self, name: &str, pairs: &[(&str, &str)], by: i64) {
-        with_key(name, pairs, |key| {
-            let mut gauges = lock(&self.gauges);
-            match gauges.get_mut(key) {
-                Some(v) => *v += by,
-                None => {
-                    gauges.insert(key.to_string(), by);
-                }
-            }
-        });
+        with_key(name, pairs, |key| add(&self.gauges, key, by));
     }
 
     /// A gauge's value (0 when never set).

@@ -12,6 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tollgate_gateway::config::hash_key;
 use tollgate_gateway::{Config, Gateway};
 
+mod support;
+use support::read_request;
+
 #[derive(Clone, Copy)]
 enum Answer {
     /// A chat completion reporting `output` completion tokens, after `delay_ms`.
@@ -37,7 +40,7 @@ async fn upstream(answer: Answer) -> (String, Arc<Mutex<Vec<String>>>) {
         while let Ok((mut sock, _)) = listener.accept().await {
             let log = log.clone();
             tokio::spawn(async move {
-                let Some(line) = read_request(&mut sock).await else {
+                let Some((line, _body)) = read_request(&mut sock).await else {
                     return;
                 };
                 log.lock().expect("log").push(line);
@@ -77,31 +80,6 @@ async fn upstream(answer: Answer) -> (String, Arc<Mutex<Vec<String>>>) {
         }
     });
     (addr, seen)
-}
-
-/// Reads one request (head and `content-length` body); returns its head.
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<String> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = sock.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-        buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let length: usize = head
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < end + 4 + length {
-            let n = sock.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        return Some(head);
-    }
 }
 
 /// The request lines of the heads an upstream saw.

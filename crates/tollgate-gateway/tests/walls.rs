@@ -12,6 +12,9 @@ use tollgate_gateway::config::hash_key;
 use tollgate_gateway::{Config, Gateway};
 use tollgate_sim::{Sim, SimConfig};
 
+mod support;
+use support::read_request;
+
 /// What a scripted upstream saw: each request's head and body.
 type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
@@ -39,32 +42,6 @@ async fn scripted(answer: fn(&str, &str) -> String) -> (String, Seen) {
         }
     });
     (addr, seen)
-}
-
-/// One request (head and `content-length` body) from a socket.
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(String, String)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = sock.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-        buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let length: usize = head
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < end + 4 + length {
-            let n = sock.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned();
-        return Some((head, body));
-    }
 }
 
 fn respond(status: &str, headers: &str, body: &str) -> String {
