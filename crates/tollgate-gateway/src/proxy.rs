@@ -250,8 +250,8 @@ async fn exhausted(st: &State, caller: &CallerInfo, anthropic: bool) -> Option<R
     // The time until one unit is back: `reset` is until the whole limit is (GCRA, the
     // gateway's algorithm, gives a unit back every period / amount).
     let wait = unit.map(|unit| {
-        let rest =
-            unit.saturating_mul(u32::try_from(s.limit.saturating_sub(1)).unwrap_or(u32::MAX));
+        let rest = unit.as_nanos() * u128::from(s.limit.saturating_sub(1));
+        let rest = Duration::from_nanos(u64::try_from(rest).unwrap_or(u64::MAX));
         s.reset.saturating_sub(rest).max(Duration::from_millis(1))
     });
     let mut resp = refused(
