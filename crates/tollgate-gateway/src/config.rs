@@ -538,6 +538,7 @@ impl Tier {
     /// let t = &c.tiers["ops"];
     /// assert!(t.allows("DELETE", "/v1/files/file-1"));
     /// assert!(t.allows("GET", "/v1/batches"));
+    /// assert!(!t.allows("get", "/v1/batches")); // methods are case-sensitive
     /// assert!(!t.allows("POST", "/v1/batches"));
     /// assert!(!t.allows("GET", "/v1/filesystem"));
     /// ```
@@ -688,7 +689,8 @@ pub(crate) fn route_allows(entry: &str, method: &str, path: &str) -> bool {
         Some((m, p)) => (Some(m), p.trim()),
         None => (None, entry),
     };
-    if m.is_some_and(|m| !m.eq_ignore_ascii_case(method)) {
+    // Methods are case-sensitive (RFC 9110 §9.1): `get` is not `GET`.
+    if m.is_some_and(|m| m != method) {
         return false;
     }
     let prefix = prefix.trim_end_matches('/');
@@ -801,8 +803,15 @@ impl Config {
     /// ```
     pub fn parse(src: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(src).map_err(|e| {
-            let key = e.message().to_string();
-            ConfigError::at(src, e.span(), "tollgate.toml", key)
+            let mut what = e.message().to_string();
+            if what.starts_with("unknown field") {
+                // The commonest cause: a top-level key written below a [table], which
+                // TOML reads as that table's.
+                what.push_str(
+                    " (a key written below a [table] header belongs to that table: top-level keys such as `open` or `strict_models` go above the first one)",
+                );
+            }
+            ConfigError::at(src, e.span(), "tollgate.toml", what)
         })?;
         config.check(src)?;
         Ok(config)
@@ -1014,6 +1023,45 @@ impl Config {
                 let key = format!("tiers.{name}.model_limits.{model}");
                 check_limits(l, &key).map_err(|m| ConfigError::at(src, None, &key, m))?;
             }
+            // Where every upstream lists its models, a limit on a model none serves is
+            // a typo that would never apply.
+            let listed: Vec<&String> = self
+                .upstreams
+                .values()
+                .flat_map(|u| u.models.iter().chain(u.model_limits.keys()))
+                .collect();
+            let closed = self
+                .upstreams
+                .values()
+                .all(|u| !u.models.is_empty() || !u.model_limits.is_empty());
+            for model in t.model_limits.keys() {
+                let served = listed.iter().any(|m| {
+                    let (m, model) = (m.to_ascii_lowercase(), model.to_ascii_lowercase());
+                    m == model
+                        || m.starts_with(&format!("{model}-"))
+                        || model.starts_with(&format!("{m}-"))
+                });
+                if closed
+                    && !served
+                    && !self
+                        .model_aliases
+                        .keys()
+                        .any(|a| a.eq_ignore_ascii_case(model))
+                {
+                    return err(
+                        None,
+                        format!("tiers.{name}.model_limits.{model}"),
+                        format!(
+                            "no upstream serves a model `{model}` (they list: {}); the limit would never apply",
+                            listed
+                                .iter()
+                                .map(|m| m.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
+            }
         }
         for (model, p) in &self.prices {
             for (side, v) in [("input", p.input), ("output", p.output)] {
@@ -1178,6 +1226,11 @@ fn bad_route(entry: &str) -> Option<&'static str> {
     };
     if !path.starts_with('/') {
         return Some("is not a path: write it from the root, like \"/v1/files\"");
+    }
+    if path.contains(['*', '?', '#']) {
+        return Some(
+            "is a prefix, not a pattern or a URL: no `*`, `?` or `#` (\"/v1/files\" allows everything under it)",
+        );
     }
     if path
         .split('/')

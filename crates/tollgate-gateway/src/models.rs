@@ -36,8 +36,10 @@ pub(crate) struct Resolved {
 }
 
 /// A dated snapshot's model: `gpt-4o-2024-08-06` and `claude-3-5-sonnet-20241022` without
-/// their dates, `gpt-4o-latest` without `-latest`.
+/// their dates, `gpt-4-0613` and `gpt-4-1106-preview` without theirs (OpenAI's older
+/// `MMDD` form), `gpt-4o-latest` without `-latest`.
 fn without_snapshot(name: &str) -> Option<&str> {
+    let name = name.strip_suffix("-preview").unwrap_or(name);
     let b = name.as_bytes();
     let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
     let n = b.len();
@@ -49,6 +51,9 @@ fn without_snapshot(name: &str) -> Option<&str> {
     }
     if n > 9 && b[n - 9] == b'-' && digits(&b[n - 8..]) {
         return Some(&name[..n - 9]);
+    }
+    if n > 5 && b[n - 5] == b'-' && digits(&b[n - 4..]) {
+        return Some(&name[..n - 5]);
     }
     name.strip_suffix("-latest").filter(|s| !s.is_empty())
 }
@@ -182,6 +187,9 @@ mod tests {
             m.resolve("claude-3-5-sonnet-20241022").canonical,
             "claude-3-5-sonnet"
         );
+        for old in ["gpt-4o-0613", "GPT-4o-1106-preview", "gpt-4o-0125"] {
+            assert_eq!(m.resolve(old).canonical, "gpt-4o", "{old}");
+        }
         // The caller's snapshot goes upstream; only case and prefix are fixed.
         assert_eq!(m.resolve("gpt-4o").forward, None);
         assert_eq!(

@@ -164,21 +164,42 @@ fn takes_stream_options(kind: Kind, path_and_query: &str) -> bool {
     }
 }
 
-/// The estimated endpoint a normalized path names, and whether it is Anthropic's API.
-/// OpenAI routes match by their last segments (so an Azure deployment path counts);
-/// Anthropic's only as `/v1/messages` itself, and anything under it goes to Anthropic
-/// unestimated (`/v1/messages/count_tokens`, batches), so OpenAI's
-/// `/v1/threads/{id}/messages` is not taken for it.
-fn classify(path: &str) -> (Option<Endpoint>, bool) {
+/// What a normalized path names: an estimated endpoint, whether it is Anthropic's API,
+/// and the Azure deployment it names (which, not the body's `model`, is the model Azure
+/// serves). Only the routes' own shapes are estimated: `/v1/<route>`, Azure's
+/// `/openai/deployments/<deployment>/<route>` and `/openai/v1/<route>`, and Anthropic's
+/// `/v1/messages`; anything under `/v1/messages/` is Anthropic's and unestimated
+/// (`count_tokens`, batches). A path that merely ends like a route
+/// (`/v1/files/x/chat/completions`, OpenAI's `/v1/threads/{id}/messages`) is not one.
+fn classify(path: &str) -> (Option<Endpoint>, bool, Option<&str>) {
     let trimmed = path.trim_end_matches('/');
     if trimmed == "/v1/messages" {
-        return (Some(Endpoint::Messages), true);
+        return (Some(Endpoint::Messages), true, None);
     }
     if path.starts_with("/v1/messages/") {
-        return (None, true);
+        return (None, true, None);
     }
-    let endpoint = Endpoint::from_path(path).filter(|e| *e != Endpoint::Messages);
-    (endpoint, false)
+    let (deployment, route) = if let Some(rest) = trimmed.strip_prefix("/openai/deployments/") {
+        match rest.split_once('/') {
+            Some((d, route)) if !d.is_empty() => (Some(d), route),
+            _ => return (None, false, None),
+        }
+    } else if let Some(route) = trimmed
+        .strip_prefix("/openai/v1/")
+        .or_else(|| trimmed.strip_prefix("/v1/"))
+    {
+        (None, route)
+    } else {
+        return (None, false, None);
+    };
+    let endpoint = match route {
+        "chat/completions" => Endpoint::ChatCompletions,
+        "completions" => Endpoint::Completions,
+        "embeddings" => Endpoint::Embeddings,
+        "responses" => Endpoint::Responses,
+        _ => return (None, false, None),
+    };
+    (Some(endpoint), false, deployment)
 }
 
 /// The most of an upstream's error answer the gateway reads, and how long it waits for
@@ -282,7 +303,8 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
             );
         }
     };
-    let (endpoint, anthropic) = classify(&path);
+    let (endpoint, anthropic, deployment) = classify(&path);
+    let deployment = deployment.map(str::to_owned);
     let Some(caller) = authenticate(&st, &parts.headers) else {
         return unauthorized(anthropic);
     };
@@ -387,11 +409,15 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
         },
         None => None,
     };
-    let raw_model = json_body
-        .as_ref()
-        .and_then(|v| v.get("model"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    // On Azure the path's deployment is the model served, whatever the body says.
+    let raw_model = match &deployment {
+        Some(d) => d.as_str(),
+        None => json_body
+            .as_ref()
+            .and_then(|v| v.get("model"))
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+    };
     let resolved = st.models.resolve(raw_model);
     if endpoint.is_some() && !st.models.served(&resolved.canonical) {
         return error(
@@ -404,13 +430,13 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
             ),
         );
     }
-    let mut rewritten = false;
-    if let (Some(name), Some(obj)) = (
-        &resolved.forward,
-        json_body.as_mut().and_then(Value::as_object_mut),
-    ) {
+    if deployment.is_none()
+        && let (Some(name), Some(obj)) = (
+            &resolved.forward,
+            json_body.as_mut().and_then(Value::as_object_mut),
+        )
+    {
         obj.insert("model".into(), Value::String(name.clone()));
-        rewritten = true;
     }
     let model = resolved.canonical;
     let Some(up) = pick_upstream(&st, anthropic, &model) else {
@@ -451,7 +477,6 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
             max,
             choices,
         });
-        rewritten = true;
     }
     let mut cost = Cost::request();
     if let (Some(ep), Some(v)) = (endpoint, &json_body) {
@@ -468,12 +493,15 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
             }
         }
     }
-    let body = match (&json_body, rewritten) {
-        (Some(v), true) => match serde_json::to_vec(v) {
+    // What is forwarded is what was read: the parsed body written again, so an
+    // upstream's parser cannot read it another way (a key given twice, which the
+    // gateway read last-wins).
+    let body = match &json_body {
+        Some(v) => match serde_json::to_vec(v) {
             Ok(b) => Bytes::from(b),
             Err(_) => body,
         },
-        _ => body,
+        None => body,
     };
     // Spend: the estimate at the model's price. Known endpoints need a price when a
     // spend limit applies; other routes count as requests only.
@@ -1733,17 +1761,36 @@ mod tests {
     }
 
     #[test]
-    fn anthropic_is_its_own_path_and_openai_routes_match_by_their_end() {
-        assert_eq!(classify("/v1/messages"), (Some(Endpoint::Messages), true));
-        assert_eq!(classify("/v1/messages/"), (Some(Endpoint::Messages), true));
-        assert_eq!(classify("/v1/messages/count_tokens"), (None, true));
-        assert_eq!(classify("/v1/messages/batches"), (None, true));
-        assert_eq!(classify("/v1/threads/t_1/messages"), (None, false));
+    fn only_the_routes_own_shapes_are_estimated() {
+        assert_eq!(
+            classify("/v1/messages"),
+            (Some(Endpoint::Messages), true, None)
+        );
+        assert_eq!(
+            classify("/v1/messages/"),
+            (Some(Endpoint::Messages), true, None)
+        );
+        assert_eq!(classify("/v1/messages/count_tokens"), (None, true, None));
+        assert_eq!(classify("/v1/messages/batches"), (None, true, None));
+        assert_eq!(classify("/v1/threads/t_1/messages"), (None, false, None));
+        assert_eq!(
+            classify("/v1/files/f/chat/completions"),
+            (None, false, None)
+        );
+        assert_eq!(classify("/v2/chat/completions"), (None, false, None));
+        assert_eq!(
+            classify("/openai/v1/responses"),
+            (Some(Endpoint::Responses), false, None)
+        );
         assert_eq!(
             classify("/openai/deployments/gpt4o/chat/completions"),
-            (Some(Endpoint::ChatCompletions), false)
+            (Some(Endpoint::ChatCompletions), false, Some("gpt4o"))
         );
-        assert_eq!(classify("/v1/files"), (None, false));
+        assert_eq!(
+            classify("/openai/deployments/gpt4o/files/x/chat/completions"),
+            (None, false, None)
+        );
+        assert_eq!(classify("/v1/files"), (None, false, None));
     }
 
     /// A connect that ran out of time is a 504 ("timed out"), a refused one a 502: the

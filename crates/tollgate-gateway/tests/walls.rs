@@ -720,3 +720,53 @@ async fn no_sequence_of_requests_exceeds_a_token_or_spend_limit() {
         );
     }
 }
+
+/// From the second probe: Azure serves the deployment its path names, whatever the
+/// body's `model` says, so the deployment is the model limits and prices see; a path
+/// that only ends like a route is not one; an old `MMDD` snapshot is its model; a body
+/// that names its model twice goes upstream as the gateway read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_limited_is_the_model_served() {
+    let (addr, seen) = scripted(ok_chat).await;
+    let src = format!(
+        "[upstreams.az]\nkind = \"azure\"\nurl = \"http://{addr}/openai\"\napi_key = \"az-key-0123456789\"\nmodels = [\"gpt-4o\", \"gpt-4o-mini\"]\n\n[tiers.t]\nmodel_limits.\"gpt-4o\" = {{ requests_per_minute = 1 }}\n\n[callers.a]\nkey_sha256 = \"{}\"\ntier = \"t\"\n",
+        hash_key("key-a")
+    );
+    let url = gateway(&src).await;
+    let mut body = chat_without_max(1);
+    body["max_tokens"] = json!(10);
+    body["model"] = json!("gpt-4o-mini");
+    let azure = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+    assert_eq!(post(&url, azure, &body).await.status(), 200);
+    assert_eq!(
+        post(&url, azure, &body).await.status(),
+        429,
+        "the deployment's limit, whatever the body says"
+    );
+    let old = "/openai/deployments/gpt-4o-0613/chat/completions?api-version=2024-10-21";
+    assert_eq!(post(&url, old, &body).await.status(), 429);
+    let r = post(&url, "/v1/files/file-1/chat/completions", &body).await;
+    assert_eq!(r.status(), 403, "not a route, only its end");
+    // The same key twice: read last-wins here, and sent once, as read.
+    let twice = r#"{"model":"gpt-4o","model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+        ))
+        .bearer_auth("key-a")
+        .header("content-type", "application/json")
+        .body(twice)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 200);
+    let seen = seen.lock().expect("log");
+    assert_eq!(seen.len(), 2);
+    let last = &seen[1].1;
+    assert_eq!(last.matches("\"model\"").count(), 1, "{last}");
+    // Lowercase methods are other methods (RFC 9110): never matched as `GET`.
+    drop(seen);
+    let request = "get /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer key-a\r\nconnection: close\r\n\r\n";
+    let response = raw(&url, request.as_bytes()).await;
+    assert_ne!(status_of(&response), 200, "{response}");
+}
