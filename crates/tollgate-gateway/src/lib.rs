@@ -114,6 +114,8 @@ pub(crate) struct UpstreamState {
     /// The header carrying the gateway's key for this upstream, in the upstream's
     /// spelling (marked sensitive, so it never shows in debug output).
     pub(crate) auth: Option<(http::HeaderName, http::HeaderValue)>,
+    /// The gateway's key for this upstream, to take out of whatever comes back from it.
+    pub(crate) secret: Option<String>,
     pub(crate) models: Vec<String>,
     /// The same, by canonical name, for routing.
     pub(crate) listed: Vec<String>,
@@ -511,6 +513,7 @@ impl Gateway {
                 &base[..url::Position::BeforePath],
                 base.path().trim_end_matches('/')
             );
+            let secret = api_key.clone();
             let auth = match api_key {
                 Some(k) => {
                     let (header, value) = match u.kind {
@@ -540,6 +543,7 @@ impl Gateway {
                 prefix,
                 forward_key: u.forward_caller_key,
                 auth,
+                secret,
                 models,
                 listed,
                 default: u.default,

@@ -1087,11 +1087,7 @@ impl Call {
         };
         let status = answer.status();
         let mut headers = HeaderMap::new();
-        for (n, v) in answer.headers() {
-            if returnable(n) && !named_by_connection(answer.headers(), n) {
-                headers.append(n.clone(), v.clone());
-            }
-        }
+        self.pass_headers(answer.headers(), &self.secrets(), &mut headers);
         headers.extend(rl);
         if let Some(w) = self.written {
             headers.insert(
@@ -1323,6 +1319,11 @@ impl Call {
                         });
                     }
                     let status = resp.status();
+                    if status.is_redirection() {
+                        // A redirect names where the upstream lives (an internal host, a
+                        // URL with a key in it): never passed on, never followed.
+                        return Forwarded::Failed(self.upstream_error(resp.into_parts().0, &[], 1));
+                    }
                     if !(status.is_client_error() || status.is_server_error()) {
                         return Forwarded::Answer(resp);
                     }
@@ -1437,6 +1438,17 @@ impl Call {
                     up.name
                 ),
             )
+        } else if parts.status.is_redirection() {
+            error(
+                StatusCode::BAD_GATEWAY,
+                self.anthropic,
+                "server_error",
+                "upstream_redirect",
+                &format!(
+                    "The upstream `{}` answered with a redirect (HTTP {code}), which this gateway neither follows nor passes on: its operator must fix the upstream's URL.",
+                    up.name
+                ),
+            )
         } else if parts.status.is_server_error() {
             let (status, kind) = if code == 504 {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
@@ -1451,25 +1463,9 @@ impl Call {
                 &format!("The upstream `{}` failed with HTTP {code}{tries}.", up.name),
             )
         } else {
+            let secrets = self.secrets();
             let mut headers = HeaderMap::new();
-            for (n, v) in &parts.headers {
-                if returnable(n) && !named_by_connection(&parts.headers, n) {
-                    headers.append(n.clone(), v.clone());
-                }
-            }
-            let mut secrets: Vec<&str> = Vec::new();
-            if let Some((_, v)) = &up.auth
-                && let Ok(v) = v.to_str()
-            {
-                secrets.push(v.strip_prefix("Bearer ").unwrap_or(v));
-            }
-            for name in pace::OWN_ACCOUNT_HEADERS {
-                for v in self.headers.get_all(name) {
-                    if let Ok(v) = v.to_str() {
-                        secrets.push(bearer(v).unwrap_or(v));
-                    }
-                }
-            }
+            self.pass_headers(&parts.headers, &secrets, &mut headers);
             build(
                 parts.status,
                 headers,
@@ -1483,6 +1479,39 @@ impl Call {
             HeaderValue::from(code),
         );
         resp
+    }
+
+    /// What must never reach the caller from this upstream: the gateway's key for it,
+    /// and, when callers' keys are passed through, the caller's own credentials (which
+    /// an answer could otherwise echo to whoever reads the logs of an intermediary).
+    fn secrets(&self) -> Vec<&str> {
+        let up = &self.st.upstreams[self.up];
+        let mut secrets: Vec<&str> = up.secret.as_deref().into_iter().collect();
+        if up.forward_key {
+            for name in pace::OWN_ACCOUNT_HEADERS {
+                for v in self.headers.get_all(name) {
+                    if let Ok(v) = v.to_str() {
+                        secrets.push(bearer(v).unwrap_or(v));
+                    }
+                }
+            }
+        }
+        secrets
+    }
+
+    /// The headers of an upstream's answer a caller may see: not hop-by-hop, not the
+    /// account's (see [`returnable`]), and none whose value looks like a credential.
+    fn pass_headers(&self, from: &HeaderMap, secrets: &[&str], to: &mut HeaderMap) {
+        for (n, v) in from {
+            if returnable(n)
+                && !named_by_connection(from, n)
+                && !v
+                    .to_str()
+                    .map_or(true, |v| crate::redact::leaks(v, secrets))
+            {
+                to.append(n.clone(), v.clone());
+            }
+        }
     }
 
     /// A retry is one more request at the provider: it takes its turn in the account's

@@ -24,9 +24,9 @@ fn word_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '*' | '.' | '~' | '+' | '/' | '=')
 }
 
-/// Whether a word looks like a credential: one of `secrets` or a run of one at least
-/// [`MIN_PART`] long, a known key prefix with something after it, or a masked key
-/// (`****`).
+/// Whether a word looks like a credential: a known key prefix with something after it,
+/// a masked key (`****`), or, in any case of letters, one of `secrets`, any run of one at
+/// least [`MIN_PART`] long standing alone, or any run of [`MIN_RUN`] inside a longer word.
 fn is_credential(word: &str, secrets: &[&str]) -> bool {
     let core = word.trim_end_matches(['.', '/', '=']);
     if core.len() < 4 {
@@ -35,24 +35,50 @@ fn is_credential(word: &str, secrets: &[&str]) -> bool {
     if core.contains("***") {
         return true;
     }
-    if KEY_PREFIXES
-        .iter()
-        .any(|p| core.starts_with(p) && core.len() >= p.len() + 4)
-    {
+    if KEY_PREFIXES.iter().any(|p| {
+        core.len() >= p.len() + 4 && core.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+    }) {
         return true;
     }
-    secrets
-        .iter()
-        .any(|s| !s.is_empty() && (s.contains(core) && core.len() >= MIN_PART || core.contains(s)))
+    let lower = core.to_ascii_lowercase();
+    secrets.iter().any(|s| {
+        let s = s.to_ascii_lowercase();
+        if s.is_empty() {
+            return false;
+        }
+        if lower.contains(&s) || (lower.len() >= MIN_PART && s.contains(&lower)) {
+            return true;
+        }
+        // A run of the secret inside a longer word.
+        lower.len() >= MIN_RUN
+            && s.len() >= MIN_RUN
+            && s.as_bytes()
+                .windows(MIN_RUN)
+                .any(|w| std::str::from_utf8(w).is_ok_and(|w| lower.contains(w)))
+    })
 }
 
-/// `text` with every word that looks like a credential (see [`is_credential`])
-/// replaced by `[redacted]`. Text that is not UTF-8 is read lossily.
-pub(crate) fn redact<'a>(text: &'a [u8], secrets: &[&str]) -> Cow<'a, [u8]> {
-    let s = String::from_utf8_lossy(text);
+/// The shortest run of a secret found inside a longer word.
+const MIN_RUN: usize = 12;
+
+/// Whether `text` holds anything [`redact`] would take out: for header values, which are
+/// dropped rather than rewritten.
+pub(crate) fn leaks(text: &str, secrets: &[&str]) -> bool {
+    words(text).any(|w| is_credential(w, secrets))
+}
+
+fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !word_char(c))
+        .filter(|w| !w.is_empty())
+}
+
+/// Every word of `s` that looks like a credential replaced by `[redacted]`.
+fn redact_str(s: &str, secrets: &[&str]) -> Option<String> {
+    if !leaks(s, secrets) {
+        return None;
+    }
     let mut out = String::with_capacity(s.len());
-    let mut changed = matches!(s, Cow::Owned(_));
-    let mut rest: &str = &s;
+    let mut rest = s;
     while !rest.is_empty() {
         let start = rest.find(word_char).unwrap_or(rest.len());
         out.push_str(&rest[..start]);
@@ -64,16 +90,66 @@ pub(crate) fn redact<'a>(text: &'a [u8], secrets: &[&str]) -> Cow<'a, [u8]> {
             let core = word.trim_end_matches(['.', '/', '=']);
             out.push_str(REDACTED);
             out.push_str(&word[core.len()..]);
-            changed = true;
         } else {
             out.push_str(word);
         }
         rest = &rest[end..];
     }
-    if changed {
-        Cow::Owned(out.into_bytes())
-    } else {
-        Cow::Borrowed(text)
+    Some(out)
+}
+
+/// Redact every string (and key) of a JSON value; whether anything changed.
+fn redact_json(v: &mut serde_json::Value, secrets: &[&str]) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => match redact_str(s, secrets) {
+            Some(r) => {
+                *s = r;
+                true
+            }
+            None => false,
+        },
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |changed, i| redact_json(i, secrets) | changed),
+        Value::Object(map) => {
+            let mut changed = false;
+            let old = std::mem::take(map);
+            for (k, mut item) in old {
+                changed |= redact_json(&mut item, secrets);
+                let k = match redact_str(&k, secrets) {
+                    Some(r) => {
+                        changed = true;
+                        r
+                    }
+                    None => k,
+                };
+                map.insert(k, item);
+            }
+            changed
+        }
+        _ => false,
+    }
+}
+
+/// `text` with every word that looks like a credential (see [`is_credential`])
+/// replaced by `[redacted]`. A JSON body is read as JSON, so a key written with escapes
+/// (`sk\u002d...`) is seen as the key it is; other text is read as text (lossily when
+/// it is not UTF-8).
+pub(crate) fn redact<'a>(text: &'a [u8], secrets: &[&str]) -> Cow<'a, [u8]> {
+    if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(text) {
+        if !redact_json(&mut v, secrets) {
+            return Cow::Borrowed(text);
+        }
+        if let Ok(out) = serde_json::to_vec(&v) {
+            return Cow::Owned(out);
+        }
+    }
+    let s = String::from_utf8_lossy(text);
+    match redact_str(&s, secrets) {
+        Some(out) => Cow::Owned(out.into_bytes()),
+        None if matches!(s, Cow::Owned(_)) => Cow::Owned(s.into_owned().into_bytes()),
+        None => Cow::Borrowed(text),
     }
 }
 
@@ -108,6 +184,28 @@ mod tests {
             r("Bearer sk-ant-api03-xyz123 rejected", &[]),
             "Bearer [redacted] rejected"
         );
+    }
+
+    #[test]
+    fn a_key_in_another_case_escaped_or_inside_a_word_is_taken_out() {
+        let secret = "sk-upstream-SECRET-0123456789abcdef";
+        assert_eq!(
+            r("key SK-UPSTREAM-SECRET-0123456789ABCDEF", &[secret]),
+            "key [redacted]"
+        );
+        let escaped =
+            r#"{"error":{"message":"bad key sk\u002dupstream\u002dSECRET\u002d0123456789abcdef"}}"#;
+        let out = r(escaped, &[secret]);
+        assert!(!out.to_lowercase().contains("0123456789"), "{out}");
+        assert!(out.contains("[redacted]"), "{out}");
+        let embedded = r("xupstream-SECRET-0123456789abcdefx", &[secret]);
+        assert_eq!(embedded, "[redacted]");
+        assert!(leaks(
+            "Bearer sk-upstream-SECRET-0123456789abcdef",
+            &[secret]
+        ));
+        assert!(leaks("realm=\"upstream-SECRET-0123\"", &[secret]));
+        assert!(!leaks("application/json", &[secret]));
     }
 
     #[test]

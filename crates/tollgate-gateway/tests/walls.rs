@@ -760,13 +760,68 @@ async fn the_model_limited_is_the_model_served() {
         .await
         .expect("answer");
     assert_eq!(r.status(), 200);
-    let seen = seen.lock().expect("log");
-    assert_eq!(seen.len(), 2);
-    let last = &seen[1].1;
-    assert_eq!(last.matches("\"model\"").count(), 1, "{last}");
+    {
+        let seen = seen.lock().expect("log");
+        assert_eq!(seen.len(), 2);
+        let last = &seen[1].1;
+        assert_eq!(last.matches("\"model\"").count(), 1, "{last}");
+    }
     // Lowercase methods are other methods (RFC 9110): never matched as `GET`.
-    drop(seen);
     let request = "get /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer key-a\r\nconnection: close\r\n\r\n";
     let response = raw(&url, request.as_bytes()).await;
     assert_ne!(status_of(&response), 200, "{response}");
+}
+
+/// From the second probe: the key left through an answer's headers, a redirect's
+/// `Location`, and bodies that spell it in capitals or with JSON escapes. Headers that
+/// carry it are dropped, redirects are a 502 of the gateway's own, and bodies are read
+/// as JSON before they are redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_leaves_through_no_header_redirect_or_spelling() {
+    fn leaky(_: &str, body: &str) -> String {
+        if body.contains("\"redirect\"") {
+            "HTTP/1.1 302 Found\r\nlocation: http://internal-llm.corp:9000/v1/x?key=sk-upstream-secret-0123456789\r\ncontent-length: 0\r\n\r\n".to_owned()
+        } else if body.contains("\"fine\"") {
+            respond(
+                "200 OK",
+                "x-echo-key: sk-upstream-secret-0123456789\r\nx-request-id: req-1\r\n",
+                r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":9,"completion_tokens":1}}"#,
+            )
+        } else {
+            respond(
+                "400 Bad Request",
+                "www-authenticate: Bearer realm=\"sk-upstream-secret-0123456789\"\r\nx-request-id: req-2\r\n",
+                r#"{"error":{"message":"bad key SK-UPSTREAM-SECRET-0123456789 or sk\u002dupstream\u002dsecret\u002d0123456789"}}"#,
+            )
+        }
+    }
+    let (addr, _) = scripted(leaky).await;
+    let url = gateway(&config("", &addr, "", "")).await;
+    let ask = |user: &str| {
+        let mut body = chat_without_max(1);
+        body["max_tokens"] = json!(10);
+        body["user"] = json!(user);
+        body
+    };
+    let r = post(&url, "/v1/chat/completions", &ask("fine")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-echo-key"), None);
+    assert_eq!(
+        header(&r, "x-request-id"),
+        Some("req-1"),
+        "other headers pass"
+    );
+    let r = post(&url, "/v1/chat/completions", &ask("redirect")).await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(header(&r, "location"), None);
+    let text = r.text().await.expect("body");
+    assert!(
+        text.contains("upstream_redirect") && !text.contains("internal-llm"),
+        "{text}"
+    );
+    let r = post(&url, "/v1/chat/completions", &ask("error")).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(header(&r, "www-authenticate"), None);
+    let text = r.text().await.expect("body");
+    assert!(!text.to_lowercase().contains("0123456789"), "{text}");
 }
