@@ -662,6 +662,12 @@ pub struct Config {
     /// provider prefix and date suffix dropped.
     #[serde(default)]
     pub max_output_tokens: BTreeMap<String, u64>,
+    /// The most input tokens one image part can cost on a model, counted for requests
+    /// whose tokens or spend are limited (the estimate counts text only); `"*"` for every
+    /// model not listed (default 4000; gpt-4o-mini, which bills an image as up to 36,835
+    /// tokens, is built in).
+    #[serde(default)]
+    pub image_input_tokens: BTreeMap<String, u64>,
     /// Other names of models: `"fast" = "gpt-4o-mini"` sends `fast` as `gpt-4o-mini`,
     /// limited and priced as it.
     #[serde(default)]
@@ -681,6 +687,11 @@ pub struct Config {
 /// The default of `[max_output_tokens] "*"`: the worst case reserved for a request
 /// without `max_tokens` to a model no table knows.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 32_768;
+
+/// The default of `[image_input_tokens] "*"`: the worst case of one image on a model
+/// without an entry (OpenAI's high-detail images cost at most 1,105 tokens on gpt-4o and
+/// 3,779 on gpt-4.1-nano; Anthropic's about 1,600).
+pub const DEFAULT_IMAGE_INPUT_TOKENS: u64 = 4_000;
 
 /// Whether an `allow_routes` entry (`"/v1/files"`, `"GET /v1/batches"`) allows `method`
 /// on `path`.
@@ -1097,6 +1108,15 @@ impl Config {
                     None,
                     format!("max_output_tokens.{model}"),
                     "is 0; give the most output tokens the model generates in one answer".into(),
+                );
+            }
+        }
+        for (model, n) in &self.image_input_tokens {
+            if *n == 0 {
+                return err(
+                    None,
+                    format!("image_input_tokens.{model}"),
+                    "is 0; give the most input tokens one image costs on the model".into(),
                 );
             }
         }

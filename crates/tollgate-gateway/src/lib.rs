@@ -30,6 +30,7 @@ mod redact;
 mod server;
 pub mod sse;
 pub mod target;
+mod unseen;
 pub mod usage;
 
 use std::collections::HashMap;

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::config::{Config, DEFAULT_MAX_OUTPUT_TOKENS};
+use crate::config::{Config, DEFAULT_IMAGE_INPUT_TOKENS, DEFAULT_MAX_OUTPUT_TOKENS};
 
 /// What the gateway knows of model names.
 pub(crate) struct Models {
@@ -23,6 +23,9 @@ pub(crate) struct Models {
     /// `[max_output_tokens]`, lowercase, without `"*"`.
     max_output: HashMap<String, u64>,
     default_max_output: u64,
+    /// `[image_input_tokens]`, lowercase, without `"*"`.
+    image: HashMap<String, u64>,
+    default_image: u64,
 }
 
 /// A request's model, resolved.
@@ -79,6 +82,13 @@ impl Models {
                 .map(|m| lower(m)),
         );
         known.extend(config.model_aliases.values().map(|m| lower(m)));
+        known.extend(
+            config
+                .image_input_tokens
+                .keys()
+                .filter(|m| *m != "*")
+                .map(|m| lower(m)),
+        );
         Models {
             known,
             listed,
@@ -99,6 +109,17 @@ impl Models {
                 .get("*")
                 .copied()
                 .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS),
+            image: config
+                .image_input_tokens
+                .iter()
+                .filter(|(m, _)| *m != "*")
+                .map(|(m, n)| (lower(m), *n))
+                .collect(),
+            default_image: config
+                .image_input_tokens
+                .get("*")
+                .copied()
+                .unwrap_or(DEFAULT_IMAGE_INPUT_TOKENS),
         }
     }
 
@@ -153,6 +174,21 @@ impl Models {
             .copied()
             .or_else(|| tollgate::estimate::max_output_tokens(canonical))
             .unwrap_or(self.default_max_output)
+    }
+}
+
+impl Models {
+    /// The most input tokens one image can cost on `canonical`: the configuration's
+    /// figure, else gpt-4o-mini's (which bills an image as up to 36,835 tokens, 33 times
+    /// gpt-4o's), else the configured (or default) `"*"`.
+    pub(crate) fn image_tokens(&self, canonical: &str) -> u64 {
+        if let Some(n) = self.image.get(canonical) {
+            return *n;
+        }
+        let mini = canonical
+            .strip_prefix("gpt-4o-mini")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'));
+        if mini { 36_835 } else { self.default_image }
     }
 }
 

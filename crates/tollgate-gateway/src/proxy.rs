@@ -480,8 +480,8 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
     }
     let mut cost = Cost::request();
     if let (Some(ep), Some(v)) = (endpoint, &json_body) {
-        match tollgate::estimate::estimate(ep, v) {
-            Ok(e) => cost = Cost::input(e.input).output(e.output),
+        let e = match tollgate::estimate::estimate(ep, v) {
+            Ok(e) => e,
             Err(e) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -491,7 +491,26 @@ pub(crate) async fn proxy(AxState(st): St, req: Request) -> Response {
                     &e.to_string(),
                 );
             }
-        }
+        };
+        // Where tokens or spend are limited, what the estimate does not count (tools,
+        // tool results, images) counts too, and what no one can count is refused.
+        let unseen = if counts_tokens {
+            match crate::unseen::input(ep, v, &model, st.models.image_tokens(&model)) {
+                Ok(n) => n,
+                Err(why) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        anthropic,
+                        "invalid_request_error",
+                        "input_not_estimable",
+                        &format!("This request cannot be admitted: {}.", why.0),
+                    );
+                }
+            }
+        } else {
+            0
+        };
+        cost = Cost::input(e.input.saturating_add(unseen)).output(e.output);
     }
     // What is forwarded is what was read: the parsed body written again, so an
     // upstream's parser cannot read it another way (a key given twice, which the

@@ -825,3 +825,55 @@ async fn the_key_leaves_through_no_header_redirect_or_spelling() {
     let text = r.text().await.expect("body");
     assert!(!text.to_lowercase().contains("0123456789"), "{text}");
 }
+
+/// From the second probe: input the estimate did not count (a 40,000-word tool
+/// description, twenty images, a conversation kept at the provider) went past a
+/// caller's token and spend limits as "18 tokens". It is counted, or refused when no one
+/// can count it; a caller without token or spend limits is not held back by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_the_estimate_misses_still_meets_the_limits() {
+    let (addr, seen) = scripted(ok_chat).await;
+    let url = gateway(&config("", &addr, "", "limits = { tokens_per_day = 2000 }")).await;
+    let long = "word ".repeat(40_000);
+    let mut tools = chat_without_max(1);
+    tools["max_tokens"] = json!(10);
+    tools["tools"] = json!([{"type": "function", "function": {"name": "f", "description": long}}]);
+    let r = post(&url, "/v1/chat/completions", &tools).await;
+    assert_eq!(
+        r.status(),
+        413,
+        "a tool description over the whole day's tokens"
+    );
+    let mut images = chat_without_max(1);
+    images["max_tokens"] = json!(10);
+    let parts: Vec<Value> = (0..20)
+        .map(|_| json!({"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "high"}}))
+        .collect();
+    images["messages"] = json!([{"role": "user", "content": parts}]);
+    assert_eq!(
+        post(&url, "/v1/chat/completions", &images).await.status(),
+        413
+    );
+    let kept = json!({"model": "gpt-4o", "max_output_tokens": 10,
+        "previous_response_id": "resp_abc", "input": "go on"});
+    let r = post(&url, "/v1/responses", &kept).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "input_not_estimable");
+    assert!(seen.lock().expect("log").is_empty(), "nothing was sent");
+    // Without token or spend limits, nothing to bound: forwarded as it is.
+    let (addr, seen) = scripted(ok_chat).await;
+    let url = gateway(&config(
+        "",
+        &addr,
+        "",
+        "limits = { requests_per_minute = 10 }",
+    ))
+    .await;
+    assert_eq!(
+        post(&url, "/v1/chat/completions", &tools).await.status(),
+        200
+    );
+    assert_eq!(post(&url, "/v1/responses", &kept).await.status(), 200);
+    assert_eq!(seen.lock().expect("log").len(), 2);
+}
