@@ -125,6 +125,13 @@ pub(crate) fn parse(line: u64, bytes: &[u8]) -> Result<Job, Malformed> {
             e.valid_up_to()
         ))
     })?;
+    // A byte order mark (editors on Windows write one) is not part of the JSON: the
+    // first line is read without it.
+    let text = if line == 1 {
+        text.strip_prefix('\u{feff}').unwrap_or(text)
+    } else {
+        text
+    };
     if text.trim().is_empty() {
         return Err(malformed(format!("line {line} is empty")));
     }
@@ -234,6 +241,14 @@ mod tests {
             (job.format, job.custom_id.as_deref(), job.url.as_deref()),
             (Format::BatchApi, Some("a"), Some("/v1/embeddings"))
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_line_is_skipped() {
+        let job = parse(1, "\u{feff}{\"model\": \"m\"}".as_bytes()).expect("parsed");
+        assert_eq!(job.line, 1);
+        // Anywhere else it is a character inside the line, and the line is malformed.
+        assert!(parse(2, "\u{feff}{}".as_bytes()).is_err());
     }
 
     #[test]

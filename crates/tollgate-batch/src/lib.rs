@@ -187,16 +187,17 @@ pub enum BatchError {
     /// A setting is wrong.
     #[error("{0}")]
     Config(String),
-    /// The input file cannot be read.
-    #[error("cannot read {path}: {source}")]
+    /// The input file cannot be read. (Its cause is the error's source: print the
+    /// chain, `{:#}` with anyhow, to see it.)
+    #[error("cannot read {path}")]
     Input {
         /// The file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
-    /// An output file cannot be read or written.
-    #[error("cannot write {path}: {source}")]
+    /// An output file cannot be read or written (the cause is the error's source).
+    #[error("cannot write {path}")]
     Output {
         /// The file.
         path: PathBuf,
@@ -214,10 +215,29 @@ pub enum BatchError {
         /// The line.
         line: u64,
     },
-    /// The limiter could not be built (bad limits, Redis unreachable).
-    #[error("cannot set up the limiter: {0}")]
+    /// The limiter could not be built (bad limits, Redis unreachable; the cause is the
+    /// error's source).
+    #[error("cannot set up the limiter")]
     Limiter(#[from] LimitError),
+    /// Another run is writing to the same results file: two runs on one file would send
+    /// and pay for every line twice.
+    #[error(
+        "another tollgate batch is writing to {path} ({holder}); wait for it to finish or stop it, then run again"
+    )]
+    Locked {
+        /// The results file.
+        path: PathBuf,
+        /// Who holds it, as that run wrote it in the lock file.
+        holder: String,
+    },
 }
+
+/// The longest `--jitter` allowed: it keeps this much of each minute's refill in hand,
+/// so anything near the limits' period would leave next to nothing to send.
+pub const MAX_JITTER: Duration = Duration::from_secs(10);
+
+/// The longest `--timeout` allowed for one attempt.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// What a run did, printed at the end and written by `--summary-json`.
 ///
@@ -317,8 +337,28 @@ pub async fn run(
             return Err(BatchError::Config(format!("--{name} must be at least 1")));
         }
     }
+    if config.timeout.is_zero() || config.timeout > MAX_TIMEOUT {
+        return Err(BatchError::Config(format!(
+            "--timeout must be more than 0 and at most a day (one attempt's time limit, e.g. 10m), not {}",
+            tollgate::provider::format_duration(config.timeout)
+        )));
+    }
+    if config.jitter > MAX_JITTER {
+        return Err(BatchError::Config(format!(
+            "--jitter must be from 0 to {} (it keeps that much of each minute's refill in hand; 250ms covers a network's delay), not {}",
+            tollgate::provider::format_duration(MAX_JITTER),
+            tollgate::provider::format_duration(config.jitter)
+        )));
+    }
     let failures = config.failures_path();
     check_distinct(&config.input, &config.output, &failures)?;
+    // One run per results file, held until this run returns.
+    let _lock = {
+        let results = config.output.clone();
+        tokio::task::spawn_blocking(move || output::lock(&results))
+            .await
+            .map_err(|e| BatchError::Config(format!("locking the results file failed: {e}")))??
+    };
     let _ = tokio::task::spawn_blocking(|| {
         tollgate::tokens::Encoding::O200kBase.warm_up();
         tollgate::tokens::Encoding::Cl100kBase.warm_up();
@@ -362,7 +402,10 @@ pub async fn run(
             let _ = stop_tx.send(true);
         });
     }
-    let (records, writer_error) = spawn_writer(config.output.clone(), failures, stop_tx.clone());
+    // Both files are opened (created) before the first request: a results file that
+    // cannot be written stops the run before anything is sent and paid for.
+    let writer = output::Writer::open(config.output.clone(), failures)?;
+    let (records, writer_error) = spawn_writer(writer, stop_tx.clone());
     let limits = Arc::new(Mutex::new((config.rpm, config.tpm)));
     let (progress_stop, progress_rx) = watch::channel(false);
     let progress = {
@@ -605,6 +648,23 @@ fn check_distinct(input: &Path, results: &Path, failures: &Path) -> Result<(), B
 }
 
 /// Counts the lines of a file (a last line without a newline counts).
+/// An error and its causes, each once: `error sending request for url (…): client error
+/// (Connect): tcp connect error: Connection refused (os error 111)`, less any cause
+/// whose text its parent already shows.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 fn count_lines(path: &Path) -> std::io::Result<u64> {
     let mut file = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 256 * 1024];
@@ -679,8 +739,7 @@ async fn build_limiter(
 
 /// Sends records to a writer thread; returns its first error when it ends.
 fn spawn_writer(
-    results: PathBuf,
-    failures: PathBuf,
+    mut writer: output::Writer,
     stop: Arc<watch::Sender<bool>>,
 ) -> (
     mpsc::UnboundedSender<Record>,
@@ -689,7 +748,6 @@ fn spawn_writer(
     let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let mut writer = output::Writer::new(results, failures);
         let mut error = None;
         while let Some(record) = rx.blocking_recv() {
             if let Err(e) = writer.write(&record) {
@@ -1310,7 +1368,8 @@ impl Ctx {
                     drop(permit);
                     self.counters.transport_errors.fetch_add(1, Relaxed);
                     let failure = Failure {
-                        message: format!("request failed: {e}"),
+                        // With its causes: "error sending request" alone says nothing.
+                        message: format!("request failed: {}", chain(&e)),
                         status: None,
                         code: Some(
                             if e.is_timeout() {

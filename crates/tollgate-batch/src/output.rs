@@ -123,23 +123,96 @@ enum Found {
     Result(u64),
 }
 
-/// What one output line records; `None` when it is not a line this runner writes.
+/// What one output line records; `None` when it is not a line this runner writes:
+/// only the shapes it writes count. A failure is `{"line": n, "error": {...}, ...}`; a
+/// result is `[request, response]` or `[request, response, metadata]` with the request
+/// an object, or the Batch API's output shape `{"custom_id", "response", "error", ...}`.
+/// A Batch API *input* line (`custom_id`, `method`, `url`, `body`, no `response`) is not
+/// a result, so an input file given as `-o` is refused rather than taken as finished.
 fn record_identity(value: &Value, is_failures: bool) -> Option<Found> {
     if is_failures {
-        return value
-            .get("line")
-            .and_then(Value::as_u64)
-            .map(Found::Failure);
+        let line = value.get("line").and_then(Value::as_u64)?;
+        value.get("error").filter(|e| e.is_object())?;
+        return Some(Found::Failure(line));
     }
     match value {
-        Value::Array(items) => items.first().map(|r| request_identity(r, items.get(2))),
-        Value::Object(o) => o
-            .get("custom_id")
-            .and_then(Value::as_str)
-            .map(custom_id_identity),
+        Value::Array(items) if (2..=3).contains(&items.len()) && items[0].is_object() => {
+            Some(request_identity(&items[0], items.get(2)))
+        }
+        Value::Object(o)
+            if o.contains_key("response")
+                && o.contains_key("error")
+                && !o.contains_key("body")
+                && !o.contains_key("method") =>
+        {
+            o.get("custom_id")
+                .and_then(Value::as_str)
+                .map(custom_id_identity)
+        }
         _ => None,
     }
     .map(Found::Result)
+}
+
+/// The lock file beside a results file: `out.jsonl.lock`.
+fn lock_path(results: &Path) -> PathBuf {
+    let mut name = results.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    results.with_file_name(name)
+}
+
+/// The right to write one results file and its failures file, held until dropped
+/// (or until the process ends, however it ends: the operating system releases the lock
+/// of a dead process, so a run after a crash or `kill -9` takes it over).
+#[derive(Debug)]
+pub(crate) struct Lock {
+    _file: std::fs::File,
+}
+
+/// Takes the exclusive lock of `results`: an advisory lock (`flock`) on
+/// `<results>.lock`, which names the process holding it. The file is left in place
+/// after the run (removing it would let two later runs lock two different files).
+pub(crate) fn lock(results: &Path) -> Result<Lock, BatchError> {
+    let path = lock_path(results);
+    let io = |source| BatchError::Output {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let me = format!(
+                "pid {}, started at unix time {since}, lock file {}",
+                std::process::id(),
+                path.display()
+            );
+            file.set_len(0)
+                .and_then(|()| file.write_all(me.as_bytes()))
+                .and_then(|()| file.flush())
+                .map_err(io)?;
+            Ok(Lock { _file: file })
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path)
+                .ok()
+                .filter(|h| !h.trim().is_empty())
+                .unwrap_or_else(|| format!("lock file {}", path.display()));
+            Err(BatchError::Locked {
+                path: results.to_path_buf(),
+                holder: holder.trim().to_string(),
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
 }
 
 /// Ends an unterminated last line, or cuts a torn one off.
@@ -189,8 +262,8 @@ pub(crate) enum Record {
     Failure(Value),
 }
 
-/// Appends records to the two files, each as one whole line flushed at once. Files are
-/// created on first use.
+/// Appends records to the two files, each as one whole line flushed at once. Both are
+/// opened (created when missing) before the run sends anything.
 pub(crate) struct Writer {
     results: Sink,
     failures: Sink,
@@ -198,7 +271,7 @@ pub(crate) struct Writer {
 
 struct Sink {
     path: PathBuf,
-    file: Option<std::io::BufWriter<std::fs::File>>,
+    file: std::io::BufWriter<std::fs::File>,
 }
 
 impl Sink {
@@ -207,36 +280,35 @@ impl Sink {
             path: path.to_path_buf(),
             source,
         };
-        if self.file.is_none() {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .map_err(|e| io(&self.path, e))?;
-            self.file = Some(std::io::BufWriter::with_capacity(64 * 1024, file));
-        }
-        let Some(file) = self.file.as_mut() else {
-            return Ok(());
-        };
         let mut line = serde_json::to_vec(value).map_err(|e| io(&self.path, e.into()))?;
         line.push(b'\n');
-        file.write_all(&line).map_err(|e| io(&self.path, e))?;
-        file.flush().map_err(|e| io(&self.path, e))
+        self.file.write_all(&line).map_err(|e| io(&self.path, e))?;
+        self.file.flush().map_err(|e| io(&self.path, e))
     }
 }
 
 impl Writer {
-    pub(crate) fn new(results: PathBuf, failures: PathBuf) -> Writer {
-        Writer {
-            results: Sink {
-                path: results,
-                file: None,
-            },
-            failures: Sink {
-                path: failures,
-                file: None,
-            },
-        }
+    /// Opens (creating them when missing) both files for appending: a file that cannot
+    /// be written is an error before anything is sent.
+    pub(crate) fn open(results: PathBuf, failures: PathBuf) -> Result<Writer, BatchError> {
+        let open = |path: PathBuf| {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| BatchError::Output {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok::<_, BatchError>(Sink {
+                path,
+                file: std::io::BufWriter::with_capacity(64 * 1024, file),
+            })
+        };
+        Ok(Writer {
+            results: open(results)?,
+            failures: open(failures)?,
+        })
     }
 
     pub(crate) fn write(&mut self, record: &Record) -> Result<(), BatchError> {
@@ -260,7 +332,7 @@ mod tests {
         std::fs::write(
             &results,
             format!(
-                "[{req},{{}}]\n[{req},{{}}]\n{{\"custom_id\":\"x\",\"response\":{{}}}}\n[{{\"torn"
+                "[{req},{{}}]\n[{req},{{}}]\n{{\"custom_id\":\"x\",\"response\":{{}},\"error\":null}}\n[{{\"torn"
             ),
         )
         .expect("write");
@@ -278,7 +350,7 @@ mod tests {
         assert!(done.take(5, Some(custom_id_identity("x"))));
         assert!(!done.take(6, Some(custom_id_identity("y"))));
         let text = std::fs::read_to_string(&results).expect("read");
-        assert!(text.ends_with("}}\n"), "the torn line is gone: {text:?}");
+        assert!(text.ends_with("null}\n"), "the torn line is gone: {text:?}");
     }
 
     #[test]
@@ -314,6 +386,42 @@ mod tests {
             std::fs::read_to_string(&results).expect("read"),
             "[{},{}]\n[{\"to"
         );
+    }
+
+    /// A Batch API input file given as `-o` holds `custom_id`s but no responses: it is
+    /// refused, never taken as finished work (which would send nothing and append to
+    /// it).
+    #[test]
+    fn a_batch_input_file_is_not_a_results_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (results, failures) = (dir.path().join("r.jsonl"), dir.path().join("f.jsonl"));
+        let input = r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}"#;
+        std::fs::write(&results, format!("{input}\n")).expect("write");
+        assert!(matches!(
+            scan(&results, &failures),
+            Err(BatchError::Corrupt { line: 1, .. })
+        ));
+        // Nor is a failures file whose lines have no error.
+        std::fs::remove_file(&results).expect("remove");
+        std::fs::write(&failures, "{\"line\":3}\n").expect("write");
+        assert!(scan(&results, &failures).is_err());
+    }
+
+    /// One run per results file: a second is refused, naming the first; once the first
+    /// lets go (or dies), the next takes the lock over.
+    #[test]
+    fn a_second_run_on_the_same_results_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let results = dir.path().join("r.jsonl");
+        let first = lock(&results).expect("the first run locks");
+        let err = lock(&results).expect_err("the second is refused");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        drop(first);
+        lock(&results).expect("taken over once released");
     }
 
     /// A whole record whose newline was not written counts as done and gets its newline,
