@@ -733,3 +733,137 @@ fn a_shared_budget_redis_lost_is_looked_up_again() {
         }
     }
 }
+
+/// What the simulator has been sent: API requests, admitted or refused.
+fn sent(sim: &SimProcess) -> u64 {
+    let s = sim.stats();
+    s["requests"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no requests in {s}"))
+}
+
+/// A careless user's mistakes stop the run before a request is sent (and paid for):
+/// another Batch API *input* file as `-o` (taken as finished work, it sent nothing and
+/// was appended to), an output directory that does not exist (127 requests were sent
+/// and paid for, then nothing written), absurd flags (`--timeout 0` failed every line,
+/// `--jitter 1h` turned the token limit off). Each message says what is wrong, once.
+#[test]
+fn mistakes_stop_the_run_before_a_request_is_sent() {
+    let _serial = serial();
+    let dir = tmp();
+    let input = dir.path().join("in.jsonl");
+    write_input(&input, 10, 3, &[]);
+    let sim = SimProcess::start(&["--latency", "1ms"]);
+    let url = sim.url("/v1/chat/completions");
+
+    let other = dir.path().join("other-batch-input.jsonl");
+    let batch_input = "{\"custom_id\":\"a\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{\"model\":\"m\"}}\n";
+    std::fs::write(&other, batch_input).expect("write");
+    let (status, stderr) = run(batch(&input, &other, &url, &[]));
+    assert!(!status.success());
+    assert!(
+        stderr.contains("other-batch-input.jsonl line 1 is not a line tollgate batch writes"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&other).expect("read"), batch_input);
+
+    let nowhere = dir.path().join("missing-dir").join("out.jsonl");
+    let (status, stderr) = run(batch(&input, &nowhere, &url, &[]));
+    assert!(!status.success());
+    assert!(stderr.contains("cannot write"), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the cause once: {stderr}"
+    );
+
+    let out = dir.path().join("out.jsonl");
+    for (flags, says) in [
+        (&["--timeout", "0s"][..], "--timeout must be more than 0"),
+        (&["--jitter", "1h"][..], "--jitter must be from 0 to 10s"),
+    ] {
+        let (status, stderr) = run(batch(&input, &out, &url, flags));
+        assert!(!status.success(), "{flags:?}");
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
+    }
+    let (status, stderr) = run(batch(&dir.path().join("nope.jsonl"), &out, &url, &[]));
+    assert!(!status.success());
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(sent(&sim), 0, "nothing was sent for any of these");
+}
+
+/// The same command twice at once (a second terminal, a cron overlap) sent and paid for
+/// 88 of 250 lines twice. The second run now exits at once naming the first, which
+/// finishes every line once.
+#[test]
+fn the_same_command_twice_at_once_runs_once() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 40, 4, &[]);
+    // 40 requests, 4 at a time, each answered after 500 ms: about 5 s for the first run.
+    let sim = SimProcess::start(&["--latency", "500ms"]);
+    let url = sim.url("/v1/chat/completions");
+    let first = batch(&input, &output, &url, &["--max-in-flight", "4"])
+        .spawn()
+        .expect("start the first run");
+    let lock = dir.path().join("out.jsonl.lock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("pid")) {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never took its lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let (status, stderr) = run(batch(&input, &output, &url, &["--max-in-flight", "4"]));
+    assert!(!status.success());
+    assert!(
+        stderr.contains("another tollgate batch is writing to")
+            && stderr.contains(&format!("pid {}", first.id())),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "refused at once"
+    );
+    let out = first.wait_with_output().expect("the first run ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_each_once(
+        &accounted(&output, &dir.path().join("out.failures.jsonl")),
+        40,
+    );
+    assert_eq!(sent(&sim), 40, "no line was sent twice");
+    // A later run takes the lock over and finds everything done.
+    let (status, stderr) = run(batch(&input, &output, &url, &[]));
+    assert!(status.success(), "{stderr}");
+    assert_eq!(sent(&sim), 40);
+}
+
+/// A file saved with a byte order mark was refused at line 1 ("expected value at line 1
+/// column 1"): the mark is skipped.
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 3, 5, &[]);
+    let mut text = "\u{feff}".as_bytes().to_vec();
+    text.extend(std::fs::read(&input).expect("read"));
+    std::fs::write(&input, text).expect("write");
+    let sim = SimProcess::start(&["--latency", "1ms"]);
+    let (status, stderr, summary) =
+        run_with_summary(&input, &output, &sim.url("/v1/chat/completions"), &[]);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(summary["succeeded"], 3, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+}
