@@ -1202,6 +1202,11 @@ impl Ctx {
             let order = on_the_way.order;
             let answer = self.send(&target, endpoint, body.clone()).await;
             drop(on_the_way);
+            // Admitted work counts in the rates shown; a 429 (counted apart) and a request
+            // with no answer do not.
+            let admitted = matches!(&answer, Ok((status, _, _)) if *status != http::StatusCode::TOO_MANY_REQUESTS);
+            self.counters
+                .record_answer(estimated.total(), sent.elapsed(), admitted);
             let (hint, failure) = match answer {
                 Ok((status, headers, bytes)) => {
                     let headers_seen = tollgate::provider::parse(&headers, SystemTime::now());
