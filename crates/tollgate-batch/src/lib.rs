@@ -552,8 +552,7 @@ pub async fn run(
             } else if (rpm, tpm) != (held.rpm, held.tpm) {
                 tracing::info!(?rpm, ?tpm, "limits learned from the provider's headers");
                 let mut stop_connect = stop.clone();
-                let limiter = match connect(&config, rpm, tpm, &outage, &mut stop_connect).await
-                {
+                let limiter = match connect(&config, rpm, tpm, &outage, &mut stop_connect).await {
                     Ok(Some(limiter)) => limiter,
                     Ok(None) => {
                         stopped = true;
@@ -779,8 +778,7 @@ async fn connect(
     loop {
         // Failing closed first, so an unreachable Redis says why even when the run would
         // then limit locally.
-        let closed =
-            build_limiter_with(config, rpm, tpm, tollgate::StorePolicy::FailClosed).await;
+        let closed = build_limiter_with(config, rpm, tpm, tollgate::StorePolicy::FailClosed).await;
         let cause = match closed {
             Ok(limiter) if config.on_redis_down != OnRedisDown::Local => {
                 return Ok(Some(limiter));

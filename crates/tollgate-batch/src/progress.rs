@@ -83,10 +83,8 @@ impl Counters {
     /// in the rates.
     pub(crate) fn record_answer(&self, tokens: u64, took: Duration, admitted: bool) {
         self.answers.fetch_add(1, Relaxed);
-        self.answer_micros.fetch_add(
-            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-            Relaxed,
-        );
+        self.answer_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
         if !admitted {
             return;
         }
@@ -292,9 +290,8 @@ pub(crate) async fn show(
         },
         Progress::Bar => {
             let bar = indicatif::ProgressBar::new(0);
-            let style =
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
             loop {
                 let (rpm, tpm) = limits();

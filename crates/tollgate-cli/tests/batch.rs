@@ -761,9 +761,7 @@ fn a_redis_outage_is_said_once_when_it_starts_and_once_when_it_ends() {
     let output = dir.path().join("out.jsonl");
     // 400 × 112 tokens against 30,000 a minute: the burst, then about 30 s paced.
     write_input(&input, 400, 7, &[]);
-    let child = batch(&input, &output, &url, &flags)
-        .spawn()
-        .expect("spawn");
+    let child = batch(&input, &output, &url, &flags).spawn().expect("spawn");
     std::thread::sleep(Duration::from_secs(4));
     redis.kill();
     std::thread::sleep(Duration::from_secs(4));
@@ -786,9 +784,7 @@ fn a_redis_outage_is_said_once_when_it_starts_and_once_when_it_ends() {
     write_input(&input, 50, 8, &[]);
     redis.kill();
     let flags = ["--rpm", "6000", "--tpm", "30000", "--redis", &redis.url()];
-    let child = batch(&input, &output, &url, &flags)
-        .spawn()
-        .expect("spawn");
+    let child = batch(&input, &output, &url, &flags).spawn().expect("spawn");
     std::thread::sleep(Duration::from_secs(3));
     redis.restart();
     let out = child.wait_with_output().expect("wait");
@@ -844,15 +840,16 @@ fn on_redis_down_fail_stops_the_run_and_marks_nothing_unanswered() {
     assert!(read_lines(&output).is_empty() && read_lines(&failures).is_empty());
 
     redis.restart();
-    let child = batch(&input, &output, &url, &flags)
-        .spawn()
-        .expect("spawn");
+    let child = batch(&input, &output, &url, &flags).spawn().expect("spawn");
     std::thread::sleep(Duration::from_secs(4));
     redis.kill();
     let out = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("--on-redis-down fail stops the run"), "{stderr}");
+    assert!(
+        stderr.contains("--on-redis-down fail stops the run"),
+        "{stderr}"
+    );
     let written = read_lines(&output).len();
     assert!(0 < written && written < 400, "{written} written: {stderr}");
     assert!(read_lines(&failures).is_empty(), "{stderr}");
@@ -886,16 +883,17 @@ fn on_redis_down_local_finishes_the_run() {
     let input = dir.path().join("in.jsonl");
     let output = dir.path().join("out.jsonl");
     write_input(&input, 300, 11, &[]);
-    let child = batch(&input, &output, &url, &flags)
-        .spawn()
-        .expect("spawn");
+    let child = batch(&input, &output, &url, &flags).spawn().expect("spawn");
     std::thread::sleep(Duration::from_secs(3));
     redis.kill();
     let out = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(outage_lines(&stderr), (1, 0), "{stderr}");
-    assert!(stderr.contains("limiting in this process alone"), "{stderr}");
+    assert!(
+        stderr.contains("limiting in this process alone"),
+        "{stderr}"
+    );
     assert_each_once(
         &accounted(&output, &dir.path().join("out.failures.jsonl")),
         300,
