@@ -136,11 +136,12 @@ impl Counters {
             in_flight,
             tokens_per_line: (sent > 0)
                 .then(|| self.tokens_estimated.load(Relaxed) as f64 / sent as f64),
-            round_trip: if answers == 0 {
-                Duration::ZERO
-            } else {
-                Duration::from_micros(self.answer_micros.load(Relaxed) / answers)
-            },
+            round_trip: Duration::from_micros(
+                self.answer_micros
+                    .load(Relaxed)
+                    .checked_div(answers)
+                    .unwrap_or(0),
+            ),
         })
     }
 }
@@ -461,7 +462,7 @@ mod tests {
         let since = Instant::now()
             .checked_sub(Duration::from_secs(12))
             .expect("the monotonic clock has run 12 s");
-        *c.redis_down.lock().unwrap() = Some(RedisDown {
+        *c.redis_down.lock().expect("not poisoned") = Some(RedisDown {
             since,
             waiting: true,
         });
@@ -470,7 +471,7 @@ mod tests {
             waiting.ends_with(" | waiting for Redis (down 12s)"),
             "{waiting}"
         );
-        *c.redis_down.lock().unwrap() = Some(RedisDown {
+        *c.redis_down.lock().expect("not poisoned") = Some(RedisDown {
             since,
             waiting: false,
         });
