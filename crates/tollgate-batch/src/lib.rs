@@ -251,6 +251,17 @@ pub enum BatchError {
         /// Why it cannot be reached.
         cause: String,
     },
+    /// Redis refused the credentials of the `--redis` URL: waiting would not help,
+    /// whatever [`OnRedisDown`] says.
+    #[error(
+        "Redis at {url} refused the credentials ({cause}); nothing was sent. Fix the user or password in --redis and run the same command again"
+    )]
+    RedisAuth {
+        /// The Redis URL, without its password.
+        url: String,
+        /// What Redis answered.
+        cause: String,
+    },
 }
 
 /// What a run did, printed at the end and written by `--summary-json`.
@@ -787,6 +798,12 @@ async fn connect(
             Err(BatchError::Limiter(LimitError::Unavailable(u))) => Some(u.detail().to_owned()),
             Err(e) => return Err(e),
         };
+        if let Some(cause) = cause.as_deref().filter(|c| refused_credentials(c)) {
+            return Err(BatchError::RedisAuth {
+                url: outage.url.clone(),
+                cause: cause.to_owned(),
+            });
+        }
         match (config.on_redis_down, cause) {
             (OnRedisDown::Fail, Some(cause)) => {
                 return Err(BatchError::RedisDown {
@@ -833,6 +850,20 @@ async fn watch_redis(ctx: std::sync::Weak<Ctx>, mut stop: watch::Receiver<bool>)
     }
 }
 
+/// Whether Redis's answer says the credentials are wrong (no wait makes them right).
+fn refused_credentials(cause: &str) -> bool {
+    let c = cause.to_ascii_lowercase();
+    [
+        "authentication",
+        "noauth",
+        "wrongpass",
+        "invalid password",
+        "invalid username",
+    ]
+    .iter()
+    .any(|s| c.contains(s))
+}
+
 /// An outage of the shared Redis store: said once when it starts and once when it ends,
 /// whatever the number of requests waiting, and shown on the progress line meanwhile.
 struct Outage {
@@ -859,9 +890,16 @@ impl Outage {
             waiting,
         });
         let url = &self.url;
+        // The store's own word for a call refused while it is marked down names no
+        // cause: the call that found it down had it.
+        let cause = if cause == "Redis is down" {
+            "it stopped answering"
+        } else {
+            cause
+        };
         if waiting {
             tracing::warn!(
-                "Redis at {url} is down ({cause}): no request is sent until it answers (--on-redis-down local limits in this process alone meanwhile; --on-redis-down fail stops the run instead)"
+                "Redis at {url} is down ({cause}): requests not yet given a turn wait until it answers (--on-redis-down local limits in this process alone meanwhile; --on-redis-down fail stops the run instead)"
             );
         } else {
             tracing::warn!(

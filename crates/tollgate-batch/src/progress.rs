@@ -206,10 +206,20 @@ fn limit(v: Option<u64>) -> String {
 /// as at the provider): admitted faster than the limits refill over the last 2 seconds.
 const OPENING_BURST: &str = " | opening burst: the limits start full";
 
+/// Said once the run is paced while the 10-second rate still counts the burst (and so
+/// reads above the limit).
+const PACED_NOW: &str = " | paced now: the 10 s rates still count the opening burst";
+
 /// [`OPENING_BURST`] when it applies, else nothing. `recent` is what was admitted over
 /// [`BURST_WINDOW`] (requests, tokens): over a limit by more than half and two requests'
 /// worth (so a paced run's uneven spacing never reads as a burst).
-fn burst_note(recent: (u64, u64), rpm: Option<u64>, tpm: Option<u64>) -> &'static str {
+fn burst_note(
+    recent: (u64, u64),
+    shown: (u64, u64),
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+) -> &'static str {
+    let shown_over = rpm.is_some_and(|l| shown.0 > l) || tpm.is_some_and(|l| shown.1 > l);
     let (r, t) = recent;
     let window = BURST_WINDOW.as_secs_f64() / 60.0;
     let per_request = if r > 0 { t as f64 / r as f64 } else { 0.0 };
@@ -218,6 +228,8 @@ fn burst_note(recent: (u64, u64), rpm: Option<u64>, tpm: Option<u64>) -> &'stati
     };
     if over(r as f64, rpm, 1.0) || over(t as f64, tpm, per_request) {
         OPENING_BURST
+    } else if shown_over {
+        PACED_NOW
     } else {
         ""
     }
@@ -258,7 +270,7 @@ pub(crate) fn line(c: &Counters, rpm: Option<u64>, tpm: Option<u64>) -> String {
         limit(tpm),
         c.retries.load(Relaxed),
         c.rate_limited.load(Relaxed),
-        burst_note(c.admitted_over(BURST_WINDOW), rpm, tpm),
+        burst_note(c.admitted_over(BURST_WINDOW), (r, t), rpm, tpm),
         redis_note(down),
     )
 }
@@ -317,7 +329,7 @@ pub(crate) async fn show(
                     counters.retries.load(Relaxed),
                     counters.rate_limited.load(Relaxed),
                     counters.failed.load(Relaxed),
-                    burst_note(counters.admitted_over(BURST_WINDOW), rpm, tpm),
+                    burst_note(counters.admitted_over(BURST_WINDOW), (r, t), rpm, tpm),
                     redis_note(down),
                 ));
                 tokio::select! {
@@ -447,10 +459,18 @@ mod tests {
         let within = line(&c, Some(10_000), Some(1_000_000));
         assert!(!within.contains("burst"), "{within}");
         // Paced: 20 admitted in the last 2 s at 600 a minute (10 a second).
-        let paced = burst_note((20, 2_000), Some(600), Some(100_000));
+        let paced = burst_note((20, 2_000), (600, 60_000), Some(600), Some(100_000));
         assert_eq!(paced, "");
-        assert_eq!(burst_note((22, 2_200), Some(600), None), "");
-        assert_eq!(burst_note((40, 4_000), Some(600), None), OPENING_BURST);
+        assert_eq!(burst_note((22, 2_200), (600, 60_000), Some(600), None), "");
+        assert_eq!(
+            burst_note((40, 4_000), (600, 60_000), Some(600), None),
+            OPENING_BURST
+        );
+        // Paced, while the 10 s rate still holds the burst: said so, not "burst".
+        assert_eq!(
+            burst_note((20, 2_000), (1_100, 110_000), Some(600), None),
+            PACED_NOW
+        );
     }
 
     /// While Redis is down the line says the run waits for it (or limits alone).
