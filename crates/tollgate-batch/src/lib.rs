@@ -68,6 +68,27 @@ use tollgate::{Accounting, Cost, Error as LimitError, Limiter, Quota, Usage};
 
 pub use progress::Progress;
 
+/// What a run does while the shared Redis store (`--redis`) cannot be reached.
+///
+/// ```
+/// assert_eq!(tollgate_batch::OnRedisDown::default(), tollgate_batch::OnRedisDown::Wait);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnRedisDown {
+    /// Send nothing until Redis answers again, then go on (the limiter fails closed:
+    /// [`tollgate::StorePolicy::FailClosed`]).
+    #[default]
+    Wait,
+    /// Stop the run: the requests in flight finish and are written, the rest is left
+    /// for a rerun (the limiter fails closed; the run stops on the first refusal).
+    Fail,
+    /// Limit in this process alone, with the full limits, until Redis answers
+    /// ([`tollgate::StorePolicy::FailOpen`] with a share of 1): other processes sharing
+    /// the account are not counted meanwhile, so their sum may go over (the provider's
+    /// 429s then pace the run).
+    Local,
+}
+
 use input::{Format, Job, Malformed};
 use look::{Look, Turn};
 use output::Record;
@@ -130,6 +151,8 @@ pub struct BatchConfig {
     pub jitter: Duration,
     /// How progress is shown.
     pub progress: Progress,
+    /// What the run does while Redis cannot be reached.
+    pub on_redis_down: OnRedisDown,
 }
 
 impl BatchConfig {
@@ -157,6 +180,7 @@ impl BatchConfig {
             timeout: Duration::from_secs(600),
             jitter: Duration::from_millis(250),
             progress: Progress::Auto,
+            on_redis_down: OnRedisDown::Wait,
         }
     }
 
@@ -215,8 +239,7 @@ pub enum BatchError {
         /// The line.
         line: u64,
     },
-    /// The limiter could not be built (bad limits, Redis unreachable; the cause is the
-    /// error's source).
+    /// The limiter could not be built (bad limits; the cause is the error's source).
     #[error("cannot set up the limiter")]
     Limiter(#[from] LimitError),
     /// Another run is writing to the same results file: two runs on one file would send
@@ -229,6 +252,27 @@ pub enum BatchError {
         path: PathBuf,
         /// Who holds it, as that run wrote it in the lock file.
         holder: String,
+    },
+    /// Redis cannot be reached at the start and [`OnRedisDown::Fail`] was asked for.
+    #[error(
+        "Redis at {url} cannot be reached ({cause}); nothing was sent. Start Redis (or fix --redis) and run the same command again, or pass --on-redis-down wait to wait for it, or --on-redis-down local to limit in this process alone"
+    )]
+    RedisDown {
+        /// The Redis URL, without its password.
+        url: String,
+        /// Why it cannot be reached.
+        cause: String,
+    },
+    /// Redis refused the credentials of the `--redis` URL: waiting would not help,
+    /// whatever [`OnRedisDown`] says.
+    #[error(
+        "Redis at {url} refused the credentials ({cause}); nothing was sent. Fix the user or password in --redis and run the same command again"
+    )]
+    RedisAuth {
+        /// The Redis URL, without its password.
+        url: String,
+        /// What Redis answered.
+        cause: String,
     },
 }
 
@@ -426,7 +470,13 @@ pub async fn run(
         .pool_max_idle_per_host(config.max_in_flight)
         .build()
         .map_err(|e| BatchError::Config(format!("cannot build the HTTP client: {e}")))?;
+    let outage = Arc::new(Outage {
+        counters: counters.clone(),
+        url: config.redis.as_deref().map(redacted).unwrap_or_default(),
+        policy: config.on_redis_down,
+    });
     let ctx = Ctx {
+        outage: outage.clone(),
         client,
         url,
         api_key,
@@ -454,10 +504,21 @@ pub async fn run(
     };
     // A limit given is enforced from the first request, while the other is learned.
     if config.rpm.is_some() || config.tpm.is_some() {
-        let limiter = build_limiter(&config, config.rpm, config.tpm).await?;
-        ctx.replace_limiter(limiter, config.rpm, config.tpm);
+        let mut stop = stop.clone();
+        match connect(&config, config.rpm, config.tpm, &outage, &mut stop).await {
+            Ok(Some(limiter)) => ctx.replace_limiter(limiter, config.rpm, config.tpm),
+            Ok(None) => {}
+            Err(e) => {
+                let _ = progress_stop.send(true);
+                return Err(e);
+            }
+        }
     }
     let ctx = Arc::new(ctx);
+    if config.redis.is_some() {
+        // Held weakly: the run's end (every `Ctx` dropped) closes the writer's channel.
+        tokio::spawn(watch_redis(Arc::downgrade(&ctx), stop.clone()));
+    }
     let slots = Arc::new(Semaphore::new(config.max_in_flight));
 
     let mut reader =
@@ -543,8 +604,13 @@ pub async fn run(
                 );
             } else if (rpm, tpm) != (held.rpm, held.tpm) {
                 tracing::info!(?rpm, ?tpm, "limits learned from the provider's headers");
-                let limiter = match build_limiter(&config, rpm, tpm).await {
-                    Ok(limiter) => limiter,
+                let mut stop_connect = stop.clone();
+                let limiter = match connect(&config, rpm, tpm, &outage, &mut stop_connect).await {
+                    Ok(Some(limiter)) => limiter,
+                    Ok(None) => {
+                        stopped = true;
+                        break;
+                    }
                     Err(e) => {
                         failed = Some(e);
                         break;
@@ -719,6 +785,20 @@ async fn build_limiter(
     rpm: Option<u64>,
     tpm: Option<u64>,
 ) -> Result<Limiter, BatchError> {
+    let policy = match config.on_redis_down {
+        OnRedisDown::Local => tollgate::StorePolicy::FailOpen { share: 1.0 },
+        OnRedisDown::Wait | OnRedisDown::Fail => tollgate::StorePolicy::FailClosed,
+    };
+    build_limiter_with(config, rpm, tpm, policy).await
+}
+
+/// [`build_limiter`] with the store policy given.
+async fn build_limiter_with(
+    config: &BatchConfig,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    policy: tollgate::StorePolicy,
+) -> Result<Limiter, BatchError> {
     let mut builder = Limiter::builder();
     for (q, _) in quotas(config, rpm, tpm) {
         builder = builder.quota(q);
@@ -730,11 +810,179 @@ async fn build_limiter(
                 .redis(url.clone())
                 .prefix("tollgate:batch:")
                 .status_with_decisions(true)
+                .policy(policy)
                 .build()
                 .await?
         }
     };
     Ok(limiter)
+}
+
+/// A Redis URL as it may be shown: without its password.
+fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "the --redis URL".to_owned(),
+    }
+}
+
+/// The limiter for `rpm` and `tpm`, with Redis down at the start handled as
+/// [`BatchConfig::on_redis_down`] says: [`BatchError::RedisDown`] (fail), one warning
+/// and a wait until Redis answers (wait; `None` when the run is stopped meanwhile), or one
+/// warning and a limiter deciding in this process until Redis answers (local).
+async fn connect(
+    config: &BatchConfig,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    outage: &Outage,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<Limiter>, BatchError> {
+    if config.redis.is_none() {
+        return build_limiter(config, rpm, tpm).await.map(Some);
+    }
+    loop {
+        // Failing closed first, so an unreachable Redis says why even when the run would
+        // then limit locally.
+        let closed = build_limiter_with(config, rpm, tpm, tollgate::StorePolicy::FailClosed).await;
+        let cause = match closed {
+            Ok(limiter) if config.on_redis_down != OnRedisDown::Local => {
+                return Ok(Some(limiter));
+            }
+            Ok(_) => None,
+            Err(BatchError::Limiter(LimitError::Unavailable(u))) => Some(u.detail().to_owned()),
+            Err(e) => return Err(e),
+        };
+        if let Some(cause) = cause.as_deref().filter(|c| refused_credentials(c)) {
+            return Err(BatchError::RedisAuth {
+                url: outage.url.clone(),
+                cause: cause.to_owned(),
+            });
+        }
+        match (config.on_redis_down, cause) {
+            (OnRedisDown::Fail, Some(cause)) => {
+                return Err(BatchError::RedisDown {
+                    url: outage.url.clone(),
+                    cause,
+                });
+            }
+            (OnRedisDown::Local, cause) => {
+                if let Some(cause) = cause {
+                    outage.down(&cause);
+                }
+                return build_limiter(config, rpm, tpm).await.map(Some);
+            }
+            (_, Some(cause)) => {
+                outage.down(&cause);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(None),
+                }
+            }
+            (_, None) => unreachable!("a limiter built failing closed was returned above"),
+        }
+    }
+}
+
+/// Follows the shared store's health until the run ends: an outage is said once when it
+/// starts (a limiter deciding locally refuses nothing, so only this sees it) and once
+/// when Redis answers again.
+async fn watch_redis(ctx: std::sync::Weak<Ctx>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(ctx) = ctx.upgrade() else { return };
+        let up = ctx.limits().limiter.as_ref().and_then(Limiter::redis_up);
+        match up {
+            Some(true) => ctx.outage.up(),
+            Some(false) if ctx.config.on_redis_down == OnRedisDown::Local => {
+                ctx.outage.down("it stopped answering");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether Redis's answer says the credentials are wrong (no wait makes them right).
+fn refused_credentials(cause: &str) -> bool {
+    let c = cause.to_ascii_lowercase();
+    [
+        "authentication",
+        "noauth",
+        "wrongpass",
+        "invalid password",
+        "invalid username",
+    ]
+    .iter()
+    .any(|s| c.contains(s))
+}
+
+/// An outage of the shared Redis store: said once when it starts and once when it ends,
+/// whatever the number of requests waiting, and shown on the progress line meanwhile.
+struct Outage {
+    counters: Arc<Counters>,
+    /// The Redis URL without its password.
+    url: String,
+    policy: OnRedisDown,
+}
+
+impl Outage {
+    /// Redis cannot be reached: says so unless an outage is known already.
+    fn down(&self, cause: &str) {
+        let mut down = self
+            .counters
+            .redis_down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if down.is_some() {
+            return;
+        }
+        let waiting = self.policy != OnRedisDown::Local;
+        *down = Some(progress::RedisDown {
+            since: Instant::now(),
+            waiting,
+        });
+        let url = &self.url;
+        // The store's own word for a call refused while it is marked down names no
+        // cause: the call that found it down had it.
+        let cause = if cause == "Redis is down" {
+            "it stopped answering"
+        } else {
+            cause
+        };
+        if waiting {
+            tracing::warn!(
+                "Redis at {url} is down ({cause}): requests not yet given a turn wait until it answers (--on-redis-down local limits in this process alone meanwhile; --on-redis-down fail stops the run instead)"
+            );
+        } else {
+            tracing::warn!(
+                "Redis at {url} is down ({cause}): limiting in this process alone until it answers (other processes sharing the account are not counted meanwhile)"
+            );
+        }
+    }
+
+    /// Redis answers: says how long it was down, when it was.
+    fn up(&self) {
+        let was = self
+            .counters
+            .redis_down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(was) = was {
+            tracing::warn!(
+                "Redis at {} is back after {:.1}s: limiting on Redis again",
+                self.url,
+                was.since.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 /// Sends records to a writer thread; returns its first error when it ends.
@@ -765,6 +1013,8 @@ fn spawn_writer(
 /// What every request task shares.
 #[derive(Clone)]
 struct Ctx {
+    /// Says when Redis goes down and comes back.
+    outage: Arc<Outage>,
     client: reqwest::Client,
     url: reqwest::Url,
     api_key: Option<String>,
@@ -1167,7 +1417,12 @@ impl Ctx {
                         _ = stop.wait_for(|s| *s) => return seen,
                     };
                     match acquired {
-                        Ok(permit) => Some(permit),
+                        Ok(permit) => {
+                            if limiter.redis_up() == Some(true) {
+                                self.outage.up();
+                            }
+                            Some(permit)
+                        }
                         // Over the burst (the limit less the jitter allowance) but within
                         // the limit itself: the provider admits it from a full bucket, so
                         // wait for a full burst rather than fail it.
@@ -1195,7 +1450,16 @@ impl Ctx {
                             return seen;
                         }
                         Err(LimitError::Unavailable(u)) => {
-                            tracing::warn!("the shared limiter is unavailable ({u}); waiting");
+                            if self.config.on_redis_down == OnRedisDown::Fail {
+                                self.stop_for(format!(
+                                    "Redis at {} is down ({}) and --on-redis-down fail stops the run: the lines not answered were not written; run the same command again when Redis is back",
+                                    self.outage.url,
+                                    u.detail()
+                                ));
+                                return seen;
+                            }
+                            // Said once for the whole outage (see [`Outage`]).
+                            self.outage.down(u.detail());
                             // Back from an outage, Redis may have lost the budget: one
                             // request looks at the provider's before the others go.
                             if looking.is_none() {
@@ -1260,6 +1524,11 @@ impl Ctx {
             let order = on_the_way.order;
             let answer = self.send(&target, endpoint, body.clone()).await;
             drop(on_the_way);
+            // Admitted work counts in the rates shown; a 429 (counted apart) and a request
+            // with no answer do not.
+            let admitted = matches!(&answer, Ok((status, _, _)) if *status != http::StatusCode::TOO_MANY_REQUESTS);
+            self.counters
+                .record_answer(estimated.total(), sent.elapsed(), admitted);
             let (hint, failure) = match answer {
                 Ok((status, headers, bytes)) => {
                     let headers_seen = tollgate::provider::parse(&headers, SystemTime::now());

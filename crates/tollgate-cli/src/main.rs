@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use tollgate_batch::{BatchConfig, Progress};
+use tollgate_batch::{BatchConfig, OnRedisDown, Progress};
 use tollgate_sim::{Sim, SimConfig};
 
 /// The gateway allocates per request (headers, bodies, JSON); with mimalloc it spends
@@ -116,6 +116,17 @@ enum ProgressArg {
     Off,
 }
 
+/// What `tollgate batch` does while Redis cannot be reached.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnRedisDownArg {
+    /// Send nothing until Redis answers, then go on.
+    Wait,
+    /// Stop the run (exit 75); what was not answered is left for a rerun.
+    Fail,
+    /// Limit in this process alone, with the full limits, until Redis answers.
+    Local,
+}
+
 #[derive(clap::Args)]
 struct BatchArgs {
     /// The input: one request body per line (the cookbook's format, with an optional
@@ -143,6 +154,9 @@ struct BatchArgs {
     /// Share the limits through this Redis with every process using the same account.
     #[arg(long)]
     redis: Option<String>,
+    /// What to do while Redis cannot be reached (at the start too).
+    #[arg(long, value_enum, default_value = "wait", requires = "redis")]
+    on_redis_down: OnRedisDownArg,
     /// The environment variable holding the API key.
     #[arg(long, default_value = "OPENAI_API_KEY")]
     api_key_env: String,
@@ -223,9 +237,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new(
-                    "warn,tollgate=info,tollgate_batch=info,tollgate_sim=info",
-                )
+                // The batch runner says itself when Redis goes down and comes back (once
+                // each, with what to do): the store's own lines would say it twice.
+                let store = match cli.command {
+                    Command::Batch(_) => ",tollgate::store::redis=off",
+                    _ => "",
+                };
+                tracing_subscriber::EnvFilter::new(format!(
+                    "warn,tollgate=info,tollgate_batch=info,tollgate_sim=info{store}"
+                ))
             }),
         )
         .init();
@@ -287,6 +307,11 @@ async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
     config.tpm = args.tpm;
     config.max_in_flight = args.max_in_flight;
     config.redis = args.redis;
+    config.on_redis_down = match args.on_redis_down {
+        OnRedisDownArg::Wait => OnRedisDown::Wait,
+        OnRedisDownArg::Fail => OnRedisDown::Fail,
+        OnRedisDownArg::Local => OnRedisDown::Local,
+    };
     config.api_key = std::env::var(&args.api_key_env).ok();
     config.account = args.account;
     config.max_attempts = args.max_attempts;

@@ -867,3 +867,169 @@ fn a_byte_order_mark_is_skipped() {
     assert_eq!(summary["succeeded"], 3, "{summary}");
     assert_eq!(summary["failed"], 0, "{summary}");
 }
+
+/// Lines of `stderr` saying Redis went down, and saying it came back.
+fn outage_lines(stderr: &str) -> (usize, usize) {
+    let down = stderr.lines().filter(|l| l.contains(" is down (")).count();
+    let back = stderr
+        .lines()
+        .filter(|l| l.contains(" is back after "))
+        .count();
+    (down, back)
+}
+
+/// Issue 20, finding 6: a Redis outage under a running batch (64 requests waiting) was
+/// one warning per waiting request every 500 ms (720 lines in 25 s). Now: one line when it
+/// starts, naming Redis and what to do, one when it ends with its duration; the run
+/// finishes with every line once. Redis down at the start is said once too, and the run
+/// waits for it.
+#[test]
+fn a_redis_outage_is_said_once_when_it_starts_and_once_when_it_ends() {
+    let _serial = serial();
+    let mut redis = support::RedisServer::start();
+    let dir = tmp();
+    let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "30000", "--latency", "20ms"]);
+    let url = sim.url("/v1/chat/completions");
+    let flags = ["--rpm", "6000", "--tpm", "30000", "--redis", &redis.url()];
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    // 400 × 112 tokens against 30,000 a minute: the burst, then about 30 s paced.
+    write_input(&input, 400, 7, &[]);
+    let child = batch(&input, &output, &url, &flags).spawn().expect("spawn");
+    std::thread::sleep(Duration::from_secs(4));
+    redis.kill();
+    std::thread::sleep(Duration::from_secs(4));
+    redis.restart();
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(outage_lines(&stderr), (1, 1), "{stderr}");
+    assert!(
+        !stderr.contains("fail_open"),
+        "advice names a flag that does not exist: {stderr}"
+    );
+    assert_each_once(
+        &accounted(&output, &dir.path().join("out.failures.jsonl")),
+        400,
+    );
+
+    // Down at the start: one clear line, then the run waits and goes on.
+    let output = dir.path().join("start.jsonl");
+    write_input(&input, 50, 8, &[]);
+    redis.kill();
+    let flags = ["--rpm", "6000", "--tpm", "30000", "--redis", &redis.url()];
+    let child = batch(&input, &output, &url, &flags).spawn().expect("spawn");
+    std::thread::sleep(Duration::from_secs(3));
+    redis.restart();
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(outage_lines(&stderr), (1, 1), "{stderr}");
+    let down = stderr
+        .lines()
+        .find(|l| l.contains(" is down ("))
+        .expect("a down line");
+    assert!(down.contains(&redis.url()), "{down}");
+    assert!(down.contains("--on-redis-down"), "{down}");
+    assert_each_once(
+        &accounted(&output, &dir.path().join("start.failures.jsonl")),
+        50,
+    );
+}
+
+/// `--on-redis-down fail`: Redis down at the start exits non-zero with one clear error
+/// before anything is sent; Redis lost mid-run stops the run non-zero, and the lines not
+/// answered are written nowhere (no failures), so a rerun sends them.
+#[test]
+fn on_redis_down_fail_stops_the_run_and_marks_nothing_unanswered() {
+    let _serial = serial();
+    let mut redis = support::RedisServer::start();
+    let dir = tmp();
+    let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "30000", "--latency", "20ms"]);
+    let url = sim.url("/v1/chat/completions");
+    let redis_url = redis.url();
+    let flags = [
+        "--rpm",
+        "6000",
+        "--tpm",
+        "30000",
+        "--redis",
+        &redis_url,
+        "--on-redis-down",
+        "fail",
+    ];
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    let failures = dir.path().join("out.failures.jsonl");
+    write_input(&input, 400, 9, &[]);
+
+    redis.kill();
+    let (status, stderr) = run(batch(&input, &output, &url, &flags));
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("Redis at {redis_url} cannot be reached")),
+        "{stderr}"
+    );
+    assert_eq!(admitted_and_refused(&sim), (0, 0), "{}", sim.stats());
+    assert!(read_lines(&output).is_empty() && read_lines(&failures).is_empty());
+
+    redis.restart();
+    let child = batch(&input, &output, &url, &flags).spawn().expect("spawn");
+    std::thread::sleep(Duration::from_secs(4));
+    redis.kill();
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--on-redis-down fail stops the run"),
+        "{stderr}"
+    );
+    let written = read_lines(&output).len();
+    assert!(0 < written && written < 400, "{written} written: {stderr}");
+    assert!(read_lines(&failures).is_empty(), "{stderr}");
+
+    redis.restart();
+    let (status, stderr) = run(batch(&input, &output, &url, &flags));
+    assert!(status.success(), "{stderr}");
+    assert_each_once(&accounted(&output, &failures), 400);
+}
+
+/// `--on-redis-down local`: Redis lost mid-run, never back: the run limits in this
+/// process alone and finishes, every line once, the outage said once.
+#[test]
+fn on_redis_down_local_finishes_the_run() {
+    let _serial = serial();
+    let mut redis = support::RedisServer::start();
+    let dir = tmp();
+    let sim = SimProcess::start(&["--rpm", "6000", "--tpm", "30000", "--latency", "20ms"]);
+    let url = sim.url("/v1/chat/completions");
+    let redis_url = redis.url();
+    let flags = [
+        "--rpm",
+        "6000",
+        "--tpm",
+        "30000",
+        "--redis",
+        &redis_url,
+        "--on-redis-down",
+        "local",
+    ];
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    write_input(&input, 300, 11, &[]);
+    let child = batch(&input, &output, &url, &flags).spawn().expect("spawn");
+    std::thread::sleep(Duration::from_secs(3));
+    redis.kill();
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(outage_lines(&stderr), (1, 0), "{stderr}");
+    assert!(
+        stderr.contains("limiting in this process alone"),
+        "{stderr}"
+    );
+    assert_each_once(
+        &accounted(&output, &dir.path().join("out.failures.jsonl")),
+        300,
+    );
+}
