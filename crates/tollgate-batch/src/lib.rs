@@ -25,8 +25,11 @@
 //!   `x-ratelimit-remaining-*` pulls the limiter down when the provider has less left
 //!   than it thinks ([`tollgate::Limiter::absorb`]).
 //! - 429, 5xx, timeouts and dropped connections are retried with exponential backoff and
-//!   full jitter ([`tollgate::retry::Backoff`]); 400, 401, a prompt over the limit, or a
+//!   full jitter ([`tollgate::retry::Backoff`]); 400, a prompt over the limit, or a
 //!   request that keeps failing goes to the failures file.
+//! - A failure of the whole run stops it and writes nothing for the lines not answered
+//!   ([`Summary::run_failure`]): 401/403, an account out of credit, or a provider that
+//!   answers nothing for [`BatchConfig::give_up_after`]. The rerun sends those lines.
 //! - Running the same command again skips every line already in the results or failures
 //!   file, so a run killed at any point resumes without duplicates.
 //!
