@@ -553,7 +553,7 @@ pub async fn run(
                         status: None,
                         message: format!(
                             "no answer for {}; last error: {error}",
-                            human(since.elapsed())
+                            tollgate::provider::format_duration(since.elapsed())
                         ),
                     });
                     return;

@@ -414,18 +414,18 @@ async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
     if let Some(failure) = &summary.run_failure {
         let advice = match failure.cause {
             RunFailureCause::Auth => format!(
-                "check that --api-key-env {key_var} holds a valid key for this URL (and that the key may use this model and endpoint)"
+                "Check that --api-key-env {key_var} holds a valid key for this URL (and that the key may use this model and endpoint)"
             ),
             RunFailureCause::Credit => {
-                "add credit or raise the billing limit of the account".to_owned()
+                "Add credit or raise the billing limit of the account".to_owned()
             }
             _ => format!(
-                "is the URL right, and is the provider up? (--give-up-after is {})",
+                "Is the URL right, and is the provider up? (--give-up-after is {})",
                 tollgate::provider::format_duration(args.give_up_after)
             ),
         };
         eprintln!(
-            "tollgate batch: stopped: {failure}. {advice}; the lines not answered were not written anywhere: run the same command again to send them"
+            "tollgate batch: stopped: {failure}. {advice}. The lines not answered were not written anywhere: run the same command again to send them."
         );
         return Ok(ExitCode::from(EXIT_RUN_FAILED));
     }

@@ -790,7 +790,7 @@ fn an_account_out_of_credit_stops_the_run_and_marks_nothing() {
         stderr.contains("out of credit")
             && stderr.contains("HTTP 429")
             && stderr.contains("exceeded your current quota")
-            && stderr.contains("add credit"),
+            && stderr.contains("Add credit"),
         "{stderr}"
     );
     assert_eq!(summary["run_failure"]["cause"], "credit", "{summary}");
@@ -832,7 +832,7 @@ fn an_unreachable_provider_stops_the_run_after_the_bound_and_marks_nothing() {
         "{took:?}"
     );
     assert!(
-        stderr.contains("unreachable") && stderr.contains("is the URL right"),
+        stderr.contains("unreachable") && stderr.contains("Is the URL right"),
         "{stderr}"
     );
     assert_eq!(summary["run_failure"]["cause"], "unreachable", "{summary}");
