@@ -25,8 +25,11 @@
 //!   `x-ratelimit-remaining-*` pulls the limiter down when the provider has less left
 //!   than it thinks ([`tollgate::Limiter::absorb`]).
 //! - 429, 5xx, timeouts and dropped connections are retried with exponential backoff and
-//!   full jitter ([`tollgate::retry::Backoff`]); 400, 401, a prompt over the limit, or a
+//!   full jitter ([`tollgate::retry::Backoff`]); 400, a prompt over the limit, or a
 //!   request that keeps failing goes to the failures file.
+//! - A failure of the whole run stops it and writes nothing for the lines not answered
+//!   ([`Summary::run_failure`]): 401/403, an account out of credit, or a provider that
+//!   answers nothing for [`BatchConfig::give_up_after`]. The rerun sends those lines.
 //! - Running the same command again skips every line already in the results or failures
 //!   file, so a run killed at any point resumes without duplicates.
 //!
@@ -153,6 +156,15 @@ pub struct BatchConfig {
     pub progress: Progress,
     /// What the run does while Redis cannot be reached.
     pub on_redis_down: OnRedisDown,
+    /// How long the provider may be unreachable (connections refused or timed out with
+    /// no answer from it in between) before the run stops with
+    /// [`RunFailureCause::Unreachable`]; more than zero.
+    pub give_up_after: Duration,
+    /// Send again the lines the failures file holds for a reason that may not hold any
+    /// more (timeouts, dropped connections, 408/409, 429 but "too large", 5xx, 401/403,
+    /// out of credit): they are removed from the failures file (rewritten whole, through
+    /// a temporary file renamed over it) before the first request.
+    pub retry_failures: bool,
 }
 
 impl BatchConfig {
@@ -181,6 +193,8 @@ impl BatchConfig {
             jitter: Duration::from_millis(250),
             progress: Progress::Auto,
             on_redis_down: OnRedisDown::Wait,
+            give_up_after: Duration::from_secs(120),
+            retry_failures: false,
         }
     }
 
@@ -331,6 +345,101 @@ pub struct Summary {
     /// Why the run stopped by itself (the provider asked to wait longer than the run
     /// waits), when it did; `None` after Ctrl-C or a finished run.
     pub stopped_because: Option<String>,
+    /// A failure of the whole run (the key refused, the account out of credit, the
+    /// provider unreachable): the run stopped and no line it did not finish was written.
+    pub run_failure: Option<RunFailure>,
+    /// Lines taken back from the failures file by [`BatchConfig::retry_failures`] (each
+    /// is then counted again as succeeded, failed or unfinished).
+    pub retried_failures: u64,
+}
+
+/// What makes every line fail, not one: the run stops at once and marks nothing done
+/// for the lines not answered, so the rerun (once the cause is fixed) sends them.
+///
+/// ```
+/// let f = tollgate_batch::RunFailure {
+///     cause: tollgate_batch::RunFailureCause::Auth,
+///     status: Some(401),
+///     message: "Incorrect API key provided".into(),
+/// };
+/// assert!(f.to_string().contains("HTTP 401"));
+/// ```
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RunFailure {
+    /// The kind of failure.
+    pub cause: RunFailureCause,
+    /// The provider's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// The provider's message (or the transport error), with anything that looks like
+    /// an API key redacted.
+    pub message: String,
+}
+
+/// The kind of a [`RunFailure`].
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RunFailureCause {
+    /// 401 or 403: the key is missing, wrong, revoked, or not allowed here.
+    Auth,
+    /// A 429 (or Anthropic's 400) saying the account is out of credit or over its
+    /// billing limit.
+    Credit,
+    /// No answer from the provider (connections refused, timed out or dropped) for
+    /// longer than [`BatchConfig::give_up_after`].
+    Unreachable,
+}
+
+impl std::fmt::Display for RunFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.cause {
+            RunFailureCause::Auth => "the provider refused the API key",
+            RunFailureCause::Credit => "the provider says the account is out of credit",
+            RunFailureCause::Unreachable => "the provider is unreachable",
+        };
+        match self.status {
+            Some(status) => write!(f, "{what} (HTTP {status}: {})", self.message),
+            None => write!(f, "{what} ({})", self.message),
+        }
+    }
+}
+
+/// Replaces anything in `text` that looks like an API key (the key in use, or a word
+/// starting `sk-` as OpenAI's and Anthropic's keys do, masked or not) by `[redacted]`.
+///
+/// ```
+/// let t = tollgate_batch::redact("Incorrect API key provided: sk-pr****1234.", Some("abc"));
+/// assert_eq!(t, "Incorrect API key provided: [redacted].");
+/// ```
+pub fn redact(text: &str, key: Option<&str>) -> String {
+    let mut text = text.to_owned();
+    if let Some(key) = key.filter(|k| k.len() >= 4) {
+        text = text.replace(key, "[redacted]");
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("sk-") {
+        let starts_word = rest[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '*' | '.')))
+            .unwrap_or(tail.len());
+        // A sentence's full stop is not part of the key.
+        let end = tail[..end].trim_end_matches('.').len();
+        if starts_word {
+            out.push_str("[redacted]");
+            rest = &tail[end..];
+        } else {
+            out.push_str("sk-");
+            rest = &tail[3..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Runs a batch until every line is finished or `shutdown` completes; on shutdown, no
@@ -394,6 +503,11 @@ pub async fn run(
             tollgate::provider::format_duration(config.jitter)
         )));
     }
+    if config.give_up_after.is_zero() {
+        return Err(BatchError::Config(
+            "--give-up-after must be more than 0 (for example 2m)".into(),
+        ));
+    }
     let failures = config.failures_path();
     check_distinct(&config.input, &config.output, &failures)?;
     // One run per results file, held until this run returns.
@@ -414,10 +528,17 @@ pub async fn run(
     })?;
     let mut done = {
         let (results, failures) = (config.output.clone(), failures.clone());
-        tokio::task::spawn_blocking(move || output::scan(&results, &failures))
+        let retry = config.retry_failures;
+        tokio::task::spawn_blocking(move || output::scan(&results, &failures, retry))
             .await
             .map_err(|e| BatchError::Config(format!("scanning the output files failed: {e}")))??
     };
+    if done.requeued > 0 {
+        tracing::info!(
+            lines = done.requeued,
+            "--retry-failures: sending again the lines that failed for a reason that may have passed"
+        );
+    }
     if !done.is_empty() {
         tracing::info!(
             lines = done.count,
@@ -494,9 +615,45 @@ pub async fn run(
         stop: stop.clone(),
         stop_tx: stop_tx.clone(),
         stop_reason: Arc::default(),
+        run_failure: Arc::default(),
+        reach: Arc::new(Mutex::new(Reach {
+            last_answer: Instant::now(),
+            down_since: None,
+        })),
         timeout: config.timeout,
     };
     let stop_reason = ctx.stop_reason.clone();
+    let run_failure = ctx.run_failure.clone();
+    // Watches for a provider unreachable longer than --give-up-after.
+    let watchdog = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let tick = (ctx.config.give_up_after / 10)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1));
+            loop {
+                tokio::time::sleep(tick).await;
+                let down = ctx
+                    .reach
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .down_since
+                    .clone();
+                if let Some((since, error)) = down
+                    && since.elapsed() >= ctx.config.give_up_after
+                {
+                    ctx.fail_run(RunFailure {
+                        cause: RunFailureCause::Unreachable,
+                        status: None,
+                        message: format!(
+                            "no answer for {}; last error: {error}",
+                            tollgate::provider::format_duration(since.elapsed())
+                        ),
+                    });
+                    return;
+                }
+            }
+        })
+    };
     let mut probes = if config.rpm.is_none() || config.tpm.is_none() {
         PROBES
     } else {
@@ -638,6 +795,7 @@ pub async fn run(
     // Every task holds a slot until it has finished: taking them all waits for the last.
     let all = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
     let _ = slots.acquire_many(all).await;
+    watchdog.abort();
     drop(ctx);
     let writer_error = writer_error.await.unwrap_or(None);
     let _ = progress_stop.send(true);
@@ -672,6 +830,11 @@ pub async fn run(
         tpm,
         elapsed_secs: started.elapsed().as_secs_f64(),
         interrupted: stopped || lines > finished,
+        run_failure: run_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
+        retried_failures: done.requeued,
         stopped_because: stop_reason
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -1039,7 +1202,18 @@ struct Ctx {
     stop_tx: Arc<watch::Sender<bool>>,
     /// Why the run stopped by itself, when it did.
     stop_reason: Arc<Mutex<Option<String>>>,
+    /// The failure of the whole run, when there is one.
+    run_failure: Arc<Mutex<Option<RunFailure>>>,
+    /// Whether the provider answers.
+    reach: Arc<Mutex<Reach>>,
     timeout: Duration,
+}
+
+/// Whether the provider answers: when it last did, and since when every attempt has
+/// failed without an answer (connection refused, timed out or dropped).
+struct Reach {
+    last_answer: Instant,
+    down_since: Option<(Instant, String)>,
 }
 
 /// The limiter in use and the limits it holds. Replaced, never changed in place, when the
@@ -1341,6 +1515,50 @@ impl Ctx {
         let _ = self.stop_tx.send(true);
     }
 
+    /// Stops the run for a failure of the whole run (the first one is kept): nothing
+    /// more is sent, and no line not answered yet is written.
+    fn fail_run(&self, failure: RunFailure) {
+        let mut slot = self
+            .run_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            tracing::error!("stopping: {failure}");
+            *slot = Some(failure);
+        }
+        drop(slot);
+        let _ = self.stop_tx.send(true);
+    }
+
+    fn run_failed(&self) -> bool {
+        self.run_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// The provider answered (any status): it is reachable.
+    fn answered(&self) {
+        let mut reach = self.reach.lock().unwrap_or_else(PoisonError::into_inner);
+        reach.last_answer = Instant::now();
+        reach.down_since = None;
+    }
+
+    /// An attempt sent at `sent` got no answer; returns whether the provider has not
+    /// answered anything since (it may be down: the attempt does not use up the line's
+    /// attempts, and `--give-up-after` decides).
+    fn unanswered(&self, sent: Instant, error: &str) -> bool {
+        let mut reach = self.reach.lock().unwrap_or_else(PoisonError::into_inner);
+        if reach.last_answer > sent {
+            return false;
+        }
+        if reach.down_since.is_none() {
+            let since = sent.max(reach.last_answer);
+            reach.down_since = Some((since, error.to_owned()));
+        }
+        true
+    }
+
     fn pause_until(&self, until: Instant) {
         let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
         if gate.is_none_or(|g| g < until) {
@@ -1518,6 +1736,7 @@ impl Ctx {
                 return seen;
             }
             attempt += 1;
+            let mut down = false;
             self.counters.record_send(estimated.total());
             let sent = Instant::now();
             let on_the_way = OnTheWay::new(&self.counters, estimated.total());
@@ -1531,6 +1750,7 @@ impl Ctx {
                 .record_answer(estimated.total(), sent.elapsed(), admitted);
             let (hint, failure) = match answer {
                 Ok((status, headers, bytes)) => {
+                    self.answered();
                     let headers_seen = tollgate::provider::parse(&headers, SystemTime::now());
                     if !headers_seen.is_empty()
                         && let Some(limiter) = &self.limits().limiter
@@ -1604,9 +1824,35 @@ impl Ctx {
                         attempts: attempt,
                         response: Some(response),
                     };
+                    let too_large = status == http::StatusCode::TOO_MANY_REQUESTS
+                        && message.to_ascii_lowercase().contains("too large");
+                    let lower = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+                    let cause = match status.as_u16() {
+                        401 | 403 => Some(RunFailureCause::Auth),
+                        429 if !too_large && tollgate::retry::is_permanent(status, &bytes) => {
+                            Some(RunFailureCause::Credit)
+                        }
+                        400 if lower.contains("credit balance is too low") => {
+                            Some(RunFailureCause::Credit)
+                        }
+                        _ => None,
+                    };
+                    if let Some(cause) = cause {
+                        if status == http::StatusCode::TOO_MANY_REQUESTS {
+                            self.counters.rate_limited.fetch_add(1, Relaxed);
+                        }
+                        // Not this line's fault: it is not written, and neither is any
+                        // other line not answered yet.
+                        self.fail_run(RunFailure {
+                            cause,
+                            status: Some(status.as_u16()),
+                            message: redact(&message, self.api_key.as_deref()),
+                        });
+                        return seen;
+                    }
                     if status == http::StatusCode::TOO_MANY_REQUESTS {
                         self.counters.rate_limited.fetch_add(1, Relaxed);
-                        if message.to_ascii_lowercase().contains("too large") {
+                        if too_large {
                             self.fail(job, failure);
                             return seen;
                         }
@@ -1636,9 +1882,14 @@ impl Ctx {
                 Err(e) => {
                     drop(permit);
                     self.counters.transport_errors.fetch_add(1, Relaxed);
+                    let error = redact(&chain(&e), self.api_key.as_deref());
+                    if self.unanswered(sent, &error) {
+                        // The provider may be down: this is not the line's fault, and the
+                        // watchdog stops the run after --give-up-after.
+                        down = true;
+                    }
                     let failure = Failure {
-                        // With its causes: "error sending request" alone says nothing.
-                        message: format!("request failed: {}", chain(&e)),
+                        message: format!("request failed: {error}"),
                         status: None,
                         code: Some(
                             if e.is_timeout() {
@@ -1654,6 +1905,19 @@ impl Ctx {
                     (None, failure)
                 }
             };
+            if self.run_failed() {
+                // Stopped for a failure of the whole run: nothing more is written.
+                return seen;
+            }
+            if attempt >= self.max_attempts && down {
+                // Attempts are not used up while the provider answers no one: keep
+                // trying at the backoff's cap until it answers or the run gives up.
+                self.counters.retries.fetch_add(1, Relaxed);
+                if !self.sleep(self.backoff.delay(attempt - 1, None)).await {
+                    return seen;
+                }
+                continue;
+            }
             if attempt >= self.max_attempts {
                 let mut failure = failure;
                 failure.message = format!(

@@ -26,6 +26,8 @@ pub(crate) struct Done {
     results: HashMap<u64, u32>,
     /// How many output lines were read.
     pub(crate) count: u64,
+    /// Failures taken out of the failures file to be sent again (`--retry-failures`).
+    pub(crate) requeued: u64,
 }
 
 impl Done {
@@ -64,7 +66,12 @@ enum Tail {
 }
 
 /// Reads one output file into `done`, touching nothing; says what its last line needs.
-fn read_file(path: &Path, is_failures: bool, done: &mut Done) -> Result<Tail, BatchError> {
+fn read_file(
+    path: &Path,
+    is_failures: bool,
+    done: &mut Done,
+    mut kept: Option<&mut Vec<u8>>,
+) -> Result<Tail, BatchError> {
     let io = |source| BatchError::Output {
         path: path.to_path_buf(),
         source,
@@ -97,7 +104,19 @@ fn read_file(path: &Path, is_failures: bool, done: &mut Done) -> Result<Tail, Ba
             return Err(corrupt(n));
         };
         match record_identity(&value, is_failures) {
+            Some(_) if kept.is_some() && retryable(&value) => {
+                done.requeued += 1;
+                if !terminated {
+                    return Ok(Tail::Clean);
+                }
+            }
             Some(found) => {
+                if let Some(kept) = kept.as_deref_mut() {
+                    kept.extend_from_slice(&line);
+                    if !terminated {
+                        kept.push(b'\n');
+                    }
+                }
                 done.count += 1;
                 match found {
                     Found::Failure(line) => {
@@ -112,6 +131,23 @@ fn read_file(path: &Path, is_failures: bool, done: &mut Done) -> Result<Tail, Ba
             None => return Err(corrupt(n)),
         }
         offset += read as u64;
+    }
+}
+
+/// Whether a failure record's reason may have passed, so `--retry-failures` sends its
+/// line again: no answer (timeout, dropped or refused connection), 408, 409, 5xx, a 429
+/// but "too large" (the request alone over a limit never fits), and the reasons that
+/// belong to the run, not the line (401/403, out of credit), which earlier versions
+/// wrote as line failures. Never a 400, a malformed line or a request too large.
+fn retryable(value: &Value) -> bool {
+    let error = &value["error"];
+    let text = |key: &str| error[key].as_str().unwrap_or("").to_ascii_lowercase();
+    let (code, message) = (text("code"), text("message"));
+    match error["status"].as_u64() {
+        None => matches!(code.as_str(), "timeout" | "connection"),
+        Some(429) => !message.contains("too large"),
+        Some(401 | 403 | 408 | 409 | 500..=599) => true,
+        Some(_) => false,
     }
 }
 
@@ -243,16 +279,58 @@ fn mend(path: &Path, tail: Tail) -> Result<(), BatchError> {
 /// Reads what the results and failures files already hold. Both files are read whole
 /// before either is changed: a file holding a line this runner does not write is an
 /// error and is left as it is; only then is a line cut short by a crash removed.
-pub(crate) fn scan(results: &Path, failures: &Path) -> Result<Done, BatchError> {
+///
+/// With `retry` (`--retry-failures`), the failures whose reason may have passed are not
+/// done: the failures file is rewritten without them (a temporary file beside it,
+/// synced, then renamed over it, so a crash leaves either the old file or the new one),
+/// and the run sends their lines again. A line is thus never in both files.
+pub(crate) fn scan(results: &Path, failures: &Path, retry: bool) -> Result<Done, BatchError> {
     let mut done = Done::default();
+    let mut kept = retry.then(Vec::new);
     let tails = [
-        read_file(results, false, &mut done)?,
-        read_file(failures, true, &mut done)?,
+        read_file(results, false, &mut done, None)?,
+        read_file(failures, true, &mut done, kept.as_mut())?,
     ];
+    let rewrite = done.requeued > 0;
     for (path, tail) in [results, failures].into_iter().zip(tails) {
+        if rewrite && path == failures {
+            continue;
+        }
         mend(path, tail)?;
     }
+    if rewrite && let Some(kept) = kept {
+        replace(failures, &kept)?;
+    }
     Ok(done)
+}
+
+/// Replaces `path`'s contents by `bytes` atomically: a temporary file in the same
+/// directory, synced, renamed over it.
+fn replace(path: &Path, bytes: &[u8]) -> Result<(), BatchError> {
+    let io = |source| BatchError::Output {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "failures".into(), |n| n.to_string_lossy().into_owned());
+    let temp = path.with_file_name(format!(".{name}.retry-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty())
+            && let Ok(dir) = std::fs::File::open(dir)
+        {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        io(e)
+    })
 }
 
 /// Where a finished line goes.
@@ -337,7 +415,7 @@ mod tests {
         )
         .expect("write");
         std::fs::write(&failures, "{\"line\":4,\"error\":{}}\n").expect("write");
-        let mut done = scan(&results, &failures).expect("scan");
+        let mut done = scan(&results, &failures, false).expect("scan");
         assert_eq!(done.count, 4);
         let id = request_identity(&req, None);
         assert!(done.take(1, Some(id)));
@@ -358,7 +436,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let results = dir.path().join("r.jsonl");
         std::fs::write(&results, "garbage\n[{},{}]\n").expect("write");
-        let err = scan(&results, &dir.path().join("f.jsonl")).expect_err("corrupt");
+        let err = scan(&results, &dir.path().join("f.jsonl"), false).expect_err("corrupt");
         assert!(err.to_string().contains("line 1"), "{err}");
     }
 
@@ -374,14 +452,14 @@ mod tests {
             "just text",
         ] {
             std::fs::write(&results, text).expect("write");
-            let err = scan(&results, &failures).expect_err("not a tollgate file");
+            let err = scan(&results, &failures, false).expect_err("not a tollgate file");
             assert!(matches!(err, BatchError::Corrupt { .. }), "{err}");
             assert_eq!(std::fs::read_to_string(&results).expect("read"), text);
         }
         // A torn results line is not cut while the failures file is foreign.
         std::fs::write(&results, "[{},{}]\n[{\"to").expect("write");
         std::fs::write(&failures, "{\"line\":1}\nhello").expect("write");
-        assert!(scan(&results, &failures).is_err());
+        assert!(scan(&results, &failures, false).is_err());
         assert_eq!(
             std::fs::read_to_string(&results).expect("read"),
             "[{},{}]\n[{\"to"
@@ -398,13 +476,13 @@ mod tests {
         let input = r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}"#;
         std::fs::write(&results, format!("{input}\n")).expect("write");
         assert!(matches!(
-            scan(&results, &failures),
+            scan(&results, &failures, false),
             Err(BatchError::Corrupt { line: 1, .. })
         ));
         // Nor is a failures file whose lines have no error.
         std::fs::remove_file(&results).expect("remove");
         std::fs::write(&failures, "{\"line\":3}\n").expect("write");
-        assert!(scan(&results, &failures).is_err());
+        assert!(scan(&results, &failures, false).is_err());
     }
 
     /// One run per results file: a second is refused, naming the first; once the first
@@ -432,7 +510,7 @@ mod tests {
         let (results, failures) = (dir.path().join("r.jsonl"), dir.path().join("f.jsonl"));
         std::fs::write(&results, "[{\"a\":1},{}]\n[{\"a\":2},{}]").expect("write");
         std::fs::write(&failures, "{\"line\":9,\"error\":{}}").expect("write");
-        let mut done = scan(&results, &failures).expect("scan");
+        let mut done = scan(&results, &failures, false).expect("scan");
         assert_eq!(done.count, 3);
         assert!(done.take(
             1,
@@ -448,6 +526,54 @@ mod tests {
             std::fs::read_to_string(&failures)
                 .expect("read")
                 .ends_with("}}\n")
+        );
+    }
+
+    /// `--retry-failures` takes back the failures whose reason may have passed and
+    /// rewrites the failures file without them; the others stay done.
+    #[test]
+    fn retry_takes_back_only_retryable_failures() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (results, failures) = (dir.path().join("r.jsonl"), dir.path().join("f.jsonl"));
+        let lines = [
+            r#"{"line":1,"error":{"message":"request failed","code":"timeout","status":null}}"#,
+            r#"{"line":2,"error":{"message":"HTTP 400: bad","code":"invalid_request","status":400}}"#,
+            r#"{"line":3,"error":{"message":"HTTP 503: busy","code":"server_error","status":503}}"#,
+            r#"{"line":4,"error":{"message":"HTTP 429: Request too large for gpt-4o","code":"rate_limit_exceeded","status":429}}"#,
+            r#"{"line":5,"error":{"message":"HTTP 429: Rate limit reached","code":"rate_limit_exceeded","status":429}}"#,
+            r#"{"line":6,"error":{"message":"not JSON","code":"malformed_line","status":null}}"#,
+            r#"{"line":7,"error":{"message":"HTTP 401: Incorrect API key","code":"invalid_api_key","status":401}}"#,
+            r#"{"line":8,"error":{"message":"the request counts 9 tokens","code":"request_too_large","status":null}}"#,
+        ];
+        std::fs::write(&failures, lines.join("\n")).expect("write");
+        let before = std::fs::read_to_string(&failures).expect("read");
+        let mut done = scan(&results, &failures, false).expect("scan");
+        assert_eq!((done.count, done.requeued), (8, 0));
+        assert!(done.take(1, None));
+        let mut done = scan(&results, &failures, true).expect("scan");
+        assert_eq!((done.count, done.requeued), (4, 4));
+        for (line, is_done) in [
+            (1, false),
+            (2, true),
+            (3, false),
+            (4, true),
+            (5, false),
+            (6, true),
+            (7, false),
+            (8, true),
+        ] {
+            assert_eq!(done.take(line, None), is_done, "line {line}");
+        }
+        let after = std::fs::read_to_string(&failures).expect("read");
+        assert_ne!(after, before);
+        assert_eq!(
+            after,
+            format!("{}\n{}\n{}\n{}\n", lines[1], lines[3], lines[5], lines[7])
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            1,
+            "no temporary file left"
         );
     }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use tollgate_batch::{BatchConfig, OnRedisDown, Progress};
+use tollgate_batch::{BatchConfig, OnRedisDown, Progress, RunFailureCause};
 use tollgate_sim::{Sim, SimConfig};
 
 /// The gateway allocates per request (headers, bodies, JSON); with mimalloc it spends
@@ -157,9 +157,11 @@ struct BatchArgs {
     /// What to do while Redis cannot be reached (at the start too).
     #[arg(long, value_enum, default_value = "wait", requires = "redis")]
     on_redis_down: OnRedisDownArg,
-    /// The environment variable holding the API key.
-    #[arg(long, default_value = "OPENAI_API_KEY")]
-    api_key_env: String,
+    /// The environment variable holding the API key [default: OPENAI_API_KEY]. Given
+    /// explicitly, it must be set and not empty; the default may be unset only for a URL
+    /// on this machine (a simulator), with a warning.
+    #[arg(long)]
+    api_key_env: Option<String>,
     /// Name of the shared budget [default: a hash of the URL's origin and the API key].
     #[arg(long)]
     account: Option<String>,
@@ -182,6 +184,45 @@ struct BatchArgs {
     /// Also write the final summary as JSON to this file.
     #[arg(long)]
     summary_json: Option<PathBuf>,
+    /// Stop the run (exit 3, nothing marked done) when the provider has answered
+    /// nothing (connections refused, timed out or dropped) for this long.
+    #[arg(long, value_parser = positive_duration, default_value = "2m")]
+    give_up_after: Duration,
+    /// Send again the lines in the failures file that failed for a reason that may have
+    /// passed (timeouts, connection errors, 408, 409, 429 but "too large", 5xx, 401/403);
+    /// never 400s, malformed lines or requests too large.
+    #[arg(long)]
+    retry_failures: bool,
+}
+
+/// Exit status of a run stopped by a failure of the whole run (key refused, out of
+/// credit, provider unreachable): fix the cause and run the same command again.
+const EXIT_RUN_FAILED: u8 = 3;
+
+/// A duration above zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "must be more than 0, not {s:?} (examples: 30s, 2m)"
+        ));
+    }
+    Ok(d)
+}
+
+/// Whether `url`'s host is this machine (where a simulator needs no key).
+fn local_url(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host_port.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(clap::Args)]
@@ -229,6 +270,10 @@ struct SimArgs {
     /// an earlier run or another app has just spent.
     #[arg(long, default_value_t = 1.0)]
     start_fill: f64,
+    /// Answer every request with a valid key 429 insufficient_quota (an account out of
+    /// credit; 400 "credit balance is too low" on /v1/messages).
+    #[arg(long)]
+    out_of_credit: bool,
 }
 
 fn main() -> ExitCode {
@@ -301,6 +346,29 @@ async fn interrupted(what: &'static str) {
 }
 
 async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
+    let (key_var, explicit) = match &args.api_key_env {
+        Some(var) => (var.clone(), true),
+        None => ("OPENAI_API_KEY".to_owned(), false),
+    };
+    let api_key = std::env::var(&key_var)
+        .ok()
+        .filter(|k| !k.trim().is_empty());
+    if api_key.is_none() {
+        if explicit || !local_url(&args.url) {
+            anyhow::bail!(
+                "the environment variable {key_var} (--api-key-env) is unset or empty: set it to the provider's API key{}; nothing was sent",
+                if explicit {
+                    ""
+                } else {
+                    ", or name the variable holding it with --api-key-env VAR"
+                }
+            );
+        }
+        eprintln!(
+            "tollgate batch: warning: {key_var} is unset or empty: sending without an API key (accepted because {} is on this machine)",
+            args.url
+        );
+    }
     let mut config = BatchConfig::new(args.input, args.output, args.url);
     config.failures = args.failures;
     config.rpm = args.rpm;
@@ -312,7 +380,9 @@ async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
         OnRedisDownArg::Fail => OnRedisDown::Fail,
         OnRedisDownArg::Local => OnRedisDown::Local,
     };
-    config.api_key = std::env::var(&args.api_key_env).ok();
+    config.api_key = api_key;
+    config.give_up_after = args.give_up_after;
+    config.retry_failures = args.retry_failures;
     config.account = args.account;
     config.max_attempts = args.max_attempts;
     config.timeout = args.timeout;
@@ -351,6 +421,13 @@ async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
         s.transport_errors,
         s.elapsed_secs,
     );
+    if s.retried_failures > 0 {
+        eprintln!(
+            "tollgate batch: --retry-failures took {} lines back from {} to send again",
+            s.retried_failures,
+            failures.display()
+        );
+    }
     if s.failed > 0 {
         eprintln!("tollgate batch: failures are in {}", failures.display());
     }
@@ -358,6 +435,24 @@ async fn batch(args: BatchArgs) -> anyhow::Result<ExitCode> {
         let json = serde_json::to_string_pretty(&summary)?;
         std::fs::write(&path, json + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(failure) = &summary.run_failure {
+        let advice = match failure.cause {
+            RunFailureCause::Auth => format!(
+                "Check that --api-key-env {key_var} holds a valid key for this URL (and that the key may use this model and endpoint)"
+            ),
+            RunFailureCause::Credit => {
+                "Add credit or raise the billing limit of the account".to_owned()
+            }
+            _ => format!(
+                "Is the URL right, and is the provider up? (--give-up-after is {})",
+                tollgate::provider::format_duration(args.give_up_after)
+            ),
+        };
+        eprintln!(
+            "tollgate batch: stopped: {failure}. {advice}. The lines not answered were not written anywhere: run the same command again to send them."
+        );
+        return Ok(ExitCode::from(EXIT_RUN_FAILED));
     }
     if let Some(reason) = &summary.stopped_because {
         eprintln!("tollgate batch: stopped: {reason}");
@@ -385,6 +480,7 @@ async fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         keys: args.keys,
         start_fill: args.start_fill,
+        out_of_credit: args.out_of_credit,
         ..SimConfig::default()
     };
     let sim = Sim::start(SocketAddr::new(args.host, args.port), config).await?;

@@ -438,30 +438,6 @@ fn faults_are_retried_and_refusals_go_to_the_failures_file() {
         &accounted(&output, &dir.path().join("out.failures.jsonl")),
         150,
     );
-
-    // A wrong key is refused (401) and not retried.
-    let (output, failures) = (
-        dir.path().join("bad.jsonl"),
-        dir.path().join("bad.failures.jsonl"),
-    );
-    let mut cmd = batch(
-        &input,
-        &output,
-        &url,
-        &["--rpm", "100000", "--tpm", "10000000"],
-    );
-    cmd.env("OPENAI_API_KEY", "sk-wrong");
-    let (status, stderr) = run(cmd);
-    assert!(status.success(), "{stderr}");
-    let failed = read_lines(&failures);
-    assert_eq!(failed.len(), 150);
-    assert!(
-        failed
-            .iter()
-            .all(|f| f["error"]["status"] == 401 && f["attempts"] == 1),
-        "{}",
-        failed[0]
-    );
 }
 
 #[test]
@@ -1032,4 +1008,259 @@ fn on_redis_down_local_finishes_the_run() {
         &accounted(&output, &dir.path().join("out.failures.jsonl")),
         300,
     );
+}
+
+/// The exit status of a run stopped by a failure of the whole run.
+const EXIT_RUN_FAILED: i32 = 3;
+
+/// A wrong key stops the run at its first answer (exit 3), writes no line anywhere and
+/// says which variable to check, without echoing the key; the rerun with the right key
+/// sends every line. (Before: 100 lines in the failures file, exit 0, and the rerun did
+/// nothing.)
+#[test]
+fn a_wrong_key_stops_the_run_marks_nothing_and_the_rerun_sends_every_line() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    let failures = dir.path().join("out.failures.jsonl");
+    write_input(&input, 100, 5, &[]);
+    let sim = SimProcess::start(&["--keys", "sk-right-key-0001", "--latency", "5ms"]);
+    let url = sim.url("/v1/chat/completions");
+    // With the limits given, no probe: a burst of 64 goes out and every answer is a 401.
+    for flags in [&[][..], &["--rpm", "100000", "--tpm", "10000000"][..]] {
+        let summary_path = output.with_extension("summary.json");
+        let mut cmd = batch(&input, &output, &url, flags);
+        cmd.args(["--summary-json", summary_path.to_str().expect("utf-8")]);
+        cmd.env("OPENAI_API_KEY", "sk-wrong-key-123456");
+        let (status, stderr) = run(cmd);
+        assert_eq!(status.code(), Some(EXIT_RUN_FAILED), "{stderr}");
+        assert!(
+            stderr.contains("refused the API key")
+                && stderr.contains("HTTP 401")
+                && stderr.contains("--api-key-env OPENAI_API_KEY")
+                && stderr.contains("Incorrect API key provided: [redacted]"),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("wrong-key") && !stderr.contains("3456"),
+            "the key is not echoed: {stderr}"
+        );
+        assert!(read_lines(&output).is_empty() && read_lines(&failures).is_empty());
+        let summary: Value =
+            serde_json::from_slice(&std::fs::read(&summary_path).expect("summary")).expect("json");
+        assert_eq!(summary["run_failure"]["cause"], "auth", "{summary}");
+        assert_eq!(summary["run_failure"]["status"], 401, "{summary}");
+        assert_eq!(
+            (summary["succeeded"].as_u64(), summary["failed"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+    let mut cmd = batch(&input, &output, &url, &[]);
+    cmd.env("OPENAI_API_KEY", "sk-right-key-0001");
+    let (status, stderr) = run(cmd);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("100 succeeded") && stderr.contains("0 done before"),
+        "{stderr}"
+    );
+    assert_each_once(&accounted(&output, &failures), 100);
+    assert!(read_lines(&failures).is_empty());
+}
+
+/// An account out of credit (429 insufficient_quota) stops the run, marks nothing and
+/// says to add credit; a "Request too large" 429 stays one line's failure (the faults
+/// tests cover that path).
+#[test]
+fn an_account_out_of_credit_stops_the_run_and_marks_nothing() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    let failures = dir.path().join("out.failures.jsonl");
+    write_input(&input, 100, 6, &[]);
+    let sim = SimProcess::start(&["--out-of-credit", "--latency", "5ms"]);
+    let url = sim.url("/v1/chat/completions");
+    let (status, stderr, summary) = run_with_summary(
+        &input,
+        &output,
+        &url,
+        &["--rpm", "100000", "--tpm", "10000000"],
+    );
+    assert_eq!(status.code(), Some(EXIT_RUN_FAILED), "{stderr}");
+    assert!(
+        stderr.contains("out of credit")
+            && stderr.contains("HTTP 429")
+            && stderr.contains("exceeded your current quota")
+            && stderr.contains("Add credit"),
+        "{stderr}"
+    );
+    assert_eq!(summary["run_failure"]["cause"], "credit", "{summary}");
+    assert!(read_lines(&output).is_empty() && read_lines(&failures).is_empty());
+    // Nothing more is sent after the answers to the first burst.
+    assert!(
+        sim.stats()["requests"].as_u64() <= Some(64),
+        "{}",
+        sim.stats()
+    );
+}
+
+/// A provider that refuses connections stops the run after --give-up-after (not after
+/// every line has used its attempts), with nothing marked; --give-up-after 0 is refused.
+#[test]
+fn an_unreachable_provider_stops_the_run_after_the_bound_and_marks_nothing() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    let failures = dir.path().join("out.failures.jsonl");
+    write_input(&input, 50, 7, &[]);
+    // A port nobody listens on.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let started = Instant::now();
+    let (status, stderr, summary) = run_with_summary(
+        &input,
+        &output,
+        &url,
+        &["--give-up-after", "2s", "--max-attempts", "2"],
+    );
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(EXIT_RUN_FAILED), "{stderr}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    assert!(
+        stderr.contains("unreachable") && stderr.contains("Is the URL right"),
+        "{stderr}"
+    );
+    assert_eq!(summary["run_failure"]["cause"], "unreachable", "{summary}");
+    assert!(read_lines(&output).is_empty() && read_lines(&failures).is_empty());
+
+    let (status, stderr) = run(batch(&input, &output, &url, &["--give-up-after", "0s"]));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("must be more than 0"), "{stderr}");
+}
+
+/// --retry-failures sends again the lines that failed for a reason that may have
+/// passed (here 5xx), moves them to the results, and leaves the others (a malformed
+/// line) in the failures file; without the flag a rerun sends nothing.
+#[test]
+fn retry_failures_resends_retryable_failures_and_counts_them() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    let failures = dir.path().join("out.failures.jsonl");
+    write_input(&input, 40, 8, &[b"{not json"]);
+    let flags = [
+        "--rpm",
+        "100000",
+        "--tpm",
+        "10000000",
+        "--max-attempts",
+        "1",
+    ];
+    {
+        let broken = SimProcess::start(&["--error-rate", "1", "--latency", "5ms"]);
+        let (status, stderr, summary) =
+            run_with_summary(&input, &output, &broken.url("/v1/chat/completions"), &flags);
+        assert!(status.success(), "{stderr}");
+        assert_eq!(summary["failed"], 41, "{summary}");
+    }
+    let sim = SimProcess::start(&["--latency", "5ms"]);
+    let url = sim.url("/v1/chat/completions");
+    let (status, stderr, summary) = run_with_summary(&input, &output, &url, &flags);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(
+        summary["already_done"], 41,
+        "without the flag nothing is sent: {summary}"
+    );
+    assert_eq!(sim.stats()["requests"], 0);
+
+    let mut with_retry = flags.to_vec();
+    with_retry.push("--retry-failures");
+    let (status, stderr, summary) = run_with_summary(&input, &output, &url, &with_retry);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(summary["retried_failures"], 40, "{summary}");
+    assert_eq!(summary["succeeded"], 40, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(
+        summary["already_done"], 1,
+        "the malformed line stays done: {summary}"
+    );
+    assert_eq!(summary["unfinished"], 0, "{summary}");
+    assert!(stderr.contains("took 40 lines back"), "{stderr}");
+    assert_each_once(&accounted(&output, &failures), 41);
+    let left = read_lines(&failures);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["error"]["code"], "malformed_line");
+    // Once more: nothing left to retry, nothing sent.
+    let before = sim.stats()["requests"].clone();
+    let (status, stderr, summary) = run_with_summary(&input, &output, &url, &with_retry);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(
+        (
+            summary["retried_failures"].as_u64(),
+            summary["already_done"].as_u64()
+        ),
+        (Some(0), Some(41))
+    );
+    assert_eq!(sim.stats()["requests"], before);
+}
+
+/// An unset or empty key variable named with --api-key-env is an error before anything
+/// is sent or created; the default OPENAI_API_KEY may be unset only for a URL on this
+/// machine (a simulator), with a warning.
+#[test]
+fn an_unset_key_variable_is_an_error_before_anything_starts() {
+    let _serial = serial();
+    let dir = tmp();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 5, 9, &[]);
+    let sim = SimProcess::start(&["--latency", "5ms"]);
+    let url = sim.url("/v1/chat/completions");
+    for value in [None, Some(""), Some("  ")] {
+        let mut cmd = batch(
+            &input,
+            &output,
+            &url,
+            &["--api-key-env", "TOLLGATE_TEST_KEY"],
+        );
+        match value {
+            None => cmd.env_remove("TOLLGATE_TEST_KEY"),
+            Some(v) => cmd.env("TOLLGATE_TEST_KEY", v),
+        };
+        let (status, stderr) = run(cmd);
+        assert!(!status.success(), "{stderr}");
+        assert!(
+            stderr.contains("TOLLGATE_TEST_KEY") && stderr.contains("unset or empty"),
+            "{stderr}"
+        );
+    }
+    // The default variable unset, to a provider: an error too.
+    let mut cmd = batch(
+        &input,
+        &output,
+        "https://api.openai.com/v1/chat/completions",
+        &[],
+    );
+    cmd.env_remove("OPENAI_API_KEY");
+    let (status, stderr) = run(cmd);
+    assert!(
+        !status.success() && stderr.contains("OPENAI_API_KEY"),
+        "{stderr}"
+    );
+    assert_eq!(sim.stats()["requests"], 0, "nothing was sent");
+    assert!(!output.exists(), "nothing was created");
+    // To the simulator on this machine: a warning, and the run goes.
+    let mut cmd = batch(&input, &output, &url, &[]);
+    cmd.env_remove("OPENAI_API_KEY");
+    let (status, stderr) = run(cmd);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: OPENAI_API_KEY is unset"),
+        "{stderr}"
+    );
+    assert_eq!(read_lines(&output).len(), 5);
 }

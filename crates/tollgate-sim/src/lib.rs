@@ -87,6 +87,9 @@ pub struct SimConfig {
     /// How full each key's buckets are when the key is first seen: 1.0 (the default) is
     /// a fresh key, 0.0 one whose budget an earlier run or another app has just spent.
     pub start_fill: f64,
+    /// Answer every request with a valid key 429 `insufficient_quota`, as OpenAI does
+    /// for an account out of credit (Anthropic: 400 "Your credit balance is too low").
+    pub out_of_credit: bool,
 }
 
 impl Default for SimConfig {
@@ -105,6 +108,7 @@ impl Default for SimConfig {
             keys: Vec::new(),
             embedding_dims: 8,
             start_fill: 1.0,
+            out_of_credit: false,
         }
     }
 }
@@ -192,7 +196,8 @@ pub struct Stats {
     pub errors_injected: u64,
     /// Admitted requests whose connection was dropped.
     pub dropped: u64,
-    /// Requests refused with 400 or 401.
+    /// Requests refused with 400 or 401 (or 429 `insufficient_quota` with
+    /// [`SimConfig::out_of_credit`]).
     pub invalid: u64,
     /// Tokens counted at admission (prompt + `max_tokens × n`), all keys.
     pub tokens_admitted: u64,
@@ -422,13 +427,53 @@ async fn api(
     let key = api_key(&headers);
     if !config.keys.is_empty() && !config.keys.contains(&key) {
         shared.stats().0.invalid += 1;
+        // OpenAI echoes the key given, masked but for its first 3 and last 4 characters.
+        let chars: Vec<char> = key.chars().collect();
+        let shown = if chars.len() > 7 {
+            let (head, tail) = (&chars[..3], &chars[chars.len() - 4..]);
+            format!(
+                "{}{}{}",
+                head.iter().collect::<String>(),
+                "*".repeat(chars.len() - 7),
+                tail.iter().collect::<String>()
+            )
+        } else {
+            key.clone()
+        };
+        let message = if key.is_empty() {
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).".to_owned()
+        } else {
+            format!(
+                "Incorrect API key provided: {shown}. You can find your API key at https://platform.openai.com/account/api-keys."
+            )
+        };
         return respond::error(
             endpoint,
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
             "invalid_api_key",
-            "Incorrect API key provided.",
+            &message,
         );
+    }
+    if config.out_of_credit {
+        shared.stats().0.invalid += 1;
+        return if endpoint == Endpoint::Messages {
+            respond::error(
+                endpoint,
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request_error",
+                "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.",
+            )
+        } else {
+            respond::error(
+                endpoint,
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "insufficient_quota",
+                "You exceeded your current quota, please check your plan and billing details. For more information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
+            )
+        };
     }
     let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&body);
     let (request, estimated) = match parsed
