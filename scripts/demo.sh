@@ -22,8 +22,10 @@ done
 ADDR=$(grep -o 'http://[0-9.:]*' "$WORK/sim.log" | head -1)
 echo "tollgate sim at $ADDR: $RPM requests/min, $TPM tokens/min"
 
-"$BIN" batch examples/requests.jsonl -o "$WORK/results.jsonl" \
-  --url "$ADDR/v1/chat/completions" --rpm "$RPM" --tpm "$TPM" --progress lines --progress-interval 2s
+# The simulator takes any key; a key of its own keeps a real OPENAI_API_KEY at home.
+SIM_KEY=sim-demo-key "$BIN" batch examples/requests.jsonl -o "$WORK/results.jsonl" \
+  --url "$ADDR/v1/chat/completions" --rpm "$RPM" --tpm "$TPM" --api-key-env SIM_KEY \
+  --progress lines --progress-interval 2s
 
 echo "first result line (request, response, metadata):"
 head -c 400 "$WORK/results.jsonl"; echo " ..."
