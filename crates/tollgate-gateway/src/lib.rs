@@ -115,7 +115,8 @@ pub(crate) struct UpstreamState {
     /// The header carrying the gateway's key for this upstream, in the upstream's
     /// spelling (marked sensitive, so it never shows in debug output).
     pub(crate) auth: Option<(http::HeaderName, http::HeaderValue)>,
-    /// The gateway's key for this upstream, to take out of whatever comes back from it.
+    /// The gateway's key for this upstream, in lowercase, to take out of whatever comes
+    /// back from it.
     pub(crate) secret: Option<String>,
     pub(crate) models: Vec<String>,
     /// The same, by canonical name, for routing.
@@ -514,7 +515,8 @@ impl Gateway {
                 &base[..url::Position::BeforePath],
                 base.path().trim_end_matches('/')
             );
-            let secret = api_key.clone();
+            // Lowercase: redaction compares in any case of letters.
+            let secret = api_key.as_ref().map(|k| k.to_ascii_lowercase());
             let auth = match api_key {
                 Some(k) => {
                     let (header, value) = match u.kind {

@@ -1503,14 +1503,21 @@ impl Call {
     /// What must never reach the caller from this upstream: the gateway's key for it,
     /// and, when callers' keys are passed through, the caller's own credentials (which
     /// an answer could otherwise echo to whoever reads the logs of an intermediary).
-    fn secrets(&self) -> Vec<&str> {
+    /// In lowercase, as [`crate::redact`] takes them: the upstream's is stored so, the
+    /// caller's own are folded here (pass-through mode only).
+    fn secrets(&self) -> Vec<Cow<'_, str>> {
         let up = &self.st.upstreams[self.up];
-        let mut secrets: Vec<&str> = up.secret.as_deref().into_iter().collect();
+        let mut secrets: Vec<Cow<'_, str>> = up
+            .secret
+            .as_deref()
+            .map(Cow::Borrowed)
+            .into_iter()
+            .collect();
         if up.forward_key {
             for name in pace::OWN_ACCOUNT_HEADERS {
                 for v in self.headers.get_all(name) {
                     if let Ok(v) = v.to_str() {
-                        secrets.push(bearer(v).unwrap_or(v));
+                        secrets.push(Cow::Owned(bearer(v).unwrap_or(v).to_ascii_lowercase()));
                     }
                 }
             }
@@ -1520,7 +1527,7 @@ impl Call {
 
     /// The headers of an upstream's answer a caller may see: not hop-by-hop, not the
     /// account's (see [`returnable`]), and none whose value looks like a credential.
-    fn pass_headers(&self, from: &HeaderMap, secrets: &[&str], to: &mut HeaderMap) {
+    fn pass_headers(&self, from: &HeaderMap, secrets: &[Cow<'_, str>], to: &mut HeaderMap) {
         for (n, v) in from {
             if returnable(n)
                 && !named_by_connection(from, n)

@@ -25,9 +25,11 @@ fn word_char(c: char) -> bool {
 }
 
 /// Whether a word looks like a credential: a known key prefix with something after it,
-/// a masked key (`****`), or, in any case of letters, one of `secrets`, any run of one at
-/// least [`MIN_PART`] long standing alone, or any run of [`MIN_RUN`] inside a longer word.
-fn is_credential(word: &str, secrets: &[&str]) -> bool {
+/// a masked key (`****`), or, in any case of letters, one of `secrets` (given in
+/// lowercase, once, by the caller: nothing is allocated per secret per word), any run of
+/// one at least [`MIN_PART`] long standing alone, or any run of [`MIN_RUN`] inside a
+/// longer word.
+fn is_credential<S: AsRef<str>>(word: &str, secrets: &[S]) -> bool {
     let core = word.trim_end_matches(['.', '/', '=']);
     if core.len() < 4 {
         return false;
@@ -40,13 +42,16 @@ fn is_credential(word: &str, secrets: &[&str]) -> bool {
     }) {
         return true;
     }
+    if secrets.is_empty() {
+        return false;
+    }
     let lower = core.to_ascii_lowercase();
     secrets.iter().any(|s| {
-        let s = s.to_ascii_lowercase();
+        let s = s.as_ref();
         if s.is_empty() {
             return false;
         }
-        if lower.contains(&s) || (lower.len() >= MIN_PART && s.contains(&lower)) {
+        if lower.contains(s) || (lower.len() >= MIN_PART && s.contains(&lower)) {
             return true;
         }
         // A run of the secret inside a longer word.
@@ -63,7 +68,7 @@ const MIN_RUN: usize = 12;
 
 /// Whether `text` holds anything [`redact`] would take out: for header values, which are
 /// dropped rather than rewritten.
-pub(crate) fn leaks(text: &str, secrets: &[&str]) -> bool {
+pub(crate) fn leaks<S: AsRef<str>>(text: &str, secrets: &[S]) -> bool {
     words(text).any(|w| is_credential(w, secrets))
 }
 
@@ -73,7 +78,7 @@ fn words(text: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Every word of `s` that looks like a credential replaced by `[redacted]`.
-fn redact_str(s: &str, secrets: &[&str]) -> Option<String> {
+fn redact_str<S: AsRef<str>>(s: &str, secrets: &[S]) -> Option<String> {
     if !leaks(s, secrets) {
         return None;
     }
@@ -99,7 +104,7 @@ fn redact_str(s: &str, secrets: &[&str]) -> Option<String> {
 }
 
 /// Redact every string (and key) of a JSON value; whether anything changed.
-fn redact_json(v: &mut serde_json::Value, secrets: &[&str]) -> bool {
+fn redact_json<S: AsRef<str>>(v: &mut serde_json::Value, secrets: &[S]) -> bool {
     use serde_json::Value;
     match v {
         Value::String(s) => match redact_str(s, secrets) {
@@ -136,7 +141,7 @@ fn redact_json(v: &mut serde_json::Value, secrets: &[&str]) -> bool {
 /// replaced by `[redacted]`. A JSON body is read as JSON, so a key written with escapes
 /// (`sk\u002d...`) is seen as the key it is; other text is read as text (lossily when
 /// it is not UTF-8).
-pub(crate) fn redact<'a>(text: &'a [u8], secrets: &[&str]) -> Cow<'a, [u8]> {
+pub(crate) fn redact<'a, S: AsRef<str>>(text: &'a [u8], secrets: &[S]) -> Cow<'a, [u8]> {
     if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(text) {
         if !redact_json(&mut v, secrets) {
             return Cow::Borrowed(text);
@@ -188,7 +193,8 @@ mod tests {
 
     #[test]
     fn a_key_in_another_case_escaped_or_inside_a_word_is_taken_out() {
-        let secret = "sk-upstream-SECRET-0123456789abcdef";
+        // Secrets are given in lowercase; the text may hold any case.
+        let secret = "sk-upstream-secret-0123456789abcdef";
         assert_eq!(
             r("key SK-UPSTREAM-SECRET-0123456789ABCDEF", &[secret]),
             "key [redacted]"
