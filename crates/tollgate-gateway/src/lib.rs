@@ -732,7 +732,8 @@ impl Gateway {
     }
 
     /// The gateway's routes: `/healthz`, `/metrics`, `GET /v1/models`, `GET
-    /// /v1/usage`, and every other path proxied.
+    /// /v1/usage`, and every other path proxied when its route is allowed (see
+    /// docs/GATEWAY.md, "Routes"), refused otherwise.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
